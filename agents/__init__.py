@@ -1,0 +1,1 @@
+"""LangGraph wiring and planners. Does no data work itself: nodes call `mosaic.tools`."""

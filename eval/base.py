@@ -1,0 +1,120 @@
+"""The one interface every objective type implements, and the registry of types.
+
+An objective type owns its L3 schema, the deterministic L3 -> L2 -> L1 formulas, the focus keys
+a data action may use on its pools, and its type-specific failure-report breakdowns. Nothing
+outside `eval/` branches on a type name, so a fourth type is one new module plus a
+`register_objective_type` call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pandas as pd
+
+from mosaic.schemas import L1
+
+FocusKind = Literal["set", "range"]
+
+
+@dataclass(frozen=True)
+class FocusKey:
+    """A focus criterion a data action may name for this type.
+
+    `kind="set"`: the action gives a list of allowed values; a row matches if its column value
+    (or, for list columns, any element of it) is in the list. `kind="range"`: the action gives
+    `[lo, hi]` (inclusive) over a numeric column.
+    """
+
+    column: str
+    kind: FocusKind
+    values: tuple[Any, ...] | None = None  # allowed values for "set" keys, when finite
+    bounds: tuple[float, float] | None = None  # valid range for "range" keys
+    is_list: bool = False  # the column holds a list per row (e.g. leak types)
+
+
+class ObjectiveType(ABC):
+    """Plug-in interface. Subclasses are stateless; instances are cheap."""
+
+    type_name: ClassVar[str]
+    prompt_atoms: ClassVar[tuple[str, ...]]
+    response_atoms: ClassVar[tuple[str, ...]]
+    slices: ClassVar[tuple[str, ...]]
+    focus_keys: ClassVar[dict[str, FocusKey]]
+    # L2 fields stored as flat pool columns named `l2_<field>` so focus masks stay vectorised.
+    l2_columns: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    def l2(self, prompt: Mapping[str, Any], response: Mapping[str, Any]) -> dict[str, Any]:
+        """Deterministic aggregates from the prompt-channel and response-channel L3 atoms."""
+
+    @abstractmethod
+    def l1(self, l2: Mapping[str, Any]) -> L1:
+        """Slice, 1-5 score, validity, weight and failure flag from L2."""
+
+    def score(self, prompt: Mapping[str, Any], response: Mapping[str, Any]) -> tuple[dict[str, Any], L1]:
+        l2 = self.l2(prompt, response)
+        return l2, self.l1(l2)
+
+    def breakdowns(self, l2_rows: Sequence[Mapping[str, Any]], l1_rows: Sequence[L1]) -> dict[str, Any]:
+        """Type-specific failure-report breakdowns (override per type)."""
+        return {}
+
+    # ---- focus criteria over pool columns (vectorised) ---------------------------------------
+
+    def focus_mask(self, pool: pd.DataFrame, key: str, value: Any) -> np.ndarray:
+        """Boolean mask of pool rows matching one focus criterion `key: value`."""
+        spec = self.focus_keys[key]
+        col = pool[spec.column]
+        if spec.kind == "range":
+            lo, hi = value
+            arr = col.to_numpy(dtype=float)
+            return (arr >= lo) & (arr <= hi)
+        wanted = set(value)
+        if spec.is_list:
+            # Explode once, test membership, fold back to rows by index.
+            exploded = col.explode()
+            hit = exploded.isin(wanted)
+            return hit.groupby(level=0).any().reindex(pool.index, fill_value=False).to_numpy()
+        return col.isin(wanted).to_numpy()
+
+    def criteria_mask(self, pool: pd.DataFrame, criteria: Mapping[str, Any]) -> np.ndarray:
+        """Rows matching ANY of the criteria (DESIGN.md: include/exclude are disjunctions)."""
+        mask = np.zeros(len(pool), dtype=bool)
+        for key, value in criteria.items():
+            mask |= self.focus_mask(pool, key, value)
+        return mask
+
+    def l2_to_columns(self, l2: Mapping[str, Any]) -> dict[str, Any]:
+        return {f"l2_{k}": l2[k] for k in self.l2_columns}
+
+
+_REGISTRY: dict[str, type[ObjectiveType]] = {}
+
+
+def register_objective_type(cls: type[ObjectiveType]) -> type[ObjectiveType]:
+    if cls.type_name in _REGISTRY and _REGISTRY[cls.type_name] is not cls:
+        raise ValueError(f"objective type {cls.type_name!r} is already registered")
+    _REGISTRY[cls.type_name] = cls
+    return cls
+
+
+def get_objective_type(type_name: str) -> ObjectiveType:
+    # Importing the package registers the built-in types.
+    import mosaic.eval  # noqa: F401
+
+    try:
+        return _REGISTRY[type_name]()
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise KeyError(f"unknown objective type {type_name!r}; known types: {known}") from None
+
+
+def objective_type_names() -> list[str]:
+    import mosaic.eval  # noqa: F401
+
+    return sorted(_REGISTRY)

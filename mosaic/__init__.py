@@ -1,0 +1,3 @@
+"""MOSAIC: closed-loop, budget-constrained curation of alignment training data."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,241 @@
+"""The one settings object of a run: YAML -> environment overrides -> frozen, saved in the run.
+
+Secrets (API keys) never live in YAML or in the run directory: endpoints name the environment
+variable that holds the key, and the key is read only when a client is built.
+
+Environment overrides use `MOSAIC__<section>__<field>=value` (double underscores separate the
+path; values are parsed as YAML scalars), e.g. `MOSAIC__loop__rounds=2`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "MOSAIC__"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is wrong; the message names file, field and fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EndpointConfig(Section):
+    """An OpenAI-compatible endpoint. The key is read from `api_key_env` at use time."""
+
+    base_url: str | None = None
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    concurrency: int = Field(8, ge=1)
+
+    def api_key(self) -> str:
+        # Local servers (vLLM, llama.cpp) accept any key; the SDK insists on a non-empty one.
+        return os.environ.get(self.api_key_env) or "EMPTY"
+
+
+class ObjectiveConfig(Section):
+    type: str
+    pool: str | None = None  # training pool file (parquet/jsonl); sandbox fills these in
+    eval: str | None = None  # eval set file
+    heldout: str | None = None  # generalisation set from disjoint templates
+    target: float = Field(4.5, ge=1, le=5)
+
+
+class BudgetConfig(Section):
+    max_tokens: int = Field(300_000, gt=0)
+
+
+class WorldConfig(Section):
+    """The sandbox world: seeded synthetic pools and eval sets (DESIGN.md)."""
+
+    kind: Literal["sandbox", "files"] = "sandbox"
+    seed: int = 0
+    data_dir: str = "data/sandbox"
+    pool_size: int = Field(3600, ge=100)  # prompts' responses per training pool
+    eval_size: int = Field(240, ge=20)
+    heldout_size: int = Field(240, ge=20)
+    base_corpus_size: int = Field(6000, ge=100)
+
+
+class ModelConfig(Section):
+    # "sandbox" builds (once, cached) the tiny vulnerable base model; otherwise a local HF path.
+    base: str = "sandbox"
+    cache_dir: str = ".cache/models"
+    max_length: int = Field(320, ge=16)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class TrainingConfig(Section):
+    method: Literal["sft", "dpo"] = "sft"
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    learning_rate: float = Field(5e-4, gt=0)
+    batch_size: int = Field(16, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    dpo_beta: float = Field(0.1, gt=0)
+    seed: int = 0
+
+
+class InferenceConfig(Section):
+    backend: Literal["transformers", "openai", "vllm"] = "transformers"
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    endpoint: EndpointConfig | None = None
+
+    @model_validator(mode="after")
+    def _endpoint_for_openai(self) -> "InferenceConfig":
+        if self.backend == "openai" and self.endpoint is None:
+            raise ValueError("backend 'openai' needs an `endpoint` (base_url, model, api_key_env)")
+        return self
+
+
+class JudgeConfig(Section):
+    kind: Literal["rule", "llm"] = "rule"
+    endpoint: EndpointConfig | None = None
+    cache_dir: str = ".cache/judge"
+
+    @model_validator(mode="after")
+    def _endpoint_for_llm(self) -> "JudgeConfig":
+        if self.kind == "llm" and self.endpoint is None:
+            raise ValueError("judge kind 'llm' needs an `endpoint` (base_url, model, api_key_env)")
+        return self
+
+
+class PlannerConfig(Section):
+    kind: Literal["heuristic", "llm"] = "heuristic"
+    endpoint: EndpointConfig | None = None
+    max_revisions: int = Field(3, ge=0)
+
+    @model_validator(mode="after")
+    def _endpoint_for_llm(self) -> "PlannerConfig":
+        if self.kind == "llm" and self.endpoint is None:
+            raise ValueError("planner kind 'llm' needs an `endpoint` (base_url, model, api_key_env)")
+        return self
+
+
+class LimitsConfig(Section):
+    """Human limits on mixture weights (set in config or chat); the check enforces them."""
+
+    floors: dict[str, float] = Field(default_factory=dict)
+    ceilings: dict[str, float] = Field(default_factory=dict)
+    max_change: float | None = Field(None, gt=0, le=1)  # per-round change of a mixture weight
+
+
+class LoopConfig(Section):
+    rounds: int = Field(5, ge=0)
+
+
+class MosaicConfig(Section):
+    name: str = "mosaic"
+    run_dir: str = "runs/sandbox"
+    seed: int = 0
+    budget: BudgetConfig = BudgetConfig()
+    objectives: dict[str, ObjectiveConfig]
+    world: WorldConfig = WorldConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    inference: InferenceConfig = InferenceConfig()
+    judge: JudgeConfig = JudgeConfig()
+    planner: PlannerConfig = PlannerConfig()
+    limits: LimitsConfig = LimitsConfig()
+    loop: LoopConfig = LoopConfig()
+
+    @model_validator(mode="after")
+    def _check_objectives(self) -> "MosaicConfig":
+        from mosaic.eval import objective_type_names
+
+        if not self.objectives:
+            raise ValueError("at least one objective is required")
+        known = objective_type_names()
+        for name, obj in self.objectives.items():
+            if obj.type not in known:
+                raise ValueError(f"objective {name!r} has unknown type {obj.type!r}; "
+                                 f"expected one of {known}")
+        for kind, limits in (("floors", self.limits.floors), ("ceilings", self.limits.ceilings)):
+            for name in limits:
+                if name not in self.objectives:
+                    raise ValueError(f"limits.{kind} names unknown objective {name!r}; "
+                                     f"objectives are {sorted(self.objectives)}")
+        return self
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"environment override {ENV_PREFIX}{'__'.join(path)}: "
+                              f"{key!r} is not a section")
+    node[path[-1]] = value
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> dict[str, list[str] | Any]:
+    environ = dict(os.environ if environ is None else environ)
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
+            path = key[len(ENV_PREFIX):].lower().split("__")
+            _set_path(out, path, yaml.safe_load(raw) if raw != "" else None)
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; check the spelling against configs/sandbox.yaml"
+        lines.append(f"  - {field}: {msg}{got_s}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, environ: dict[str, str] | None = None,
+                overrides: dict[str, Any] | None = None) -> MosaicConfig:
+    """YAML file -> `MOSAIC__...` environment overrides -> explicit overrides -> validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level, "
+                          f"got {type(data).__name__}")
+    data = _merge(data, env_overrides(environ))
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return MosaicConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(str(path), e)) from None
+
+
+def dump_config(config: MosaicConfig) -> str:
+    """YAML of the resolved settings, as saved into the run folder (no secrets are held)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

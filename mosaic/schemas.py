@@ -1,0 +1,228 @@
+"""Every data contract MOSAIC passes between stages, in one place, with a schema version.
+
+A run directory from an older release must either load or fail with a clear message, so every
+top-level record carries `schema_version` and is validated on read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+
+Role = Literal["system", "user", "assistant"]
+
+
+class Strict(BaseModel):
+    """Base for records parsed from files or model output: unknown fields are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------
+# Samples and the L1-L3 evaluation interface
+# --------------------------------------------------------------------------------------------
+
+
+class Message(Strict):
+    role: Role
+    content: str
+
+
+class L1(Strict):
+    """Per-sample level-1 result: what the planner and the reports reason over."""
+
+    slice: str
+    score: float = Field(ge=1, le=5)
+    valid: bool
+    weight: float = Field(ge=0)
+    failure: bool
+
+
+class SampleRecord(Strict):
+    """One evaluated or pool sample: prompt channel, response channel, and its L3/L2/L1."""
+
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    objective: str
+    messages: list[Message]
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    l3_prompt: dict[str, Any] = Field(default_factory=dict)
+    l3_response: dict[str, Any] | None = None
+    l2: dict[str, Any] | None = None
+    l1: L1 | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Failure reports
+# --------------------------------------------------------------------------------------------
+
+
+class SliceStats(Strict):
+    slice: str
+    n: int
+    n_valid: int
+    mean: float | None
+    ci_low: float | None
+    ci_high: float | None
+    fail_rate: float | None
+    need: float
+    reliability: Literal["low", "medium", "high"]
+    gap_to_target: float | None
+
+
+class BorderlineExample(Strict):
+    """An anonymised example near a failure boundary, shown to the planner."""
+
+    slice: str
+    score: float
+    prompt_excerpt: str
+    response_excerpt: str
+    l2: dict[str, Any] = Field(default_factory=dict)
+
+
+class FailureReport(Strict):
+    schema_version: int = SCHEMA_VERSION
+    objective: str
+    objective_type: str
+    round: int
+    f: float | None
+    n: int
+    n_valid: int
+    target: float | None = None
+    score_distribution: dict[str, int]
+    slices: list[SliceStats]
+    breakdowns: dict[str, Any] = Field(default_factory=dict)
+    examples: list[BorderlineExample] = Field(default_factory=list)
+
+
+class EvalReport(Strict):
+    """All objectives' failure reports for one evaluated model (a round or the baseline)."""
+
+    schema_version: int = SCHEMA_VERSION
+    round: int
+    model: str
+    adapter: str | None = None
+    reports: dict[str, FailureReport]
+
+    def scores(self) -> dict[str, float | None]:
+        return {name: rep.f for name, rep in self.reports.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Data actions
+# --------------------------------------------------------------------------------------------
+
+
+def _finite(name: str, value: float) -> float:
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+class FocusCriteria(Strict):
+    """Focus on rows matching any `include` criterion; drop rows matching any `exclude` one.
+
+    Keys are objective-type specific (see each objective type's `focus_keys`); the validator
+    checks them against the type, so here they are free-form.
+    """
+
+    include: dict[str, Any] = Field(default_factory=dict)
+    exclude: dict[str, Any] = Field(default_factory=dict)
+
+
+class ObjectiveAction(Strict):
+    bucket_weights: dict[str, float] | None = None
+    focus: FocusCriteria | None = None
+    focus_ratio: float = 0.0
+
+
+class DataAction(Strict):
+    """The planner's executable, declarative proposal for one round (never code)."""
+
+    schema_version: int = SCHEMA_VERSION
+    mixture: dict[str, float]
+    objectives: dict[str, ObjectiveAction] = Field(default_factory=dict)
+    quality_threshold: float | None = None
+    method: Literal["sft", "dpo"] = "sft"
+    rationale: str = ""
+
+    @field_validator("quality_threshold")
+    @classmethod
+    def _threshold_finite(cls, v: float | None) -> float | None:
+        return None if v is None else _finite("quality_threshold", v)
+
+
+class Problem(Strict):
+    """One reason an action cannot run as proposed, phrased so a planner can act on it."""
+
+    code: str
+    path: str  # JSON path into the action, e.g. "$.objectives.safety.bucket_weights.complexity_9"
+    message: str
+    hint: str = ""
+
+
+class ActionVerdict(Strict):
+    status: Literal["ok", "fixable", "invalid"]
+    problems: list[Problem] = Field(default_factory=list)
+    # The action as it will run: rounding-level renormalisation applied, never anything more.
+    action: DataAction | None = None
+    notes: list[str] = Field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "invalid"
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset building and training
+# --------------------------------------------------------------------------------------------
+
+
+class BucketManifest(Strict):
+    objective: str
+    bucket: str
+    allocation: int
+    tokens_used: int
+    rows: int
+    focus_rows: int
+    focus_tokens: int
+    shortfall: int
+
+
+class DatasetManifest(Strict):
+    schema_version: int = SCHEMA_VERSION
+    seed: int
+    budget: int
+    total_tokens: int
+    total_rows: int
+    method: Literal["sft", "dpo"]
+    action_hash: str
+    pool_hashes: dict[str, str]
+    output_hash: str
+    buckets: list[BucketManifest]
+    dropped: dict[str, int] = Field(default_factory=dict)  # reason -> rows dropped
+    notes: list[str] = Field(default_factory=list)
+
+
+class TrainResult(Strict):
+    schema_version: int = SCHEMA_VERSION
+    method: Literal["sft", "dpo"]
+    base_model: str
+    adapter_dir: str
+    train_tokens: int
+    train_rows: int
+    steps: int
+    final_loss: float | None
+    seconds: float
+    skipped: dict[str, int] = Field(default_factory=dict)  # reason -> rows skipped
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schemas of the public records, for export (`mosaic schema`) and for LLM prompts."""
+    models = [SampleRecord, FailureReport, EvalReport, DataAction, ActionVerdict,
+              DatasetManifest, TrainResult]
+    return {m.__name__: m.model_json_schema() for m in models}

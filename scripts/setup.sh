@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project virtualenv and install MOSAIC with its test extras.
+# torch is installed first and pinned: on these machines `torch==2.13.0` is a CPU wheel on
+# disk, while an unpinned torch (asked for by transformers/peft/trl) pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.mosaic-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
+    "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+    touch "$stamp"
+fi

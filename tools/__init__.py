@@ -1,0 +1,1 @@
+"""Tool functions over typed inputs/outputs, usable without LangGraph."""

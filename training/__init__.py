@@ -1,0 +1,1 @@
+"""LoRA SFT/DPO training, the sandbox base-model builder and inference backends."""
