@@ -1,0 +1,53 @@
+"""The inference interface every backend implements, and multi-turn replay over it.
+
+A backend answers a batch of conversations with one assistant turn each. Replay drives a
+multi-turn eval set turn by turn: every user turn is answered by the model itself, and the next
+user turn sees the model's own earlier answers (never the dataset's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+Conversation = list[dict[str, str]]  # [{"role": ..., "content": ...}, ...]
+
+
+@runtime_checkable
+class InferenceBackend(Protocol):
+    """Answers conversations; implementations: transformers (default), OpenAI-compatible, vLLM."""
+
+    name: str
+
+    def generate(self, conversations: Sequence[Conversation], *, max_new_tokens: int,
+                 temperature: float = 0.0) -> list[str]:
+        """One assistant reply per conversation, in order. Greedy when temperature == 0."""
+        ...
+
+
+def replay(backend: InferenceBackend, user_turns: Sequence[Sequence[str]], *, max_new_tokens: int,
+           temperature: float = 0.0, system: str | None = None,
+           on_turn: Callable[[int, int], None] | None = None) -> list[Conversation]:
+    """Replay each row's user turns against the backend; returns the full conversations.
+
+    All rows still active at turn t are generated in one batch call, so a 6-turn set costs six
+    batched passes, not one pass per row per turn. `on_turn(t, n_active)` reports progress.
+    """
+    conversations: list[Conversation] = [
+        ([{"role": "system", "content": system}] if system else []) for _ in user_turns
+    ]
+    max_turns = max((len(t) for t in user_turns), default=0)
+    for t in range(max_turns):
+        active = [i for i, turns in enumerate(user_turns) if len(turns) > t]
+        if on_turn is not None:
+            on_turn(t, len(active))
+        for i in active:
+            conversations[i].append({"role": "user", "content": user_turns[i][t]})
+        replies = backend.generate([conversations[i] for i in active],
+                                   max_new_tokens=max_new_tokens, temperature=temperature)
+        if len(replies) != len(active):
+            raise RuntimeError(f"backend {backend.name!r} returned {len(replies)} replies "
+                               f"for {len(active)} conversations")
+        for i, reply in zip(active, replies):
+            conversations[i].append({"role": "assistant", "content": reply})
+    return conversations
