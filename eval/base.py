@@ -76,10 +76,12 @@ class ObjectiveType(ABC):
             return (arr >= lo) & (arr <= hi)
         wanted = set(value)
         if spec.is_list:
-            # Explode once, test membership, fold back to rows by index.
-            exploded = col.explode()
+            # Explode once, test membership, fold back to rows by position: folding by the
+            # frame's own index would merge rows that share a label (e.g. concatenated pools).
+            exploded = col.reset_index(drop=True).explode()
             hit = exploded.isin(wanted)
-            return hit.groupby(level=0).any().reindex(pool.index, fill_value=False).to_numpy()
+            return (hit.groupby(level=0).any()
+                    .reindex(range(len(pool)), fill_value=False).to_numpy(dtype=bool))
         return col.isin(wanted).to_numpy()
 
     def criteria_mask(self, pool: pd.DataFrame, criteria: Mapping[str, Any]) -> np.ndarray:

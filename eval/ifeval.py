@@ -36,6 +36,9 @@ class IFEvalObjective(ObjectiveType):
         if not (len(ids) == len(status) == len(strict) == len(loose)):
             raise ValueError(f"ifeval L3 lists disagree in length: {len(ids)} ids, {len(status)} "
                              f"statuses, {len(strict)} strict, {len(loose)} loose")
+        # Loose evaluation also tries the unmodified response (DESIGN.md), so a strict pass is
+        # a loose pass even where externally supplied atoms say otherwise.
+        loose = [bool(lo) or bool(st) for lo, st in zip(loose, strict)]
         checked = [i for i, s in enumerate(status) if s == "checked"]
         m = len(checked)
         k = len({ids[i].split(":", 1)[0] for i in checked})

@@ -181,13 +181,19 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def env_overrides(environ: dict[str, str] | None = None) -> dict[str, list[str] | Any]:
+def _env_vars(environ: dict[str, str] | None) -> dict[str, str]:
+    """`MOSAIC__a__b` variables as {"a.b": variable name}."""
+    environ = os.environ if environ is None else environ
+    return {key[len(ENV_PREFIX):].lower().replace("__", "."): key
+            for key in environ if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX)}
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
     environ = dict(os.environ if environ is None else environ)
     out: dict[str, Any] = {}
-    for key, raw in environ.items():
-        if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
-            path = key[len(ENV_PREFIX):].lower().split("__")
-            _set_path(out, path, yaml.safe_load(raw) if raw != "" else None)
+    for path, key in _env_vars(environ).items():
+        raw = environ[key]
+        _set_path(out, path.split("."), yaml.safe_load(raw) if raw != "" else None)
     return out
 
 
@@ -201,16 +207,27 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
+_SECRET_WORDS = ("key", "secret", "token", "password")
+
+
+def _format_errors(source: str, err: ValidationError, from_env: dict[str, str]) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = [str(p) for p in e["loc"]]
+        field = ".".join(loc) or "(top level)"
         got = e.get("input")
-        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        # Never echo a value that may be a secret: unknown fields can hold anything, and a
+        # key pasted into the config by mistake must not end up in a terminal or a CI log.
+        secretish = any(w in part.lower() for part in loc for w in _SECRET_WORDS)
+        echo = not (isinstance(got, dict) or secretish or e["type"] == "extra_forbidden")
+        got_s = f" (got {got!r})" if echo else ""
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field; check the spelling against configs/sandbox.yaml"
-        lines.append(f"  - {field}: {msg}{got_s}")
+        env_var = next((var for path, var in from_env.items()
+                        if field == path or field.startswith(path + ".")), None)
+        where = f" [set by environment variable {env_var}]" if env_var else ""
+        lines.append(f"  - {field}: {msg}{got_s}{where}")
     return "\n".join(lines)
 
 
@@ -233,7 +250,7 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None,
     try:
         return MosaicConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(str(path), e)) from None
+        raise ConfigError(_format_errors(str(path), e, _env_vars(environ))) from None
 
 
 def dump_config(config: MosaicConfig) -> str:
