@@ -39,6 +39,7 @@ def atomic_write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
         writer(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -55,11 +56,19 @@ def _atomic(path: str | Path, write: Callable[[Any], Any]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask_mode() -> int:
+    # mkstemp creates 0600 files; give the final file the mode a plain open() would have.
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fsync_dir(directory: Path) -> None:

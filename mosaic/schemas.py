@@ -106,7 +106,10 @@ class EvalReport(Strict):
     round: int
     model: str
     adapter: str | None = None
+    split: Literal["eval", "heldout"] = "eval"
     reports: dict[str, FailureReport]
+    # objective -> samples the judge could not label (left out of f; see samples.parquet)
+    judge_failures: dict[str, int] = Field(default_factory=dict)
 
     def scores(self) -> dict[str, float | None]:
         return {name: rep.f for name, rep in self.reports.items()}
@@ -166,6 +169,7 @@ class Problem(Strict):
 
 
 class ActionVerdict(Strict):
+    schema_version: int = SCHEMA_VERSION
     status: Literal["ok", "fixable", "invalid"]
     problems: list[Problem] = Field(default_factory=list)
     # The action as it will run: rounding-level renormalisation applied, never anything more.
@@ -191,6 +195,9 @@ class BucketManifest(Strict):
     focus_rows: int
     focus_tokens: int
     shortfall: int
+    available_tokens: int = 0  # what the bucket could supply after every filter
+    focus_allocation: int = 0  # floor(focus_ratio x allocation): the focus rows' first claim
+    focus_available_tokens: int = 0
 
 
 class DatasetManifest(Strict):
@@ -205,6 +212,11 @@ class DatasetManifest(Strict):
     output_hash: str
     buckets: list[BucketManifest]
     dropped: dict[str, int] = Field(default_factory=dict)  # reason -> rows dropped
+    dropped_by_objective: dict[str, dict[str, int]] = Field(default_factory=dict)
+    allocations: dict[str, int] = Field(default_factory=dict)  # objective -> token allocation
+    windowed_rows: int = 0  # selected rows shortened by whole turns to fit max_length
+    max_length: int | None = None
+    eval_items: int = 0  # distinct eval/held-out prompt hashes the overlap guard compared against
     notes: list[str] = Field(default_factory=list)
 
 
