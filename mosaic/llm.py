@@ -1,0 +1,193 @@
+"""OpenAI-compatible endpoints: the client factory and one observable retry loop for all callers.
+
+The inference backend, the LLM judge and the planner reach endpoints through here, so every
+caller retries the same transient failures (timeouts, connection errors, HTTP 429 and 5xx,
+unparseable response bodies) with the same exponential backoff, and counts what it did. The
+SDK's own retries are switched off for these callers: retries hidden inside the SDK cannot be
+counted, logged or tested. API keys are read from the environment when a client is built and
+never appear in a log line, an error message or a file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from mosaic.config import EndpointConfig
+
+if TYPE_CHECKING:
+    import openai
+
+log = logging.getLogger("mosaic.llm")
+
+T = TypeVar("T")
+
+
+class EndpointError(RuntimeError):
+    """A request to an OpenAI-compatible endpoint failed for good (non-retryable or retries spent)."""
+
+
+def make_client(endpoint: EndpointConfig, *, max_retries: int | None = None,
+                timeout_s: float | None = None) -> "openai.OpenAI":
+    """An `openai.OpenAI` client for `endpoint`; the key comes from `endpoint.api_key_env`.
+
+    `max_retries` defaults to the endpoint's own setting (SDK retries); callers that retry
+    through `RetryingCaller` pass 0 so attempts are not multiplied.
+    """
+    import openai
+
+    return openai.OpenAI(
+        base_url=endpoint.base_url,
+        api_key=endpoint.api_key(),
+        timeout=endpoint.timeout_s if timeout_s is None else timeout_s,
+        max_retries=endpoint.max_retries if max_retries is None else max_retries,
+    )
+
+
+def describe(endpoint: EndpointConfig) -> str:
+    """Where requests go, for messages: base URL and model, never the key."""
+    return f"{endpoint.base_url or 'https://api.openai.com/v1'} (model {endpoint.model})"
+
+
+class MalformedResponse(Exception):
+    """The endpoint answered 200 with a body that is not a chat completion."""
+
+
+def transient_reason(err: BaseException) -> str | None:
+    """A short reason code when `err` is worth retrying, else None."""
+    import openai
+
+    if isinstance(err, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(err, openai.APIConnectionError):
+        return "connection"
+    if isinstance(err, openai.RateLimitError):
+        return "http_429"
+    if isinstance(err, openai.APIStatusError) and err.status_code >= 500:
+        return f"http_{err.status_code}"
+    if isinstance(err, (MalformedResponse, json.JSONDecodeError)):
+        return "malformed_body"
+    return None
+
+
+def _retry_after(err: BaseException) -> float | None:
+    response = getattr(err, "response", None)
+    value = getattr(response, "headers", {}).get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None  # HTTP-date form: fall back to our own backoff
+
+
+@dataclass
+class RetryStats:
+    """What a caller did, thread-safe: requests, attempts, retries and failures by reason."""
+
+    requests: int = 0
+    attempts: int = 0
+    retries: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def count(self, field_name: str, reason: str | None = None) -> None:
+        """Add one to `requests`/`attempts`, or to `retries`/`failures` under `reason`."""
+        with self._lock:
+            if reason is None:
+                setattr(self, field_name, getattr(self, field_name) + 1)
+            else:
+                getattr(self, field_name)[reason] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return {"requests": self.requests, "attempts": self.attempts,
+                    "retries": dict(self.retries), "failures": dict(self.failures)}
+
+
+class RetryingCaller:
+    """Runs one endpoint call with bounded retries and exponential backoff with jitter.
+
+    Attempt k (0-based) that fails transiently waits min(backoff_max_s, backoff_s * 2**k) times
+    a jitter in [0.5, 1], or the server's Retry-After when it sent one (capped the same way).
+    """
+
+    def __init__(self, endpoint: EndpointConfig, *, max_retries: int | None = None,
+                 backoff_s: float = 0.5, backoff_max_s: float = 8.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.endpoint = endpoint
+        self.max_retries = endpoint.max_retries if max_retries is None else max_retries
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.sleep = sleep
+        self.stats = RetryStats()
+        self._rng = random.Random(0)
+
+    def delay(self, attempt: int, err: BaseException | None = None) -> float:
+        hinted = _retry_after(err) if err is not None else None
+        if hinted is not None:
+            return min(self.backoff_max_s, max(0.0, hinted))
+        return min(self.backoff_max_s, self.backoff_s * 2 ** attempt) * self._rng.uniform(0.5, 1.0)
+
+    def __call__(self, fn: Callable[[], T], *, what: str = "request") -> T:
+        self.stats.count("requests")
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
+            self.stats.count("attempts")
+            try:
+                return fn()
+            except Exception as err:  # noqa: BLE001 (classified right below)
+                reason = transient_reason(err)
+                if reason is None:
+                    self.stats.count("failures", _reason_of(err))
+                    raise EndpointError(f"{what} to {describe(self.endpoint)} failed and is not "
+                                        f"retryable: {_short(err)}") from err
+                if attempt + 1 >= attempts:
+                    self.stats.count("failures", reason)
+                    raise EndpointError(
+                        f"{what} to {describe(self.endpoint)} failed after {attempts} attempt(s); "
+                        f"last error ({reason}): {_short(err)}. Check that the server is up and "
+                        f"answering within timeout_s={self.endpoint.timeout_s}, or raise "
+                        f"max_retries={self.max_retries}.") from err
+                wait = self.delay(attempt, err)
+                self.stats.count("retries", reason)
+                log.warning("%s to %s: attempt %d/%d failed (%s: %s); retrying in %.2fs", what,
+                            describe(self.endpoint), attempt + 1, attempts, reason, _short(err), wait)
+                self.sleep(wait)
+        raise AssertionError("unreachable")
+
+
+def _reason_of(err: BaseException) -> str:
+    code = getattr(err, "status_code", None)
+    return f"http_{code}" if code is not None else type(err).__name__
+
+
+def _short(err: BaseException, limit: int = 300) -> str:
+    text = str(err) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def chat_completion(client: "openai.OpenAI", model: str, messages: Sequence[dict[str, str]], *,
+                    max_tokens: int | None = None, temperature: float = 0.0,
+                    **extra: Any) -> str:
+    """One chat completion's message text; a body that is not a completion raises
+    `MalformedResponse` (retryable) instead of an AttributeError deep in the caller."""
+    kwargs: dict[str, Any] = {"model": model, "messages": list(messages), "temperature": temperature}
+    if max_tokens is not None:
+        # `max_tokens`, not `max_completion_tokens`: vLLM, llama.cpp and TGI all accept it.
+        kwargs["max_tokens"] = max_tokens
+    response = client.chat.completions.create(**kwargs, **extra)
+    choices = getattr(response, "choices", None)
+    if not choices:
+        raise MalformedResponse(f"response has no choices: {str(response)[:200]!r}")
+    message = getattr(choices[0], "message", None)
+    if message is None:
+        raise MalformedResponse(f"first choice has no message: {str(choices[0])[:200]!r}")
+    return message.content or ""

@@ -1,0 +1,215 @@
+"""A real OpenAI-compatible HTTP server on 127.0.0.1 that plays a scripted queue of answers.
+
+Tests point the real `openai` client at it, so retries, timeouts and JSON handling run through
+the same code paths as against a production endpoint. Each request pops the next scripted
+answer (FIFO); when the queue is empty a `responder(body)` callable answers, so concurrent
+tests can answer by content instead of by arrival order. Every request is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Text:
+    """A normal chat completion whose message content is `content` (after `delay_s`)."""
+
+    content: str
+    delay_s: float = 0.0
+    finish_reason: str = "stop"
+
+
+@dataclass(frozen=True)
+class Status:
+    """An HTTP error status with an OpenAI-style error body (500, 429, 400, ...)."""
+
+    code: int
+    message: str = "scripted error"
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Raw:
+    """A 200 response whose body is `body` verbatim (e.g. malformed JSON)."""
+
+    body: str
+    content_type: str = "application/json"
+
+
+Answer = Text | Status | Raw
+
+
+@dataclass
+class RecordedRequest:
+    path: str
+    body: dict[str, Any] | None
+    headers: dict[str, str]
+    answer: str  # what the server answered: "text", "status:500", "raw", "unscripted"
+    started: float
+    finished: float = 0.0
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return (self.body or {}).get("messages", [])
+
+    @property
+    def last_user(self) -> str:
+        users = [m["content"] for m in self.messages if m.get("role") == "user"]
+        return users[-1] if users else ""
+
+
+@dataclass
+class ScriptedOpenAIServer:
+    responder: Callable[[dict[str, Any]], Answer] | None = None
+    model: str = "scripted-model"
+    queue: deque[Answer] = field(default_factory=deque)
+    requests: list[RecordedRequest] = field(default_factory=list)
+    in_flight: int = 0
+    peak_in_flight: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- script -------------------------------------------------------------------------------
+
+    def push(self, *answers: Answer | str) -> None:
+        with self._lock:
+            for a in answers:
+                self.queue.append(Text(a) if isinstance(a, str) else a)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.queue.clear()
+            self.requests.clear()
+            self.responder = None
+            self.in_flight = self.peak_in_flight = 0
+
+    def _next_answer(self, body: dict[str, Any] | None) -> Answer | None:
+        with self._lock:
+            if self.queue:
+                return self.queue.popleft()
+            responder = self.responder
+        return responder(body or {}) if responder is not None else None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        assert self._httpd is not None, "server not started"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def start(self) -> "ScriptedOpenAIServer":
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # keep pytest output clean
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server naming)
+                server._handle(self)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> "ScriptedOpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ---- request handling -----------------------------------------------------------------------
+
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        length = int(h.headers.get("Content-Length") or 0)
+        raw = h.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            body = None
+        rec = RecordedRequest(path=h.path, body=body, headers={k.lower(): v for k, v in h.headers.items()},
+                              answer="", started=time.monotonic())
+        with self._lock:
+            self.requests.append(rec)
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            if h.path.rstrip("/") != "/v1/chat/completions":
+                rec.answer = "status:404"
+                self._send_json(h, 404, {"error": {"message": f"no route {h.path}", "type": "not_found"}})
+                return
+            answer = self._next_answer(body)
+            if answer is None:
+                # 400 is not retried by clients, so a test that under-scripts fails at once.
+                rec.answer = "unscripted"
+                self._send_json(h, 400, {"error": {"message": "script exhausted", "type": "invalid_request_error"}})
+            elif isinstance(answer, Status):
+                rec.answer = f"status:{answer.code}"
+                headers = {"retry-after": str(answer.retry_after)} if answer.retry_after is not None else {}
+                self._send_json(h, answer.code, {"error": {"message": answer.message, "type": "scripted"}}, headers)
+            elif isinstance(answer, Raw):
+                rec.answer = "raw"
+                self._send(h, 200, answer.body.encode(), answer.content_type)
+            else:
+                rec.answer = "text"
+                if answer.delay_s:
+                    time.sleep(answer.delay_s)
+                self._send_json(h, 200, self._completion(body or {}, answer))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout test); nothing to answer
+        finally:
+            rec.finished = time.monotonic()
+            with self._lock:
+                self.in_flight -= 1
+
+    def _completion(self, body: dict[str, Any], answer: Text) -> dict[str, Any]:
+        n = len(self.requests)
+        return {
+            "id": f"chatcmpl-scripted-{n}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", self.model),
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": answer.content},
+                "finish_reason": answer.finish_reason,
+                "logprobs": None,
+            }],
+            "usage": {"prompt_tokens": 1, "completion_tokens": max(1, len(answer.content.split())),
+                      "total_tokens": 1 + max(1, len(answer.content.split()))},
+        }
+
+    @staticmethod
+    def _send_json(h: BaseHTTPRequestHandler, code: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        ScriptedOpenAIServer._send(h, code, json.dumps(obj).encode(), "application/json", headers)
+
+    @staticmethod
+    def _send(h: BaseHTTPRequestHandler, code: int, data: bytes, content_type: str,
+              headers: dict[str, str] | None = None) -> None:
+        h.send_response(code)
+        h.send_header("Content-Type", content_type)
+        h.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        h.end_headers()
+        h.wfile.write(data)
+        h.wfile.flush()

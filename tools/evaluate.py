@@ -1,0 +1,508 @@
+"""The evaluate tool: model (+ adapter) -> responses -> judge -> L3 -> L2 -> L1 -> failure reports.
+
+A plain function over typed inputs and outputs, usable without LangGraph. Everything it
+produces lands in the round folder, written atomically:
+
+    <round_dir>/<split>/<objective>/responses.parquet   conversations as generated (replayed)
+    <round_dir>/<split>/<objective>/samples.parquet     L3 atoms, L2 and L1 per sample
+    <round_dir>/<split>/<objective>/report.json         the objective's FailureReport
+    <round_dir>/<split>/eval_report.json                the EvalReport over all objectives
+
+A finished stage leaves a marker (`*.done.json`) holding the hash of everything its output
+depends on: responses on (model, adapter, eval file content, generation settings), judged
+samples on (judge, responses file). A rerun with the same inputs loads the outputs instead of
+generating or judging again, so a resumed run neither regenerates nor re-judges, and the
+backend (which loads model weights) is only built when something must be generated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from mosaic.config import ConfigError, MosaicConfig
+from mosaic.eval.base import get_objective_type
+from mosaic.eval.judge import Judge
+from mosaic.io import atomic_write_json, atomic_write_with
+from mosaic.schemas import EvalReport, FailureReport, Message, SampleRecord
+from mosaic.training.inference import InferenceBackend, replay
+
+log = logging.getLogger("mosaic.tools.evaluate")
+
+Split = Literal["eval", "heldout"]
+MARKER_VERSION = 1
+# Files up to this size are fingerprinted by content; bigger ones (multi-GB weights) by size and
+# modification time, which is what a rebuild changes.
+_HASH_CONTENT_MAX = 64 << 20
+
+
+# ---- fingerprints and markers ---------------------------------------------------------------
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dir_fingerprint(path: str | Path | None) -> str | None:
+    """A hash identifying a model or adapter directory's contents (None for None)."""
+    if path is None:
+        return None
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"model/adapter path not found: {root}")
+    if root.is_file():
+        return file_sha256(root)
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        st = p.stat()
+        rel = p.relative_to(root).as_posix()
+        if st.st_size <= _HASH_CONTENT_MAX:
+            h.update(f"{rel}\0{file_sha256(p)}\n".encode())
+        else:
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _hash_obj(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _marker_ok(marker: Path, key: str, data: Path) -> bool:
+    if not (marker.is_file() and data.is_file()):
+        return False
+    try:
+        m = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return m.get("key") == key and m.get("sha256") == file_sha256(data)
+
+
+def _write_marker(marker: Path, key: str, data: Path, **extra: Any) -> None:
+    atomic_write_json(marker, {"version": MARKER_VERSION, "key": key, "sha256": file_sha256(data), **extra})
+
+
+# ---- eval sets --------------------------------------------------------------------------------
+
+
+def load_eval_rows(path: str | Path, objective: str, type_name: str | None = None) -> list[dict[str, Any]]:
+    """Rows of an eval or held-out set, validated by `mosaic.data.load_eval_set` (which names
+    file, row and field on bad input): id, optional leading system prompt, user turns, atoms."""
+    from mosaic.data import DataFormatError, json_column, load_eval_set
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, f"the eval set of objective {objective!r} does not exist "
+                                    f"(build the sandbox world first, or fix objectives.{objective})")
+    df = load_eval_set(path, type_name, objective)
+    prompts, metas = json_column(df, "l3_prompt"), json_column(df, "metadata")
+    rows = []
+    for i, (rid, messages) in enumerate(zip(df["id"].tolist(), df["messages"].tolist())):
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        system = messages[0]["content"] if messages[0]["role"] == "system" else None
+        turns = messages[1:] if system is not None else messages
+        if any(m["role"] != "user" for m in turns):
+            raise DataFormatError(path, "only a leading system message may precede the user turns",
+                                  row=i, field="messages")
+        rows.append({"id": str(rid), "system": system, "turns": [m["content"] for m in turns],
+                     "l3_prompt": prompts[i] or {}, "metadata": metas[i] or {}})
+    return rows
+
+
+def replay_rows(backend: InferenceBackend, rows: Sequence[Mapping[str, Any]], *, max_new_tokens: int,
+                temperature: float) -> list[list[dict[str, str]]]:
+    """`replay` over eval rows, one batched replay per distinct system prompt, in row order."""
+    groups: dict[str | None, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r["system"], []).append(i)
+    out: list[list[dict[str, str]]] = [[] for _ in rows]
+    for system, idx in groups.items():
+        convs = replay(backend, [rows[i]["turns"] for i in idx], max_new_tokens=max_new_tokens,
+                       temperature=temperature, system=system)
+        for i, conv in zip(idx, convs):
+            out[i] = conv
+    return out
+
+
+# ---- backends and judges -------------------------------------------------------------------
+
+
+def resolve_model_dir(config: MosaicConfig, model_dir: str | Path | None) -> Path | None:
+    """The model to evaluate: the given directory, else config.model.base (the sandbox base
+    model is built once and cached). None for an endpoint backend, which names its own model."""
+    if config.inference.backend == "openai":
+        if model_dir is not None:
+            raise ConfigError(f"inference.backend 'openai' answers with the served model "
+                              f"inference.endpoint.model; a model directory ({model_dir}) cannot "
+                              f"be used with it. Drop --model or use the transformers backend")
+        return None
+    if model_dir is not None:
+        return Path(model_dir)
+    if config.model.base == "sandbox":
+        from mosaic.training.base_model import ensure_base_model
+
+        return Path(ensure_base_model(config))
+    return Path(config.model.base)
+
+
+def build_backend(config: MosaicConfig, model_dir: str | Path | None,
+                  adapter_dir: str | Path | None) -> InferenceBackend:
+    """The configured inference backend (transformers, openai or vllm) for model (+ adapter)."""
+    inf = config.inference
+    if inf.backend == "openai":
+        from mosaic.training.openai_backend import OpenAIBackend
+
+        if adapter_dir is not None:
+            raise ConfigError("inference.backend 'openai' talks to a served model and cannot load "
+                              f"the adapter {adapter_dir}; serve it under its own name (e.g. vLLM "
+                              "--lora-modules) and set inference.endpoint.model, or use the "
+                              "transformers/vllm backend")
+        assert inf.endpoint is not None  # the config validator guarantees it
+        return OpenAIBackend(inf.endpoint)
+    if model_dir is None:
+        raise ConfigError(f"inference.backend {inf.backend!r} needs a model directory")
+    if inf.backend == "vllm":
+        from mosaic.training.vllm_backend import VLLMBackend
+
+        return VLLMBackend(model_dir, adapter_dir=adapter_dir, config=config)
+    from mosaic.training.transformers_backend import TransformersBackend
+
+    return TransformersBackend(model_dir, adapter_dir=adapter_dir, config=config)
+
+
+def build_judge(config: MosaicConfig) -> Judge:
+    """The configured judge: rule-based (default, offline) or the LLM judge."""
+    if config.judge.kind == "llm":
+        from mosaic.eval.llm_judge import LLMJudge
+
+        assert config.judge.endpoint is not None  # the config validator guarantees it
+        return LLMJudge(config.judge.endpoint, config.judge.cache_dir)
+    from mosaic.eval.rule_judge import RuleJudge
+
+    return RuleJudge()
+
+
+def _backend_identity(backend: InferenceBackend | None, config: MosaicConfig) -> dict[str, Any]:
+    if backend is not None:
+        ident = getattr(backend, "identity", None)
+        return ident() if callable(ident) else {"backend": backend.name}
+    if config.inference.backend == "openai":
+        ep = config.inference.endpoint
+        assert ep is not None
+        return {"backend": "openai", "base_url": ep.base_url, "model": ep.model}
+    # The seed only matters when sampling (temperature > 0); dtype is in model_settings.
+    return {"backend": config.inference.backend, "seed": config.seed}
+
+
+def _judge_identity(judge: Judge) -> dict[str, Any]:
+    ident = getattr(judge, "identity", None)
+    if callable(ident):
+        return ident()
+    return {"judge": judge.name, "version": getattr(judge, "version", None)}
+
+
+# ---- the tool -----------------------------------------------------------------------------
+
+
+def report_path(round_dir: str | Path, split: Split = "eval") -> Path:
+    return Path(round_dir) / split / "eval_report.json"
+
+
+def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: str | Path | None,
+             round_dir: str | Path, split: Split = "eval", backend: InferenceBackend | None = None,
+             judge: Judge | None = None, *, round: int = 0, limit: int | None = None,
+             objectives: Sequence[str] | None = None,
+             progress: Callable[[str], None] | None = None) -> EvalReport:
+    """Evaluate model (+ adapter) on every objective's eval (or held-out) set; see the module doc.
+
+    `backend` / `judge` default to the ones the config names (built lazily: the backend only if
+    some responses are not cached). `limit` keeps N evenly spaced rows of each set.
+    """
+    if split not in ("eval", "heldout"):
+        raise ValueError(f"split must be 'eval' or 'heldout', got {split!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of rows, got {limit}")
+    say = progress or (lambda msg: log.info("%s", msg))
+    names = list(objectives) if objectives is not None else list(config.objectives)
+    unknown = [n for n in names if n not in config.objectives]
+    if unknown:
+        raise ConfigError(f"unknown objective(s) {unknown}; the config has {sorted(config.objectives)}")
+    adapter = Path(adapter_dir) if adapter_dir is not None else None
+    if adapter is not None and not adapter.exists():
+        raise FileNotFoundError(f"adapter directory not found: {adapter}")
+    if backend is None:
+        model = resolve_model_dir(config, model_dir)
+    else:  # a caller-built backend: the model directory only identifies it in the cache keys
+        model = Path(model_dir) if model_dir is not None else None
+    if model is not None and not model.exists():
+        raise FileNotFoundError(f"model directory not found: {model}")
+
+    gen = {"max_new_tokens": config.inference.max_new_tokens,
+           "temperature": config.inference.temperature}
+    # dtype changes what a local model generates; max_length bounds the prompt it sees.
+    model_settings = {"dtype": config.model.dtype, "max_length": config.model.max_length}
+    model_key = {"backend": _backend_identity(backend, config), "model": dir_fingerprint(model),
+                 "adapter": dir_fingerprint(adapter), "generation": gen,
+                 "model_settings": model_settings if model is not None else None}
+    built: dict[str, Any] = {"backend": backend, "judge": judge}
+
+    def get_backend() -> InferenceBackend:
+        if built["backend"] is None:
+            say(f"loading {config.inference.backend} backend for {model or 'endpoint'}"
+                + (f" + adapter {adapter}" if adapter else ""))
+            built["backend"] = build_backend(config, model, adapter)
+        return built["backend"]
+
+    def get_judge() -> Judge:
+        if built["judge"] is None:
+            built["judge"] = build_judge(config)
+        return built["judge"]
+
+    reports: dict[str, FailureReport] = {}
+    judge_failures: dict[str, int] = {}
+    for name in names:
+        obj = config.objectives[name]
+        path = getattr(obj, split)
+        if path is None:
+            raise ConfigError(f"objectives.{name}.{split} is not set; name the {split} set file")
+        out = Path(round_dir) / split / name
+        rows = load_eval_rows(path, name, obj.type)
+        if limit is not None and limit < len(rows):
+            # Evenly spaced rather than the first N: eval sets are often sorted by slice, and a
+            # prefix would cover only the easiest ones.
+            rows = [rows[(k * len(rows)) // limit] for k in range(limit)]
+
+        responses_file = out / "responses.parquet"
+        responses_key = _hash_obj({**model_key, "eval_file": file_sha256(path), "limit": limit,
+                                   "ids": [r["id"] for r in rows]})
+        if _marker_ok(out / "responses.done.json", responses_key, responses_file):
+            say(f"{name}: responses cached ({len(rows)} rows)")
+            conversations = _read_conversations(responses_file, rows)
+        else:
+            n_turns = sum(len(r["turns"]) for r in rows)
+            say(f"{name}: generating {len(rows)} conversations ({n_turns} user turns)")
+            conversations = replay_rows(get_backend(), rows, max_new_tokens=gen["max_new_tokens"],
+                                        temperature=gen["temperature"])
+            _write_responses(responses_file, name, rows, conversations)
+            _write_marker(out / "responses.done.json", responses_key, responses_file, n=len(rows))
+
+        samples_file = out / "samples.parquet"
+        judge_obj = get_judge()
+        samples_key = _hash_obj({"judge": _judge_identity(judge_obj),
+                                 "responses": file_sha256(responses_file),
+                                 "objective_type": obj.type})
+        if _marker_ok(out / "samples.done.json", samples_key, samples_file):
+            say(f"{name}: judged samples cached")
+            scored = _read_samples(samples_file)
+        else:
+            say(f"{name}: judging {len(rows)} responses with {judge_obj.name}")
+            scored = _judge_and_score(name, obj.type, judge_obj, rows, conversations)
+            _write_samples(samples_file, name, scored)
+            if any(s["judge_error"] for s in scored):
+                # No marker: a rerun asks the judge again for the failed samples only (the LLM
+                # judge's own cache answers the rest).
+                (out / "samples.done.json").unlink(missing_ok=True)
+            else:
+                _write_marker(out / "samples.done.json", samples_key, samples_file, n=len(scored))
+
+        records = [SampleRecord(id=s["id"], objective=name,
+                                messages=[Message(**m) for m in conv], metadata=row["metadata"],
+                                l3_prompt=s["l3_prompt"], l3_response=s["l3_response"], l2=s["l2"],
+                                l1=s["l1"])
+                   for s, conv, row in zip(scored, conversations, rows) if not s["judge_error"]]
+        failed = len(scored) - len(records)
+        if failed:
+            judge_failures[name] = failed
+            log.warning("%s: %d of %d samples have no judge verdict and are left out of f "
+                        "(see %s, column judge_error)", name, failed, len(scored), samples_file)
+        if not records:
+            raise RuntimeError(f"{name}: the judge labelled none of the {len(scored)} samples; "
+                               f"see {samples_file} (column judge_error)")
+        from mosaic.eval.report import build_failure_report
+
+        report = build_failure_report(name, obj.type, round, records, target=obj.target,
+                                      seed=config.seed)
+        atomic_write_json(out / "report.json", report)
+        reports[name] = report
+        say(f"{name}: f = {report.f:.3f}" if report.f is not None else f"{name}: f = n/a (no valid samples)")
+
+    model_label = str(model) if model is not None else json.dumps(_backend_identity(built["backend"], config),
+                                                                   sort_keys=True)
+    result = EvalReport(round=round, model=model_label, adapter=str(adapter) if adapter else None,
+                        split=split, reports=reports, judge_failures=judge_failures)
+    atomic_write_json(report_path(round_dir, split), result)
+    return result
+
+
+# ---- judging ------------------------------------------------------------------------------------
+
+
+def _labelled(call: Callable[[], Sequence[dict[str, Any]]], n: int, judge: Judge,
+              what: str) -> tuple[list[dict[str, Any] | None], list[str | None]]:
+    """Run one judge call over n items; bad judge output is data: keep what was labelled and
+    record why the rest was not (the LLM judge's JudgeError carries both)."""
+    from mosaic.eval.llm_judge import JudgeError
+
+    errors: list[str | None] = [None] * n
+    try:
+        atoms: list[dict[str, Any] | None] = list(call())
+    except JudgeError as e:
+        atoms = list(e.partial)
+        for f in e.failures:
+            errors[f.index] = f"{what}: " + ("; ".join(f.errors) or "judge failure")
+    if len(atoms) != n:
+        raise RuntimeError(f"judge {judge.name!r} returned {len(atoms)} {what} results for {n} samples")
+    return atoms, errors
+
+
+def _judge_and_score(name: str, type_name: str, judge: Judge, rows: Sequence[Mapping[str, Any]],
+                     conversations: Sequence[list[dict[str, str]]]) -> list[dict[str, Any]]:
+    otype = get_objective_type(type_name)
+    prompt_atoms: list[dict[str, Any] | None] = [dict(r["l3_prompt"]) or None for r in rows]
+    errors: list[str | None] = [None] * len(rows)
+    need_prompt = [i for i, p in enumerate(prompt_atoms) if p is None]
+    if need_prompt:
+        # Sets without prompt-channel atoms get them from the judge, from the user turns alone.
+        users = [[m for m in conversations[i] if m["role"] == "user"] for i in need_prompt]
+        got, errs = _labelled(lambda: judge.prompt_atoms(type_name, users), len(users), judge,
+                              "prompt atoms")
+        for i, atoms, err in zip(need_prompt, got, errs):
+            prompt_atoms[i], errors[i] = atoms, err
+
+    ok = [i for i in range(len(rows)) if prompt_atoms[i] is not None]
+    responses: list[dict[str, Any] | None] = [None] * len(rows)
+    got, errs = _labelled(lambda: judge.response_atoms(type_name, [conversations[i] for i in ok],
+                                                       [prompt_atoms[i] for i in ok]),
+                          len(ok), judge, "response atoms")
+    for i, atoms, err in zip(ok, got, errs):
+        responses[i], errors[i] = atoms, err
+
+    per_turn = _per_turn_atoms(type_name, judge, conversations, prompt_atoms)
+    scored = []
+    for i, row in enumerate(rows):
+        l2 = l1 = None
+        if responses[i] is not None:
+            try:
+                l2, l1 = otype.score(prompt_atoms[i], responses[i])
+            except (KeyError, TypeError, ValueError) as e:
+                raise RuntimeError(f"{name}: sample {row['id']!r}: atoms do not fit objective type "
+                                   f"{type_name!r} ({type(e).__name__}: {e}); prompt atoms "
+                                   f"{prompt_atoms[i]}, response atoms {responses[i]}") from e
+        elif errors[i] is None:
+            errors[i] = "judge returned no atoms"
+        scored.append({"id": row["id"], "l3_prompt": prompt_atoms[i] or {}, "l3_response": responses[i],
+                       "l3_response_turns": per_turn[i], "l2": l2, "l1": l1, "judge_error": errors[i]})
+    return scored
+
+
+def _per_turn_atoms(type_name: str, judge: Judge, conversations: Sequence[list[dict[str, str]]],
+                    prompt_atoms: Sequence[Mapping[str, Any] | None]) -> list[list[dict[str, Any]] | None]:
+    """Response atoms of every earlier assistant turn of multi-turn conversations (e.g. when a
+    jailbreak first leaked), recorded only with a local judge: with an LLM judge it would
+    multiply the requests by the number of turns."""
+    from mosaic.eval.llm_judge import LLMJudge
+
+    out: list[list[dict[str, Any]] | None] = [None] * len(conversations)
+    if isinstance(judge, LLMJudge):
+        return out
+    prefixes, owners = [], []
+    for i, conv in enumerate(conversations):
+        if prompt_atoms[i] is None:
+            continue
+        ends = [j for j, m in enumerate(conv) if m["role"] == "assistant"]
+        if len(ends) > 1:
+            for j in ends[:-1]:
+                prefixes.append(conv[:j + 1])
+                owners.append(i)
+    if not prefixes:
+        return out
+    atoms = judge.response_atoms(type_name, prefixes, [prompt_atoms[i] for i in owners])
+    for i, a in zip(owners, atoms):
+        out[i] = (out[i] or []) + [a]
+    return out
+
+
+# ---- parquet i/o ------------------------------------------------------------------------------
+
+
+def _messages_type():
+    import pyarrow as pa
+
+    return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+def _write_responses(path: Path, name: str, rows: Sequence[Mapping[str, Any]],
+                     conversations: Sequence[list[dict[str, str]]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({
+        "id": pa.array([r["id"] for r in rows], pa.string()),
+        "objective": pa.array([name] * len(rows), pa.string()),
+        "messages": pa.array([[{"role": m["role"], "content": m["content"]} for m in c]
+                              for c in conversations], _messages_type()),
+        "l3_prompt": pa.array([json.dumps(r["l3_prompt"], sort_keys=True) for r in rows], pa.string()),
+        "metadata": pa.array([json.dumps(r["metadata"], sort_keys=True) for r in rows], pa.string()),
+    })
+    atomic_write_with(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def _read_conversations(path: Path, rows: Sequence[Mapping[str, Any]]) -> list[list[dict[str, str]]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["id", "messages"]).to_pylist()
+    if [t["id"] for t in table] != [r["id"] for r in rows]:
+        raise RuntimeError(f"{path} does not match its eval set (ids differ) although its marker "
+                           f"does; delete the folder {path.parent} to regenerate")
+    return [[{"role": m["role"], "content": m["content"]} for m in t["messages"]] for t in table]
+
+
+def _write_samples(path: Path, name: str, scored: Sequence[Mapping[str, Any]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def js(v: Any) -> str | None:
+        return None if v is None else json.dumps(v, sort_keys=True)
+
+    l1s = [s["l1"] for s in scored]
+    table = pa.table({
+        "id": pa.array([s["id"] for s in scored], pa.string()),
+        "objective": pa.array([name] * len(scored), pa.string()),
+        "slice": pa.array([l1.slice if l1 else None for l1 in l1s], pa.string()),
+        "score": pa.array([l1.score if l1 else None for l1 in l1s], pa.float64()),
+        "valid": pa.array([l1.valid if l1 else False for l1 in l1s], pa.bool_()),
+        "weight": pa.array([l1.weight if l1 else None for l1 in l1s], pa.float64()),
+        "failure": pa.array([l1.failure if l1 else None for l1 in l1s], pa.bool_()),
+        "l2": pa.array([js(s["l2"]) for s in scored], pa.string()),
+        "l3_prompt": pa.array([js(s["l3_prompt"]) for s in scored], pa.string()),
+        "l3_response": pa.array([js(s["l3_response"]) for s in scored], pa.string()),
+        "l3_response_turns": pa.array([js(s["l3_response_turns"]) for s in scored], pa.string()),
+        "judge_error": pa.array([s["judge_error"] for s in scored], pa.string()),
+    })
+    atomic_write_with(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def _read_samples(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    from mosaic.schemas import L1
+
+    out = []
+    for t in pq.read_table(path).to_pylist():
+        l1 = None
+        if t["slice"] is not None:
+            l1 = L1(slice=t["slice"], score=t["score"], valid=t["valid"], weight=t["weight"],
+                    failure=t["failure"])
+        out.append({"id": t["id"], "l3_prompt": json.loads(t["l3_prompt"]),
+                    "l3_response": json.loads(t["l3_response"]) if t["l3_response"] else None,
+                    "l3_response_turns": json.loads(t["l3_response_turns"]) if t["l3_response_turns"] else None,
+                    "l2": json.loads(t["l2"]) if t["l2"] else None, "l1": l1,
+                    "judge_error": t["judge_error"]})
+    return out
