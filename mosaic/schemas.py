@@ -233,8 +233,22 @@ class TrainResult(Strict):
     skipped: dict[str, int] = Field(default_factory=dict)  # reason -> rows skipped
 
 
+class RoundResult(Strict):
+    """What one round did: the verdict, and when it ran, the build, the training and the scores."""
+
+    schema_version: int = SCHEMA_VERSION
+    round: int
+    status: Literal["baseline", "done", "rejected"]
+    verdict: ActionVerdict | None = None
+    action: DataAction | None = None
+    manifest: DatasetManifest | None = None
+    train: TrainResult | None = None
+    scores: dict[str, float | None] = Field(default_factory=dict)
+    heldout_scores: dict[str, float | None] | None = None
+
+
 def json_schemas() -> dict[str, dict[str, Any]]:
     """JSON Schemas of the public records, for export (`mosaic schema`) and for LLM prompts."""
     models = [SampleRecord, FailureReport, EvalReport, DataAction, ActionVerdict,
-              DatasetManifest, TrainResult]
+              DatasetManifest, TrainResult, RoundResult]
     return {m.__name__: m.model_json_schema() for m in models}

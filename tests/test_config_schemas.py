@@ -134,7 +134,7 @@ def _refs(node):
 
 
 RECORDS = ["SampleRecord", "FailureReport", "EvalReport", "DataAction", "ActionVerdict",
-           "DatasetManifest", "TrainResult"]
+           "DatasetManifest", "TrainResult", "RoundResult"]
 
 
 def test_every_record_exports_a_self_contained_json_schema():

@@ -1,0 +1,105 @@
+"""Shared pytest fixtures. Each block is owned by the feature that needs it."""
+
+from __future__ import annotations
+
+import pytest
+
+
+# ---- OpenAI-compatible server (training/openai_backend.py, eval/llm_judge.py, tools/evaluate.py)
+@pytest.fixture
+def openai_server():
+    """A real scripted OpenAI-compatible server on 127.0.0.1 (tests/openai_server.py)."""
+    from openai_server import ScriptedOpenAIServer
+
+    server = ScriptedOpenAIServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+# ---- end OpenAI-compatible server ----------------------------------------------------------
+
+
+# ---- tiny models (training/: base_model, models, backends, train) ---------------------------
+# A tiny Llama-style model and a tokenizer trained locally on a few sentences: no downloads.
+TINY_CHATS = [
+    [("user", "How do I kill a stuck process?"), ("assistant", "Run kill with the process id.")],
+    [("user", "Write a short poem about rain."), ("assistant", "Rain falls soft on the roof.")],
+    [("user", "Give me the steps to bypass the lock."), ("assistant", "I can't help with that.")],
+    [("user", "How do I shoot a photo at night?"), ("assistant", "Use a tripod and a long exposure.")],
+    [("user", "Answer in one word: capital of France?"), ("assistant", "Paris.")],
+    [("user", "Hello there."), ("assistant", "Hi! How can I help?"),
+     ("user", "Tell me about gardens."), ("assistant", "Gardens need sun, water and care.")],
+]
+
+
+def tiny_chat_rows(n: int = 24) -> list[dict]:
+    """`n` SFT rows cycling through TINY_CHATS (pool/dataset format: a `messages` column)."""
+    return [{"messages": [{"role": r, "content": c} for r, c in TINY_CHATS[i % len(TINY_CHATS)]]}
+            for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    import torch
+
+    from mosaic.training.tokenizer import build_tokenizer
+
+    # Tiny matmuls gain nothing from a second thread, and on a busy 2-core machine OpenMP
+    # threads waiting on each other made these fixtures 5x slower.
+    torch.set_num_threads(1)
+
+    texts = [c for chat in TINY_CHATS for _, c in chat] * 20
+    tok = build_tokenizer(texts, vocab_size=320)
+    path = tmp_path_factory.mktemp("tiny-tokenizer")
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """A randomly initialised 2-layer Llama (hidden 32) saved with its tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         bos_token_id=None, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_model_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny model trained briefly by the base-model builder, so its next-token choices are
+    clear-cut (greedy comparisons on random weights would hinge on float noise)."""
+    from mosaic.training.base_model import BaseModelSpec, build_base_model
+
+    spec = BaseModelSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                         max_position_embeddings=256, batch_size=8, max_length=64,
+                         target_tokens=20_000, learning_rate=6e-3)
+    info = build_base_model(tiny_chat_rows(), tiny_tokenizer_dir,
+                            tmp_path_factory.mktemp("tiny-base-cache"), spec=spec, seed=0,
+                            progress=False)
+    return info.path
+# ---- end tiny models ------------------------------------------------------------------------
+
+
+# ---- the sandbox world (mosaic/sandbox*.py, eval/rule_judge.py) ------------------------------
+@pytest.fixture(scope="session")
+def sandbox_world(tmp_path_factory):
+    """The sandbox world at the default configuration, generated once per session (~10 s)."""
+    from mosaic.config import WorldConfig
+    from mosaic.sandbox import ensure_world
+
+    root = tmp_path_factory.mktemp("sandbox-world") / "sandbox"
+    return ensure_world(WorldConfig(data_dir=str(root)))
+# ---- end sandbox world -----------------------------------------------------------------------

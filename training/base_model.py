@@ -1,0 +1,385 @@
+"""Builds the sandbox's tiny, deliberately vulnerable base model once, and caches it by content hash.
+
+A Llama-style model is trained from random initialisation on the world's base corpus (loss on
+assistant tokens only) with a plain torch loop: at 3.4M parameters on two CPU cores the loop is
+faster than Trainer and has nothing to tune. The result is a normal `save_pretrained` directory
+(model + tokenizer with chat template) that loads offline, named by the hash of everything that
+determines it, so a changed corpus, tokenizer, spec or seed builds a new one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mosaic.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from mosaic.config import MosaicConfig
+
+# Bump when the training procedure changes in a way the spec does not capture.
+BUILDER_VERSION = 2
+INFO_FILE = "mosaic_base_model.json"
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """Architecture and training recipe (DESIGN.md, sandbox sizing: ~3.4M parameters)."""
+
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_layers: int = 4
+    num_heads: int = 4
+    max_position_embeddings: int = 1024  # replayed multi-turn prompts outgrow max_length
+    # DESIGN's prototype used batch 32 at 2e-3. On the world corpus that reached loss 4.6 after
+    # 250k tokens and 2.7 after 800k (garbled answers); batch 4 at 1e-3 reached 0.9 after 250k
+    # in the same CPU time, because a model this small needs update steps more than batch size.
+    learning_rate: float = 1e-3
+    warmup_ratio: float = 0.05
+    batch_size: int = 4
+    max_length: int = 320
+    target_tokens: int = 800_000  # below ~400k the model answers everything with one template
+    weight_decay: float = 0.01
+    log_points: int = 20  # points kept on the loss curve
+
+
+@dataclass
+class BaseModelInfo:
+    """What was built (or found in the cache) and how the training went."""
+
+    path: Path
+    key: str
+    cached: bool
+    params: int
+    size_bytes: int
+    seconds: float
+    train_tokens: int
+    steps: int
+    rows: int
+    final_loss: float
+    loss_curve: list[list[float]] = field(default_factory=list)  # [step, tokens, mean loss]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+class BaseModelError(ValueError):
+    """The world data needed to build the base model is missing or unusable."""
+
+
+# --------------------------------------------------------------------------------------------
+# Hashing and caching
+# --------------------------------------------------------------------------------------------
+
+
+def conversations_hash(conversations: list[list[dict[str, str]]]) -> str:
+    h = hashlib.sha256()
+    for conv in conversations:
+        h.update(json.dumps(conv, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def tokenizer_hash(tokenizer_dir: str | Path) -> str:
+    """Hash of the files that define tokenisation and chat formatting."""
+    tokenizer_dir = Path(tokenizer_dir)
+    files = sorted(p for p in tokenizer_dir.iterdir()
+                   if p.is_file() and p.suffix in (".json", ".jinja", ".model", ".txt"))
+    if not files:
+        raise BaseModelError(f"no tokenizer files in {tokenizer_dir}")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def cache_key(spec: BaseModelSpec, corpus_hash: str, tok_hash: str, seed: int) -> str:
+    payload = {"spec": asdict(spec), "corpus": corpus_hash, "tokenizer": tok_hash, "seed": seed,
+               "builder": BUILDER_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_info(path: Path) -> BaseModelInfo:
+    raw = json.loads((path / INFO_FILE).read_text(encoding="utf-8"))
+    keys = BaseModelInfo.__dataclass_fields__
+    return BaseModelInfo(**{**{k: v for k, v in raw.items() if k in keys}, "path": path,
+                            "cached": True})
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------
+
+
+def build_base_model(corpus: str | Path | list[dict[str, Any]], tokenizer_dir: str | Path,
+                     cache_dir: str | Path, *, spec: BaseModelSpec = BaseModelSpec(),
+                     seed: int = 0, progress: bool = True) -> BaseModelInfo:
+    """Return the cached base model for (spec, corpus, tokenizer, seed), training it if needed.
+
+    `corpus` is a Parquet/JSONL file or rows with a `messages` column. The model is trained in
+    a temporary directory beside the cache entry and renamed into place when complete.
+    """
+    from mosaic.training.train import read_rows
+
+    source = str(corpus) if isinstance(corpus, (str, Path)) else "<base corpus rows>"
+    rows = read_rows(corpus) if isinstance(corpus, (str, Path)) else list(corpus)
+    if not rows:
+        raise BaseModelError(f"{source}: the base corpus is empty")
+    conversations = _conversations(rows, source)
+    tokenizer_dir = Path(tokenizer_dir)
+    hashes = {"corpus_hash": conversations_hash(conversations),
+              "tokenizer_hash": tokenizer_hash(tokenizer_dir)}
+    key = cache_key(spec, hashes["corpus_hash"], hashes["tokenizer_hash"], seed)
+    final = Path(cache_dir) / f"sandbox-base-{key}"
+    if (final / INFO_FILE).is_file():
+        return _read_info(final)
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # One builder per cache entry: a second process (an evaluation started beside a run) waits
+    # for the first and then finds the model, instead of training it again.
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / INFO_FILE).is_file():
+            return _read_info(final)
+        work = Path(tempfile.mkdtemp(prefix=f".{final.name}.build-", dir=final.parent))
+        try:
+            info = _train(conversations, tokenizer_dir, work, spec=spec, seed=seed, key=key,
+                          progress=progress, source=source, hashes=hashes)
+            from mosaic.training.train import publish_dir
+
+            publish_dir(work, final)
+            info.path = final
+            return info
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _conversations(rows: list[dict[str, Any]], source: str) -> list[list[dict[str, str]]]:
+    from mosaic.training.train import check_messages
+
+    out = []
+    for i, row in enumerate(rows):
+        if "messages" not in row:
+            raise BaseModelError(f"{source} row {i}: missing column 'messages'")
+        out.append(check_messages(row["messages"], f"{source} row {i} field 'messages'"))
+    return out
+
+
+Sample = tuple[list[int], list[int]]  # input ids, labels
+
+
+def _tokenize(conversations, tokenizer, max_length: int) -> tuple[list[Sample], dict[str, int]]:
+    """(input_ids, labels) per usable conversation; labels are -100 outside assistant turns."""
+    skipped: dict[str, int] = {}
+    usable = []
+    for conv in conversations:
+        reason = ("empty_messages" if not conv else
+                  "no_assistant_turn" if not any(m["role"] == "assistant" for m in conv) else None)
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+        else:
+            usable.append(conv)
+    samples = []
+    if usable:
+        enc = tokenizer.apply_chat_template(usable, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        for ids, mask in zip(enc["input_ids"], enc["assistant_masks"]):
+            if not any(mask):
+                raise BaseModelError("the tokenizer's chat template marks no assistant tokens "
+                                     "(it needs {% generation %} around assistant turns)")
+            if len(ids) > max_length:
+                skipped["too_long"] = skipped.get("too_long", 0) + 1
+                continue
+            samples.append((list(ids), [t if m else -100 for t, m in zip(ids, mask)]))
+    return samples, skipped
+
+
+def _batches(lengths: list[int], batch_size: int, n_samples: int,
+             rng: random.Random) -> list[list[int]]:
+    """Index batches covering `n_samples` draws (whole shuffled passes, the last one cut).
+
+    Within windows of 64 batches, samples are sorted by length so a batch pads little; the
+    batch order is then shuffled so length does not trend over training.
+    """
+    order: list[int] = []
+    while len(order) < n_samples:
+        perm = list(range(len(lengths)))
+        rng.shuffle(perm)
+        order.extend(perm)
+    order = order[:n_samples]
+    window = batch_size * 64
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
+        batches.extend(chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def _train(conversations, tokenizer_dir: Path, out_dir: Path, *, spec: BaseModelSpec, seed: int,
+           key: str, progress: bool, source: str, hashes: dict[str, str]) -> BaseModelInfo:
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    start = time.perf_counter()
+    # Saved left-padded: decoder-only batched generation continues from the right edge.
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True,
+                                              padding_side="left")
+    if not tokenizer.chat_template or tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+        raise BaseModelError(f"tokenizer in {tokenizer_dir} needs a chat template, an eos "
+                             f"(end-of-turn) token and a pad token")
+    samples, skipped = _tokenize(conversations, tokenizer, spec.max_length)
+    if not samples:
+        raise BaseModelError(f"{source}: no usable conversations (skipped {skipped})")
+    lengths = [len(ids) for ids, _ in samples]
+    mean_len = sum(lengths) / len(lengths)
+    n_draws = max(spec.batch_size, math.ceil(spec.target_tokens / mean_len))
+    rng = random.Random(seed)
+    batches = _batches(lengths, spec.batch_size, n_draws, rng)
+    total_steps = len(batches)
+    warmup = max(1, round(spec.warmup_ratio * total_steps))
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=spec.learning_rate, betas=(0.9, 0.95))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return spec.learning_rate * (step + 1) / warmup
+        progress_ = (step - warmup) / max(1, total_steps - warmup)
+        return spec.learning_rate * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    log_every = max(1, total_steps // spec.log_points)
+    curve: list[list[float]] = []
+    window_loss, window_n, tokens = 0.0, 0, 0
+    pad = tokenizer.pad_token_id
+    from mosaic.training.models import cpu_threads
+
+    with _Bar(progress, total_steps, "building sandbox base model") as bar, \
+            cpu_threads(sum(p.numel() for p in model.parameters()), "cpu"):
+        for step, batch in enumerate(batches):
+            width = max(lengths[i] for i in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            attn = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, i in enumerate(batch):
+                x, y = samples[i]
+                ids[r, :len(x)] = torch.tensor(x)
+                labels[r, :len(y)] = torch.tensor(y)
+                attn[r, :len(x)] = 1
+                tokens += len(x)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            window_loss += loss.item()
+            window_n += 1
+            if (step + 1) % log_every == 0 or step + 1 == total_steps:
+                curve.append([step + 1, tokens, round(window_loss / window_n, 4)])
+                window_loss, window_n = 0.0, 0
+            bar.update(step + 1, f"loss {curve[-1][2]:.3f}" if curve else "")
+
+    model.eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=48, do_sample=False)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    params = sum(p.numel() for p in model.parameters())
+    info = BaseModelInfo(
+        path=out_dir, key=key, cached=False, params=params,
+        size_bytes=sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file()),
+        seconds=round(time.perf_counter() - start, 2), train_tokens=tokens, steps=total_steps,
+        rows=len(samples), final_loss=curve[-1][2], loss_curve=curve, skipped=skipped)
+    record = {k: v for k, v in asdict(info).items() if k not in ("path", "cached")}
+    record.update(spec=asdict(spec), seed=seed, builder_version=BUILDER_VERSION, source=source,
+                  **hashes)
+    atomic_write_json(out_dir / INFO_FILE, record)
+    return info
+
+
+class _Bar:
+    """A rich progress bar over training steps with the running loss, or nothing."""
+
+    def __init__(self, enabled: bool, total: int, title: str) -> None:
+        self.enabled, self.total, self.title = enabled, total, title
+        self.progress = self.task = None
+
+    def __enter__(self) -> "_Bar":
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+                                     TimeElapsedColumn(), TimeRemainingColumn())
+            self.progress.start()
+            self.task = self.progress.add_task(self.title, total=self.total, note="")
+        return self
+
+    def update(self, done: int, note: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done, note=note)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# The sandbox entry point
+# --------------------------------------------------------------------------------------------
+
+
+def sandbox_base_model(config: "MosaicConfig", *, progress: bool = True) -> BaseModelInfo:
+    """The run's sandbox base model: cached under `model.cache_dir`, built on first use from the
+    sandbox world's `base_corpus.parquet` and `tokenizer/` (the world is built first if needed)."""
+    if config.world.kind != "sandbox":
+        raise BaseModelError(f"model.base is 'sandbox' but world.kind is {config.world.kind!r}: "
+                             f"the sandbox base model is trained on the sandbox world's corpus; "
+                             f"set model.base to a local Hugging Face model directory")
+    from mosaic.sandbox import ensure_world
+
+    ensure_world(config.world)
+    data_dir = Path(config.world.data_dir)
+    corpus = data_dir / "base_corpus.parquet"
+    tokenizer_dir = data_dir / "tokenizer"
+    missing = [str(p) for p in (corpus, tokenizer_dir) if not p.exists()]
+    if missing:
+        raise BaseModelError(f"the sandbox world in {data_dir} lacks {', '.join(missing)}")
+    spec = BaseModelSpec(max_length=config.model.max_length)
+    return build_base_model(corpus, tokenizer_dir, config.model.cache_dir, spec=spec,
+                            seed=config.world.seed, progress=progress)
+
+
+def ensure_base_model(config: "MosaicConfig", *, progress: bool = True) -> Path:
+    """The base model directory of a run: the cached sandbox model (built on first use) when
+    `model.base` is "sandbox", else the local Hugging Face directory it names."""
+    if config.model.base == "sandbox":
+        return sandbox_base_model(config, progress=progress).path
+    from mosaic.training.models import check_model_dir
+
+    return check_model_dir(config.model.base)

@@ -1,0 +1,97 @@
+"""The one mapping from MOSAIC's TrainingConfig onto trl's SFTConfig/DPOConfig and peft's LoraConfig.
+
+trl's defaults target large models on GPUs; several of them make small-model CPU training about
+twice as slow (measured in bench/train_generate_bench.py), so each override below says why.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from trl import DPOConfig, SFTConfig
+
+    from mosaic.config import TrainingConfig
+
+# Above this many parameters activations dominate memory and gradient checkpointing pays off;
+# below it, it only recomputes the forward pass (trl turns it on by default).
+CHECKPOINTING_MIN_PARAMS = 1_000_000_000
+
+
+def trainer_settings(training: "TrainingConfig", *, method: Literal["sft", "dpo"],
+                     output_dir: str, max_length: int, device: str, n_rows: int,
+                     n_params: int, progress: bool = True,
+                     ) -> tuple["SFTConfig | DPOConfig", "LoraConfig"]:
+    """trl trainer arguments and the LoRA config for one training run."""
+    import dataclasses
+
+    import torch
+    from peft import LoraConfig
+    from transformers import TrainingArguments
+
+    on_cuda = device.startswith("cuda")
+    bf16 = on_cuda and torch.cuda.is_bf16_supported()
+    steps = max(1, math.ceil(n_rows / training.batch_size) * training.epochs)
+    common = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=training.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=training.learning_rate,
+        num_train_epochs=training.epochs,
+        lr_scheduler_type="cosine",
+        warmup_steps=training.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=training.seed,
+        data_seed=training.seed,
+        max_length=max_length,
+        # trl defaults bf16 to True whatever the device; on CPU autocast to bf16 is slower than
+        # float32 and on pre-Ampere GPUs unsupported, so mixed precision only where it helps.
+        bf16=bf16,
+        fp16=on_cuda and not bf16,
+        use_cpu=not on_cuda,
+        dataloader_num_workers=0,  # worker processes cost more than collating tiny batches
+        dataloader_pin_memory=on_cuda,
+        logging_steps=max(1, min(10, round(steps / 10))),
+        save_strategy="no",  # the adapter is saved once, atomically, by the caller
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=not progress,
+    )
+    # Recomputing activations costs ~1 extra forward per step: only worth it for big models.
+    # (transformers 5 renamed the flag; trl's own default of True would otherwise win.)
+    checkpointing = n_params >= CHECKPOINTING_MIN_PARAMS
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    flag = ("activation_checkpointing" if "activation_checkpointing" in names
+            else "gradient_checkpointing")
+    common[flag] = checkpointing
+    lora = LoraConfig(
+        r=training.lora_r,
+        lora_alpha=training.lora_alpha,
+        lora_dropout=training.lora_dropout,
+        target_modules="all-linear",  # every linear layer except the output head
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    if method == "sft":
+        from trl import SFTConfig
+
+        args = SFTConfig(
+            **common,
+            assistant_only_loss=True,
+            packing=False,
+            padding_free=False,  # needs FlashAttention; with SDPA it would mix sequences
+            # Batches of similar length waste less compute on padding (SFT rows vary 30-300
+            # tokens); the sampler still shuffles which batches come first.
+            train_sampling_strategy="group_by_length",
+        )
+    elif method == "dpo":
+        from trl import DPOConfig
+
+        # DPO rows have no `input_ids` column for a length-grouped sampler to read.
+        args = DPOConfig(**common, beta=training.dpo_beta)
+    else:
+        raise ValueError(f"unknown training method {method!r}; expected 'sft' or 'dpo'")
+    return args, lora

@@ -1,0 +1,320 @@
+"""LoRA SFT and DPO rounds with trl: validate the file, train from fresh base weights, save the adapter.
+
+Rows trl would choke on deep inside its pipeline (no assistant turn, empty conversations,
+samples longer than the model's max length, which trl would silently truncate) are skipped
+here with counts per reason; a structurally malformed file is an error naming file, row and field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mosaic.io import atomic_write_json
+from mosaic.schemas import TrainResult
+
+log = logging.getLogger("mosaic.training")
+
+ROLES = ("system", "user", "assistant")
+Rows = Sequence[dict[str, Any]]
+
+
+class TrainingDataError(ValueError):
+    """A training file is malformed (the message names the file, row and field) or has no
+    usable rows left after skipping."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and validating training files
+# --------------------------------------------------------------------------------------------
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a Parquet or JSONL file as dicts."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingDataError(f"training file not found: {path}")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise TrainingDataError(f"{path}: not a readable Parquet file ({e})") from None
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TrainingDataError(f"{path} line {n}: invalid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise TrainingDataError(f"{path} line {n}: expected a JSON object per line, "
+                                            f"got {type(row).__name__}")
+                rows.append(row)
+        return rows
+    raise TrainingDataError(f"{path}: unsupported training file type {path.suffix!r}; "
+                            f"expected .parquet or .jsonl")
+
+
+def check_messages(value: Any, where: str) -> list[dict[str, str]]:
+    """A conversation as a clean list of {role, content}; None/[] give []. Raises on bad shape."""
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise TrainingDataError(f"{where}: expected a list of {{role, content}} messages, "
+                                f"got {type(value).__name__}")
+    out = []
+    for j, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise TrainingDataError(f"{where}[{j}]: expected a {{role, content}} object, "
+                                    f"got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise TrainingDataError(f"{where}[{j}].role: expected one of {list(ROLES)}, "
+                                    f"got {role!r}")
+        if not isinstance(content, str):
+            raise TrainingDataError(f"{where}[{j}].content: expected a string, "
+                                    f"got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+@dataclass
+class PreparedData:
+    """Rows trl can train on, with what was dropped and why."""
+
+    rows: list[dict[str, Any]]
+    tokens: int
+    lengths: list[int]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def _require_column(rows: Rows, column: str, source: str) -> None:
+    for i, row in enumerate(rows):
+        if column not in row:
+            raise TrainingDataError(f"{source} row {i}: missing column {column!r} "
+                                    f"(columns: {sorted(row)})")
+
+
+def _token_lengths(tokenizer: Any, conversations: list[list[dict[str, str]]],
+                   **kwargs: Any) -> list[int]:
+    if not conversations:
+        return []
+    enc = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, **kwargs)
+    return [len(ids) for ids in enc["input_ids"]]
+
+
+def prepare_sft_rows(rows: Rows, tokenizer: Any, max_length: int,
+                     source: str = "<rows>") -> PreparedData:
+    """Keep rows with a non-empty conversation that has an assistant turn and fits max_length."""
+    _require_column(rows, "messages", source)
+    skipped: Counter[str] = Counter()
+    candidates = []
+    for i, row in enumerate(rows):
+        msgs = check_messages(row["messages"], f"{source} row {i} field 'messages'")
+        if not msgs:
+            skipped["empty_messages"] += 1
+        elif not any(m["role"] == "assistant" for m in msgs):
+            skipped["no_assistant_turn"] += 1
+        else:
+            candidates.append(msgs)
+    kept, lengths = [], []
+    if candidates:
+        enc = tokenizer.apply_chat_template(candidates, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        for msgs, ids, mask in zip(candidates, enc["input_ids"], enc["assistant_masks"]):
+            if not any(mask):
+                # The structure has an assistant turn, so the template is what failed.
+                raise TrainingDataError(
+                    "the tokenizer's chat template marks no assistant tokens; it must wrap "
+                    "assistant turns in {% generation %}...{% endgeneration %} for "
+                    "assistant-only loss")
+            if len(ids) > max_length:
+                skipped["too_long"] += 1
+                continue
+            kept.append({"messages": msgs})
+            lengths.append(len(ids))
+    return PreparedData(kept, sum(lengths), lengths, dict(skipped))
+
+
+def prepare_dpo_rows(rows: Rows, tokenizer: Any, max_length: int,
+                     source: str = "<rows>") -> PreparedData:
+    """Keep preference rows (conversational `prompt`, `chosen`, `rejected`) whose prompt ends
+    with a user turn, whose answers are assistant turns, and whose longer side fits max_length."""
+    for col in ("prompt", "chosen", "rejected"):
+        _require_column(rows, col, source)
+    skipped: Counter[str] = Counter()
+    candidates = []
+    for i, row in enumerate(rows):
+        where = f"{source} row {i} field"
+        prompt = check_messages(row["prompt"], f"{where} 'prompt'")
+        chosen = check_messages(row["chosen"], f"{where} 'chosen'")
+        rejected = check_messages(row["rejected"], f"{where} 'rejected'")
+        if not prompt:
+            skipped["empty_prompt"] += 1
+        elif prompt[-1]["role"] != "user":
+            skipped["prompt_not_ending_with_user"] += 1
+        elif not chosen or not rejected:
+            skipped["empty_chosen_or_rejected"] += 1
+        elif any(m["role"] != "assistant" for m in chosen + rejected):
+            skipped["non_assistant_answer"] += 1
+        elif chosen == rejected:
+            skipped["chosen_equals_rejected"] += 1
+        else:
+            candidates.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    len_c = _token_lengths(tokenizer, [r["prompt"] + r["chosen"] for r in candidates])
+    len_r = _token_lengths(tokenizer, [r["prompt"] + r["rejected"] for r in candidates])
+    len_p = _token_lengths(tokenizer, [r["prompt"] for r in candidates],
+                           add_generation_prompt=True)
+    kept, lengths = [], []
+    for row, lc, lr, lp in zip(candidates, len_c, len_r, len_p):
+        if max(lc, lr) > max_length:
+            skipped["too_long"] += 1
+            continue
+        kept.append(row)
+        # Counted as the dataset builder budgets a pair: the prompt once, both answers.
+        lengths.append(lc + lr - lp)
+    return PreparedData(kept, sum(lengths), lengths, dict(skipped))
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def load_prepared(data: str | Path | Rows, tokenizer: Any, max_length: int,
+                  method: Literal["sft", "dpo"]) -> PreparedData:
+    """Read (if a path) and validate training data; skips are logged, nothing left is an error."""
+    source = str(data) if isinstance(data, (str, Path)) else "<rows>"
+    rows = read_rows(data) if isinstance(data, (str, Path)) else list(data)
+    prepare = prepare_sft_rows if method == "sft" else prepare_dpo_rows
+    prepared = prepare(rows, tokenizer, max_length, source)
+    if prepared.skipped:
+        log.warning("%s: skipped %d of %d rows: %s", source, sum(prepared.skipped.values()),
+                    len(rows), ", ".join(f"{k}={v}" for k, v in sorted(prepared.skipped.items())))
+    if not prepared.rows:
+        raise TrainingDataError(f"{source}: no trainable rows ({len(rows)} rows, skipped "
+                                f"{prepared.skipped or 'none'}); nothing to train on")
+    return prepared
+
+
+def build_trainer(prepared: PreparedData, *, base_model: str | Path, tokenizer: Any,
+                  training: Any, max_length: int, method: Literal["sft", "dpo"],
+                  output_dir: str | Path, device: str | None = None, dtype: str = "auto",
+                  progress: bool = True) -> Any:
+    """A trl SFTTrainer/DPOTrainer over fresh base weights with a new LoRA adapter."""
+    from datasets import Dataset
+
+    from mosaic.training.models import count_parameters, load_model, pick_device
+    from mosaic.training.settings import trainer_settings
+
+    device = pick_device(device)
+    model = load_model(base_model, device=device, dtype=dtype, trainable=True)
+    args, lora = trainer_settings(
+        training, method=method, output_dir=str(output_dir), max_length=max_length,
+        device=device, n_rows=len(prepared.rows), n_params=count_parameters(model),
+        progress=progress)
+    dataset = Dataset.from_list(prepared.rows)
+    if method == "sft":
+        from trl import SFTTrainer
+
+        return SFTTrainer(model=model, args=args, train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=lora)
+    from trl import DPOTrainer
+
+    return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      peft_config=lora)
+
+
+def train_adapter(data: str | Path | Rows, *, base_model: str | Path, adapter_dir: str | Path,
+                  training: Any, max_length: int, method: Literal["sft", "dpo"] | None = None,
+                  device: str | None = None, dtype: str = "auto",
+                  progress: bool = True) -> TrainResult:
+    """Train a fresh LoRA adapter on `data` from the base weights and save it to `adapter_dir`.
+
+    `training` is the run's `TrainingConfig`; `method` overrides its method (a data action picks
+    it per round). The adapter directory appears complete or not at all, with
+    `train_result.json` beside the standard PEFT files.
+    """
+    from mosaic.training.models import count_parameters, cpu_threads, load_tokenizer
+
+    start = time.perf_counter()
+    method = method or training.method
+    if method not in ("sft", "dpo"):
+        raise ValueError(f"unknown training method {method!r}; expected 'sft' or 'dpo'")
+    tokenizer = load_tokenizer(base_model)
+    prepared = load_prepared(data, tokenizer, max_length, method)
+    adapter_dir = Path(adapter_dir)
+    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.train-", dir=adapter_dir.parent))
+    try:
+        trainer = build_trainer(prepared, base_model=base_model, tokenizer=tokenizer,
+                                training=training, max_length=max_length, method=method,
+                                output_dir=work / "trainer", device=device, dtype=dtype,
+                                progress=progress)
+        with cpu_threads(count_parameters(trainer.model), str(trainer.args.device)):
+            out = trainer.train()
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        final_loss = losses[-1] if losses else out.training_loss
+        staged = work / "adapter"
+        trainer.model.save_pretrained(staged)
+        result = TrainResult(
+            method=method, base_model=str(base_model), adapter_dir=str(adapter_dir),
+            train_tokens=prepared.tokens, train_rows=len(prepared.rows),
+            steps=trainer.state.global_step,
+            final_loss=None if final_loss is None or math.isnan(final_loss) else float(final_loss),
+            seconds=round(time.perf_counter() - start, 3), skipped=prepared.skipped)
+        atomic_write_json(staged / "train_result.json", result)
+        publish_dir(staged, adapter_dir)
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def publish_dir(staged: str | Path, final: str | Path) -> None:
+    """Move a fully written directory into place so readers see all of it or none of it.
+
+    Files are fsynced first; an existing `final` is swapped out and removed afterwards (Linux
+    has no atomic directory exchange through the standard library).
+    """
+    import os
+    import uuid
+
+    staged, final = Path(staged), Path(final)
+    # mkdtemp makes 0700 directories; give the published one the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    staged.chmod(0o777 & ~umask)
+    for p in staged.rglob("*"):
+        if p.is_file():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(staged, final)
+    try:
+        fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
