@@ -207,14 +207,10 @@ def build_dataset_cmd(
         prev = None
         if previous is not None:
             prev = DataAction.model_validate_json(previous.read_text(encoding="utf-8"))
-        if tokenizer is not None:
-            from mosaic.tools.token_counts import load_tokenizer
+        from mosaic.tools.token_counts import load_tokenizer
+        from mosaic.training.base_model import tokenizer_dir
 
-            tok = load_tokenizer(tokenizer)
-        else:
-            from mosaic.training.models import load_tokenizer, resolve_base_model
-
-            tok = load_tokenizer(resolve_base_model(cfg))
+        tok = load_tokenizer(tokenizer if tokenizer is not None else tokenizer_dir(cfg))
         run = prepare_from_config(cfg, tok, cache_dir=cache_dir)
     except (OSError, ValueError, DataFormatError, PoolError) as e:
         console.print(f"[red]{e}[/red]")
@@ -351,9 +347,24 @@ def judge_agreement_cmd(
 
 
 def run_main(cfg) -> None:
-    """The main job behind `mosaic run`. Until the loop exists it builds the sandbox world and
-    prints its statistics; it grows into baseline + rounds without changing the command."""
-    _sandbox_world(cfg)
+    """The main job behind `mosaic run`: the sandbox world's statistics (for sandbox configs),
+    then the base model's baseline evaluation (round 0) with its per-slice tables. The planner
+    loop's rounds come next in this same function, without changing the command."""
+    from mosaic.schemas import EvalReport
+    from mosaic.tools.evaluate import report_path
+    from mosaic.tools.run_round import run_baseline
+
+    if cfg.world.kind == "sandbox":
+        _sandbox_world(cfg)
+    round_dir = Path(cfg.run_dir) / "round_0"
+    say = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
+    run_baseline(cfg, round_dir, progress=say)
+    for split in ("eval", "heldout"):
+        path = report_path(round_dir, split)
+        if path.is_file():
+            console.print(f"[bold]baseline ({split} split)[/bold]")
+            print_eval_report(EvalReport.model_validate_json(path.read_text(encoding="utf-8")))
+    console.print(f"baseline written to {round_dir}")
 
 
 @app.command("run")

@@ -383,3 +383,15 @@ def ensure_base_model(config: "MosaicConfig", *, progress: bool = True) -> Path:
     from mosaic.training.models import check_model_dir
 
     return check_model_dir(config.model.base)
+
+
+def tokenizer_dir(config: "MosaicConfig") -> Path:
+    """Where a run's tokenizer lives, without building the model: the sandbox world's
+    tokenizer (the sandbox base model is saved with that same tokenizer), or model.base."""
+    if config.model.base == "sandbox":
+        from mosaic.sandbox import ensure_world
+
+        return ensure_world(config.world).tokenizer_dir
+    from mosaic.training.models import check_model_dir
+
+    return check_model_dir(config.model.base)

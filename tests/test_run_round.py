@@ -1,0 +1,89 @@
+"""A real tiny round end to end: check -> build -> LoRA train -> evaluate, and its resume rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mosaic.config import load_config
+from mosaic.tools.run_round import ROUND_FILE, run_baseline, run_round
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_run_config(tmp_path_factory, tiny_trained_model_dir):
+    root = tmp_path_factory.mktemp("tiny-run")
+    data = root / "world"
+    overrides = {
+        "run_dir": str(root / "run"),
+        "budget": {"max_tokens": 4000},
+        "world": {"data_dir": str(data), "pool_size": 300, "eval_size": 20, "heldout_size": 20,
+                  "base_corpus_size": 100},
+        "model": {"base": str(tiny_trained_model_dir), "max_length": 256,
+                  "cache_dir": str(root / "models")},
+        "training": {"batch_size": 8, "learning_rate": 5e-3},
+        "inference": {"batch_size": 32, "max_new_tokens": 8},
+        "judge": {"cache_dir": str(root / "judge")},
+        "objectives": {name: {"pool": str(data / "pools" / f"{name}.parquet"),
+                              "eval": str(data / "eval" / f"{name}.parquet"),
+                              "heldout": str(data / "heldout" / f"{name}.parquet")}
+                       for name in ("safety", "boundary", "instruction")},
+    }
+    cfg = load_config("configs/sandbox.yaml", environ={}, overrides=overrides)
+    from mosaic.sandbox import ensure_world
+
+    ensure_world(cfg.world)
+    return cfg
+
+
+ACTION = {"mixture": {"safety": 0.5, "boundary": 0.3, "instruction": 0.2},
+          "quality_threshold": 4.0, "method": "sft", "rationale": "test"}
+
+
+def test_a_round_builds_trains_and_evaluates_then_resumes_without_redoing(tiny_run_config, tmp_path):
+    cfg = tiny_run_config
+    round_dir = tmp_path / "round_1"
+    result = run_round(cfg, json.dumps(ACTION), round_dir, round_index=1, heldout=False)
+
+    assert result.status == "done"
+    assert result.manifest.total_tokens <= cfg.budget.max_tokens
+    assert result.train.train_rows == result.manifest.total_rows
+    assert set(result.scores) == {"safety", "boundary", "instruction"}
+    assert all(1 <= f <= 5 for f in result.scores.values())
+    for rel in ("action.json", "verdict.json", "dataset/train.parquet", "dataset/manifest.json",
+                "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                "eval/eval_report.json", ROUND_FILE):
+        assert (round_dir / rel).is_file(), rel
+
+    # A crash after training: drop the round marker and the eval outputs; the rerun must
+    # evaluate again but neither rebuild the dataset nor retrain the adapter.
+    adapter_file = round_dir / "adapter" / "adapter_model.safetensors"
+    dataset_file = round_dir / "dataset" / "train.parquet"
+    stamps = (adapter_file.stat().st_mtime_ns, dataset_file.stat().st_mtime_ns)
+    (round_dir / ROUND_FILE).unlink()
+    again = run_round(cfg, json.dumps(ACTION), round_dir, round_index=1, heldout=False)
+    assert (adapter_file.stat().st_mtime_ns, dataset_file.stat().st_mtime_ns) == stamps
+    assert again.scores == result.scores
+
+    with pytest.raises(ValueError, match="different action"):
+        run_round(cfg, json.dumps({**ACTION, "rationale": "other"}), round_dir, round_index=1)
+
+
+def test_a_rejected_action_builds_and_trains_nothing(tiny_run_config, tmp_path):
+    round_dir = tmp_path / "round_bad"
+    bad = {**ACTION, "mixture": {"safety": 0.9, "boundary": 0.3, "nonsense": 0.1}}
+    result = run_round(tiny_run_config, json.dumps(bad), round_dir, round_index=1)
+    assert result.status == "rejected"
+    codes = {p.code for p in result.verdict.problems}
+    assert "unknown_objective" in codes
+    assert not (round_dir / "dataset").exists() and not (round_dir / "adapter").exists()
+    assert json.loads((round_dir / "verdict.json").read_text())["status"] == "invalid"
+
+
+def test_baseline_is_round_zero_of_the_base_model(tiny_run_config, tmp_path):
+    result = run_baseline(tiny_run_config, tmp_path / "round_0", heldout=True)
+    assert result.status == "baseline"
+    assert set(result.heldout_scores) == {"safety", "boundary", "instruction"}
+    assert (tmp_path / "round_0" / "heldout" / "eval_report.json").is_file()
