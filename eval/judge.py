@@ -27,3 +27,16 @@ class Judge(Protocol):
                      conversations: Sequence[Conversation]) -> list[dict[str, Any]]:
         """Prompt-channel L3 atoms, for datasets that do not carry them."""
         ...
+
+
+def check_judge_inputs(conversations: Sequence[Conversation],
+                       prompt_atoms: Sequence[Mapping[str, Any]]) -> None:
+    """The contract every judge's `response_atoms` relies on: one prompt-atom record per
+    conversation, and each conversation ending with the assistant turn to judge."""
+    if len(prompt_atoms) != len(conversations):
+        raise ValueError(f"{len(conversations)} conversations but {len(prompt_atoms)} "
+                         f"prompt-atom records")
+    for i, conv in enumerate(conversations):
+        if not conv or conv[-1]["role"] != "assistant":
+            raise ValueError(f"conversation {i} must end with the assistant turn to judge; it "
+                             f"ends with {conv[-1]['role'] if conv else 'nothing'!r}")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mosaic.config import EndpointConfig
 from mosaic.eval.base import get_objective_type
-from mosaic.eval.judge import Conversation
+from mosaic.eval.judge import Conversation, check_judge_inputs
 from mosaic.io import atomic_write_json
 from mosaic.llm import RetryingCaller, chat_completion, make_client
 from mosaic.prompts import environment, render
@@ -167,13 +167,7 @@ class LLMJudge:
                        prompt_atoms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if objective_type in PROGRAMMATIC_TYPES:
             return programmatic_response_atoms(objective_type, conversations, prompt_atoms)
-        if len(prompt_atoms) != len(conversations):
-            raise ValueError(f"{len(conversations)} conversations but {len(prompt_atoms)} "
-                             f"prompt-atom records")
-        for i, conv in enumerate(conversations):
-            if not conv or conv[-1]["role"] != "assistant":
-                raise ValueError(f"conversation {i} must end with the assistant turn to judge; "
-                                 f"it ends with {conv[-1]['role'] if conv else 'nothing'!r}")
+        check_judge_inputs(conversations, prompt_atoms)
         return self._label(objective_type, "response", conversations)
 
     def prompt_atoms(self, objective_type: str,

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mosaic.eval.judge import Conversation, Judge
+from mosaic.eval.judge import Conversation, Judge, check_judge_inputs
 
 RULES_VERSION = 1
 
@@ -573,13 +573,7 @@ class RuleJudge:
 
     def response_atoms(self, objective_type: str, conversations: Sequence[Conversation],
                        prompt_atoms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        if len(prompt_atoms) != len(conversations):
-            raise ValueError(f"{len(conversations)} conversations but {len(prompt_atoms)} "
-                             f"prompt-atom records")
-        for i, conv in enumerate(conversations):
-            if not conv or conv[-1]["role"] != "assistant":
-                raise ValueError(f"conversation {i} must end with the assistant turn to judge; it "
-                                 f"ends with {conv[-1]['role'] if conv else 'nothing'!r}")
+        check_judge_inputs(conversations, prompt_atoms)
         if objective_type == "ifeval":
             from mosaic.eval.ifeval_checker import judge_response
 
