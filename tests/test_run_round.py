@@ -87,3 +87,21 @@ def test_baseline_is_round_zero_of_the_base_model(tiny_run_config, tmp_path):
     assert result.status == "baseline"
     assert set(result.heldout_scores) == {"safety", "boundary", "instruction"}
     assert (tmp_path / "round_0" / "heldout" / "eval_report.json").is_file()
+
+
+def test_mosaic_run_prints_world_statistics_and_the_baseline(tiny_run_config, tmp_path):
+    from typer.testing import CliRunner
+
+    from mosaic.cli import app
+    from mosaic.config import dump_config
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(dump_config(tiny_run_config.model_copy(
+        update={"run_dir": str(tmp_path / "run")})))
+    result = CliRunner().invoke(app, ["run", str(cfg_file)], terminal_width=160)
+    assert result.exit_code == 0, result.output
+    assert "sandbox world reused" in result.output
+    assert "baseline (eval split)" in result.output and "baseline (heldout split)" in result.output
+    for name in ("safety", "boundary", "instruction"):
+        assert name in result.output
+    assert (tmp_path / "run" / "round_0" / "round.json").is_file()
