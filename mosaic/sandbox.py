@@ -274,6 +274,20 @@ def _stratified(size: int, levels: Sequence[str]) -> dict[str, int]:
     return quotas(size, {lv: 1.0 for lv in levels})
 
 
+def _eval_splits(maker: Callable[..., tuple[Any, Callable[[str], Prompt]]],
+                 quota: Callable[[int], dict[str, int]], cfg: WorldConfig, lex_in: Lexicon,
+                 lex_ho: Lexicon, taken: set[str], what: str):
+    """One objective's eval, held-out and judge prompts (drawn in that order, all distinct from
+    `taken`), plus the judge split's rng for drawing the judge rows' responses."""
+    _, mk = maker("eval", IN_VOICE, lex_in)
+    ev = _unique_prompts(mk, quota(cfg.eval_size), taken, f"{what} eval")
+    _, mk = maker("heldout", HELDOUT_VOICE, lex_ho)
+    ho = _unique_prompts(mk, quota(cfg.heldout_size), taken, f"{what} heldout")
+    rng, mk = maker("judge", HELDOUT_VOICE, lex_ho)
+    judge = _unique_prompts(mk, quota(JUDGE_FACTOR * cfg.heldout_size), taken, f"{what} judge")
+    return ev, ho, judge, rng
+
+
 def _gen_safety(cfg: WorldConfig, lex_in: Lexicon, lex_ho: Lexicon, taken: set[str]) -> _Sets:
     seed = cfg.seed
     levels = tuple(POOL_LEVELS["safety"])
@@ -282,13 +296,9 @@ def _gen_safety(cfg: WorldConfig, lex_in: Lexicon, lex_ho: Lexicon, taken: set[s
         rng = derive_rng(seed, "safety", split)
         return rng, (lambda lv: safety.make_prompt(rng, lex, voice, int(lv[-1]), turns))
 
-    _, mk = maker("eval", IN_VOICE, lex_in, SAFETY_TURNS["eval"])
-    ev = _unique_prompts(mk, _stratified(cfg.eval_size, levels), taken, "safety eval")
-    _, mk = maker("heldout", HELDOUT_VOICE, lex_ho, SAFETY_TURNS["eval"])
-    ho = _unique_prompts(mk, _stratified(cfg.heldout_size, levels), taken, "safety heldout")
-    rng, mk = maker("judge", HELDOUT_VOICE, lex_ho, SAFETY_TURNS["eval"])
-    judge_prompts = _unique_prompts(mk, _stratified(JUDGE_FACTOR * cfg.heldout_size, levels),
-                                    taken, "safety judge")
+    ev, ho, judge_prompts, rng = _eval_splits(
+        lambda split, voice, lex: maker(split, voice, lex, SAFETY_TURNS["eval"]),
+        lambda n: _stratified(n, levels), cfg, lex_in, lex_ho, taken, "safety")
     classes = list(safety.CLASSES)
     judge = [(p, safety.make_response(rng, HELDOUT_VOICE, p.topic, classes[i % len(classes)]))
              for i, p in enumerate(judge_prompts)]
@@ -317,13 +327,9 @@ def _gen_boundary(cfg: WorldConfig, lex_in: Lexicon, lex_ho: Lexicon, taken: set
             return boundary.make_prompt(rng, lex, voice, level, turns)
         return rng, mk
 
-    _, mk = maker("eval", IN_VOICE, lex_in, BOUNDARY_TURNS["eval"])
-    ev = _unique_prompts(mk, _boundary_levels(cfg.eval_size, True), taken, "boundary eval")
-    _, mk = maker("heldout", HELDOUT_VOICE, lex_ho, BOUNDARY_TURNS["eval"])
-    ho = _unique_prompts(mk, _boundary_levels(cfg.heldout_size, True), taken, "boundary heldout")
-    rng, mk = maker("judge", HELDOUT_VOICE, lex_ho, BOUNDARY_TURNS["eval"])
-    judge_prompts = _unique_prompts(mk, _boundary_levels(JUDGE_FACTOR * cfg.heldout_size, True),
-                                    taken, "boundary judge")
+    ev, ho, judge_prompts, rng = _eval_splits(
+        lambda split, voice, lex: maker(split, voice, lex, BOUNDARY_TURNS["eval"]),
+        lambda n: _boundary_levels(n, True), cfg, lex_in, lex_ho, taken, "boundary")
     classes = list(boundary.CLASSES)
     judge = []
     for i, p in enumerate(judge_prompts):
@@ -344,14 +350,9 @@ def _gen_instruction(cfg: WorldConfig, lex_in: Lexicon, lex_ho: Lexicon, taken: 
         rng = derive_rng(seed, "instruction", split)
         return rng, (lambda lv: instruction.make_prompt(rng, lex, voice, lv))
 
-    levels = instruction.LEVELS
-    _, mk = maker("eval", IN_VOICE, lex_in)
-    ev = _unique_prompts(mk, _stratified(cfg.eval_size, levels), taken, "instruction eval")
-    _, mk = maker("heldout", HELDOUT_VOICE, lex_ho)
-    ho = _unique_prompts(mk, _stratified(cfg.heldout_size, levels), taken, "instruction heldout")
-    rng, mk = maker("judge", HELDOUT_VOICE, lex_ho)
-    judge_prompts = _unique_prompts(mk, _stratified(JUDGE_FACTOR * cfg.heldout_size, levels),
-                                    taken, "instruction judge")
+    ev, ho, judge_prompts, rng = _eval_splits(
+        maker, lambda n: _stratified(n, instruction.LEVELS), cfg, lex_in, lex_ho, taken,
+        "instruction")
     judge = []
     for p in judge_prompts:
         cls, want = rng.choice(instruction.pool_intents(rng, p.atoms["instruction_id_list"]))
