@@ -183,7 +183,8 @@ def build_dataset_cmd(
     previous: Path = typer.Option(None, "--previous",
                                   help="Previous round's action, for per-round change limits."),
     tokenizer: Path = typer.Option(None, "--tokenizer",
-                                   help="Tokenizer directory (default: the run's base model)."),
+                                   help="Tokenizer directory (default: the sandbox world's "
+                                        "tokenizer, or model.base)."),
     cache_dir: Path = typer.Option(Path(".cache/pools"), "--cache-dir",
                                    help="Cache of token counts and message hashes per pool."),
 ) -> None:
@@ -207,8 +208,8 @@ def build_dataset_cmd(
         prev = None
         if previous is not None:
             prev = DataAction.model_validate_json(previous.read_text(encoding="utf-8"))
-        from mosaic.tools.token_counts import load_tokenizer
         from mosaic.training.base_model import tokenizer_dir
+        from mosaic.training.models import load_tokenizer
 
         tok = load_tokenizer(tokenizer if tokenizer is not None else tokenizer_dir(cfg))
         run = prepare_from_config(cfg, tok, cache_dir=cache_dir)

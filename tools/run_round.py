@@ -44,7 +44,6 @@ def run_round(config: MosaicConfig, raw_action: str | bytes | dict[str, Any], ro
     """
     from mosaic.tools.build_dataset import (MANIFEST_FILE, check_and_build,
                                             prepare_from_config)
-    from mosaic.tools.evaluate import evaluate
     from mosaic.tools.validate_action import ActionContext
     from mosaic.training.base_model import ensure_base_model
     from mosaic.training.models import load_tokenizer
@@ -102,15 +101,10 @@ def run_round(config: MosaicConfig, raw_action: str | bytes | dict[str, Any], ro
                               dtype=config.model.dtype)
 
     say(f"round {round_index}: evaluating")
-    report = evaluate(config, base_model, adapter_dir, round_dir, "eval", round=round_index,
-                      progress=say)
-    heldout_scores = None
-    if heldout and all(o.heldout for o in config.objectives.values()):
-        held = evaluate(config, base_model, adapter_dir, round_dir, "heldout", round=round_index,
-                        progress=say)
-        heldout_scores = held.scores()
+    scores, heldout_scores = _evaluate_splits(config, base_model, adapter_dir, round_dir,
+                                              round_index, heldout, say)
     result = RoundResult(round=round_index, status="done", verdict=verdict, action=action,
-                         manifest=manifest, train=train, scores=report.scores(),
+                         manifest=manifest, train=train, scores=scores,
                          heldout_scores=heldout_scores)
     atomic_write_json(marker, result)
     return result
@@ -119,23 +113,32 @@ def run_round(config: MosaicConfig, raw_action: str | bytes | dict[str, Any], ro
 def run_baseline(config: MosaicConfig, round_dir: str | Path, *, heldout: bool = True,
                  progress: Callable[[str], None] | None = None) -> RoundResult:
     """Round 0: the base model without an adapter, evaluated into `round_dir`."""
-    from mosaic.tools.evaluate import evaluate
     from mosaic.training.base_model import ensure_base_model
 
     round_dir = Path(round_dir)
     marker = round_dir / ROUND_FILE
     if marker.is_file():
         return RoundResult.model_validate(_read_json(marker))
-    base_model = ensure_base_model(config)
-    report = evaluate(config, base_model, None, round_dir, "eval", round=0, progress=progress)
-    heldout_scores = None
-    if heldout and all(o.heldout for o in config.objectives.values()):
-        heldout_scores = evaluate(config, base_model, None, round_dir, "heldout", round=0,
-                                  progress=progress).scores()
-    result = RoundResult(round=0, status="baseline", scores=report.scores(),
+    scores, heldout_scores = _evaluate_splits(config, ensure_base_model(config), None,
+                                              round_dir, 0, heldout, progress)
+    result = RoundResult(round=0, status="baseline", scores=scores,
                          heldout_scores=heldout_scores)
     atomic_write_json(marker, result)
     return result
+
+
+def _evaluate_splits(config: MosaicConfig, base_model: Path, adapter_dir: Path | None,
+                     round_dir: Path, round_index: int, heldout: bool,
+                     say: Callable[[str], None] | None):
+    """Scores on the eval sets and, when asked and every objective has one, the held-out sets."""
+    from mosaic.tools.evaluate import evaluate
+
+    scores = evaluate(config, base_model, adapter_dir, round_dir, "eval", round=round_index,
+                      progress=say).scores()
+    if not (heldout and all(o.heldout for o in config.objectives.values())):
+        return scores, None
+    return scores, evaluate(config, base_model, adapter_dir, round_dir, "heldout",
+                            round=round_index, progress=say).scores()
 
 
 __all__ = ["ROUND_FILE", "run_baseline", "run_round"]

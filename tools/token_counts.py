@@ -127,17 +127,3 @@ def cached_token_counts(table: pa.Table, tokenizer: Any, cache_dir: str | Path, 
              message=counts.message if counts.message is not None else np.zeros(0, np.int64))
     atomic_write_bytes(path, buf.getvalue())
     return counts
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    """A tokenizer from a local directory (never the network)."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory not found: {path}")
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    if not getattr(tok, "chat_template", None):
-        raise ValueError(f"tokenizer at {path} has no chat template; token counts must use the "
-                         f"same chat formatting as training")
-    return tok

@@ -72,10 +72,13 @@ def check_adapter_dir(path: str | Path) -> Path:
 
 
 def load_tokenizer(model_dir: str | Path):
-    """The model's tokenizer, checked for what generation and training rely on."""
+    """The tokenizer in a model directory (or a tokenizer-only directory, such as the sandbox
+    world's), checked for what token counting, generation and training rely on."""
     from transformers import AutoTokenizer
 
-    model_dir = check_model_dir(model_dir)
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"tokenizer directory not found: {model_dir}")
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     if not tok.chat_template:
         raise ModelLoadError(f"tokenizer in {model_dir} has no chat template; MOSAIC formats every "

@@ -249,13 +249,14 @@ def train_adapter(data: str | Path | Rows, *, base_model: str | Path, adapter_di
     it per round). The adapter directory appears complete or not at all, with
     `train_result.json` beside the standard PEFT files.
     """
-    from mosaic.training.models import count_parameters, cpu_threads, load_tokenizer
+    from mosaic.training.models import (check_model_dir, count_parameters, cpu_threads,
+                                        load_tokenizer)
 
     start = time.perf_counter()
     method = method or training.method
     if method not in ("sft", "dpo"):
         raise ValueError(f"unknown training method {method!r}; expected 'sft' or 'dpo'")
-    tokenizer = load_tokenizer(base_model)
+    tokenizer = load_tokenizer(check_model_dir(base_model))
     prepared = load_prepared(data, tokenizer, max_length, method)
     adapter_dir = Path(adapter_dir)
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -44,8 +44,8 @@ class TransformersBackend:
                  seed: int | None = None, progress: bool = False) -> None:
         """Explicit arguments win; unset ones come from `config` (inference.batch_size,
         model.dtype, seed), else the defaults (64, auto, 0)."""
-        from mosaic.training.models import (count_parameters, load_model, load_tokenizer,
-                                            pick_device, pick_dtype)
+        from mosaic.training.models import (check_model_dir, count_parameters, load_model,
+                                            load_tokenizer, pick_device, pick_dtype)
 
         batch_size = batch_size or (config.inference.batch_size if config else 64)
         dtype = dtype or (config.model.dtype if config else "auto")
@@ -56,7 +56,7 @@ class TransformersBackend:
         self.adapter_dir = None if adapter_dir is None else str(adapter_dir)
         self.device = pick_device(device)
         self.dtype = str(pick_dtype(dtype, self.device)).removeprefix("torch.")
-        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer = load_tokenizer(check_model_dir(model_dir))
         self.model = load_model(model_dir, adapter=adapter_dir, device=self.device, dtype=dtype)
         self.n_params = count_parameters(self.model)
         self.batch_size = batch_size

@@ -46,11 +46,11 @@ class VLLMBackend:
         vllm = _import_vllm()
         from vllm.lora.request import LoRARequest
 
-        from mosaic.training.models import check_adapter_dir, load_tokenizer
+        from mosaic.training.models import check_adapter_dir, check_model_dir, load_tokenizer
 
         dtype = dtype or (config.model.dtype if config else "auto")
         seed = seed if seed is not None else (config.seed if config else 0)
-        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer = load_tokenizer(check_model_dir(model_dir))
         self.dtype = dtype
         self.seed = seed
         self.progress = progress
