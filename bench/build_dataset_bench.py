@@ -51,11 +51,14 @@ from synthetic_pools import synthetic_eval, synthetic_pool  # noqa: E402
 from mosaic.eval import get_objective_type  # noqa: E402
 from mosaic.schemas import DataAction  # noqa: E402
 from mosaic.tools import build_dataset as bd  # noqa: E402
-from mosaic.tools.build_dataset import (PreparedPools, bucket_allocations,  # noqa: E402
-                                        build_training_set, eval_prompt_hashes, message_index,
-                                        normalise_text, objective_allocations, parquet_bytes,
-                                        pool_content_hash, row_keys)
-from mosaic.tools.token_counts import TokenCounts  # noqa: E402
+from mosaic.tools.build_dataset import build_training_set  # noqa: E402
+from mosaic.tools.dataset.allocation import (bucket_allocations,  # noqa: E402
+                                             objective_allocations, row_keys)
+from mosaic.tools.dataset.assemble import parquet_bytes  # noqa: E402
+from mosaic.tools.dataset.hashing import (eval_prompt_hashes, message_index,  # noqa: E402
+                                          normalise_text, pool_content_hash)
+from mosaic.tools.dataset.pools import PreparedPools  # noqa: E402
+from mosaic.tools.dataset.token_counts import TokenCounts  # noqa: E402
 
 TYPES = {"safety": "jailbreak", "boundary": "overrefusal", "instruction": "ifeval"}
 SHARE = {"safety": 0.4, "boundary": 0.3, "instruction": 0.3}
@@ -189,7 +192,7 @@ class OutputClock:
         self._orig = {}
 
     def __enter__(self) -> "OutputClock":
-        for name in ("_assemble", "parquet_bytes"):
+        for name in ("assemble", "parquet_bytes"):
             fn = self._orig[name] = getattr(bd, name)
             setattr(bd, name, self._timed(fn))
         return self

@@ -152,7 +152,7 @@ def main() -> None:
 
 
     from mosaic.config import load_config
-    from mosaic.training.base_model import ensure_base_model
+    from mosaic.sandbox.base_model import ensure_base_model
     from mosaic.training.models import load_tokenizer
     from mosaic.training.train import train_adapter
     from mosaic.training.transformers_backend import TransformersBackend

@@ -47,6 +47,9 @@ class ObjectiveType(ABC):
     focus_keys: ClassVar[dict[str, FocusKey]]
     # L2 fields stored as flat pool columns named `l2_<field>` so focus masks stay vectorised.
     l2_columns: ClassVar[tuple[str, ...]]
+    # Prompt atoms that only the dataset can supply (e.g. IFEval constraint ids and kwargs):
+    # no judge is asked for them.
+    prompt_atoms_from_data: ClassVar[bool] = False
 
     @abstractmethod
     def l2(self, prompt: Mapping[str, Any], response: Mapping[str, Any]) -> dict[str, Any]:
@@ -59,6 +62,12 @@ class ObjectiveType(ABC):
     def score(self, prompt: Mapping[str, Any], response: Mapping[str, Any]) -> tuple[dict[str, Any], L1]:
         l2 = self.l2(prompt, response)
         return l2, self.l1(l2)
+
+    def code_response_atoms(self, conversations: Sequence[Sequence[Mapping[str, str]]],
+                            prompt_atoms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
+        """Response atoms computed by code for types whose criteria are verifiable (every judge
+        uses them), or None when a judge must label the responses."""
+        return None
 
     def breakdowns(self, l2_rows: Sequence[Mapping[str, Any]], l1_rows: Sequence[L1]) -> dict[str, Any]:
         """Type-specific failure-report breakdowns (override per type)."""
@@ -105,10 +114,11 @@ def register_objective_type(cls: type[ObjectiveType]) -> type[ObjectiveType]:
     return cls
 
 
-def get_objective_type(type_name: str) -> ObjectiveType:
-    # Importing the package registers the built-in types.
-    import mosaic.eval  # noqa: F401
+# The built-in types register themselves when `mosaic.eval` is imported, which Python always
+# does before it imports this module, so the registry is never seen without them.
 
+
+def get_objective_type(type_name: str) -> ObjectiveType:
     try:
         return _REGISTRY[type_name]()
     except KeyError:
@@ -117,6 +127,4 @@ def get_objective_type(type_name: str) -> ObjectiveType:
 
 
 def objective_type_names() -> list[str]:
-    import mosaic.eval  # noqa: F401
-
     return sorted(_REGISTRY)

@@ -23,11 +23,24 @@ class IFEvalObjective(ObjectiveType):
     response_atoms = ("status", "strict", "loose")
     slices = tuple(f"complexity_{k}" for k in range(1, 6))
     l2_columns = ("inst_complexity", "failed_constraints", "r_strict", "r_loose")
+    prompt_atoms_from_data = True
     focus_keys = {
         "inst_complexity": FocusKey("l2_inst_complexity", "set", values=(1, 2, 3, 4, 5)),
         # Any instruction id is a legal value; the validator checks ids against the pool.
         "failed_constraint": FocusKey("l2_failed_constraints", "set", is_list=True),
     }
+
+    def code_response_atoms(self, conversations: Sequence[Sequence[Mapping[str, str]]],
+                            prompt_atoms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The IFEval checker on each last assistant turn against the sample's constraints
+        (the last user turn is the prompt `repeat_prompt` compares with)."""
+        from mosaic.eval.ifeval_checker import judge_response
+
+        out = []
+        for conv, atoms in zip(conversations, prompt_atoms):
+            users = [m["content"] for m in conv if m["role"] == "user"]
+            out.append(judge_response(conv[-1]["content"], atoms, users[-1] if users else None))
+        return out
 
     def l2(self, prompt: Mapping[str, Any], response: Mapping[str, Any]) -> dict[str, Any]:
         ids = list(prompt["instruction_id_list"])

@@ -1,32 +1,91 @@
-"""The judge interface: text in, L3 atoms out.
+"""The judge interface: text in, L3 atoms out; and what a judge may fail with.
 
 Judges extract atoms only; the objective type turns atoms into L2/L1 deterministically. Built-in
-judges: the rule-based judge (default, offline), the LLM judge over an OpenAI-compatible
-endpoint, and the programmatic IFEval checker (used for `ifeval` whatever judge is configured,
-because its constraints are verifiable by code).
+judges: the rule-based judge (default, offline) and the LLM judge over an OpenAI-compatible
+endpoint. An objective type whose response atoms are verifiable by code (`ifeval`, through the
+IFEval checker) gets them from `ObjectiveType.code_response_atoms` whatever judge is
+configured: `JudgeBase` routes that in one place, so a new judge only labels what needs judging.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from mosaic.eval.base import get_objective_type
 
 Conversation = Sequence[Mapping[str, str]]
+Channel = Literal["prompt", "response"]
+
+
+@dataclass(frozen=True)
+class JudgeCapabilities:
+    """What a caller may ask of a judge without surprises.
+
+    `per_turn`: labelling every earlier assistant turn of a multi-turn conversation (to see when
+    a jailbreak first leaked) is affordable. True for local judges; False for a judge that
+    sends a request per sample, where it would multiply the requests by the number of turns.
+    """
+
+    per_turn: bool
 
 
 @runtime_checkable
 class Judge(Protocol):
     name: str
+    capabilities: JudgeCapabilities
+
+    def identity(self) -> dict[str, Any]:
+        """What determines this judge's labels (completion markers hash it)."""
+        ...
 
     def response_atoms(self, objective_type: str, conversations: Sequence[Conversation],
                        prompt_atoms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Response-channel L3 atoms of each conversation's last assistant turn."""
+        """Response-channel L3 atoms of each conversation's last assistant turn. May raise
+        `JudgeError` carrying the atoms it did get."""
         ...
 
     def prompt_atoms(self, objective_type: str,
                      conversations: Sequence[Conversation]) -> list[dict[str, Any]]:
-        """Prompt-channel L3 atoms, for datasets that do not carry them."""
+        """Prompt-channel L3 atoms, for datasets that do not carry them. May raise `JudgeError`."""
         ...
+
+
+@dataclass(frozen=True)
+class JudgeFailure:
+    """A sample the judge could not label: its last reply and why it was rejected."""
+
+    index: int
+    objective_type: str
+    channel: Channel
+    errors: tuple[str, ...]
+    last_reply: str
+    attempts: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "objective_type": self.objective_type, "channel": self.channel,
+                "errors": list(self.errors), "last_reply": self.last_reply[:2000],
+                "attempts": self.attempts}
+
+
+class JudgeError(RuntimeError):
+    """Some samples got no valid atoms.
+
+    `partial` holds the atoms of every sample that did get them (None where not), so a caller
+    can keep those and record the failures as data.
+    """
+
+    def __init__(self, judge: str, failures: Sequence[JudgeFailure],
+                 partial: Sequence[dict[str, Any] | None]):
+        self.failures = list(failures)
+        self.partial = list(partial)
+        first = self.failures[0]
+        super().__init__(
+            f"{judge} could not label {len(self.failures)} of {len(self.partial)} sample(s) "
+            f"({first.objective_type}/{first.channel}); first: sample {first.index} after "
+            f"{first.attempts} attempt(s): {'; '.join(first.errors)}")
 
 
 def check_judge_inputs(conversations: Sequence[Conversation],
@@ -40,3 +99,41 @@ def check_judge_inputs(conversations: Sequence[Conversation],
         if not conv or conv[-1]["role"] != "assistant":
             raise ValueError(f"conversation {i} must end with the assistant turn to judge; it "
                              f"ends with {conv[-1]['role'] if conv else 'nothing'!r}")
+
+
+class JudgeBase(ABC):
+    """What every judge shares: the input contract and the routing of code-checked types.
+    Subclasses implement `label_responses` and `label_prompts` for the types they judge."""
+
+    name: str
+    capabilities: JudgeCapabilities
+
+    def identity(self) -> dict[str, Any]:
+        return {"judge": self.name}
+
+    def response_atoms(self, objective_type: str, conversations: Sequence[Conversation],
+                       prompt_atoms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        check_judge_inputs(conversations, prompt_atoms)
+        by_code = get_objective_type(objective_type).code_response_atoms(conversations, prompt_atoms)
+        if by_code is not None:
+            return by_code
+        return self.label_responses(objective_type, conversations, prompt_atoms)
+
+    def prompt_atoms(self, objective_type: str,
+                     conversations: Sequence[Conversation]) -> list[dict[str, Any]]:
+        otype = get_objective_type(objective_type)
+        if otype.prompt_atoms_from_data:
+            raise ValueError(f"{objective_type!r} prompt atoms ({', '.join(otype.prompt_atoms)}) "
+                             f"come from the dataset's columns, not from a judge")
+        return self.label_prompts(objective_type, conversations)
+
+    @abstractmethod
+    def label_responses(self, objective_type: str, conversations: Sequence[Conversation],
+                        prompt_atoms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Response atoms of a type no code can check (inputs already checked)."""
+
+    @abstractmethod
+    def label_prompts(self, objective_type: str,
+                      conversations: Sequence[Conversation]) -> list[dict[str, Any]]:
+        """Prompt atoms of a type whose datasets may lack them."""
+

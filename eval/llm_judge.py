@@ -18,13 +18,13 @@ import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from mosaic.config import EndpointConfig
 from mosaic.eval.base import get_objective_type
-from mosaic.eval.judge import Conversation, check_judge_inputs
+from mosaic.eval.judge import (Channel, Conversation, JudgeBase, JudgeCapabilities, JudgeError,
+                               JudgeFailure)
 from mosaic.io import atomic_write_json
 from mosaic.llm import RetryingCaller, chat_completion, make_client
 from mosaic.prompts import environment, render
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
     import openai
 
 log = logging.getLogger("mosaic.eval.llm_judge")
-
-Channel = Literal["prompt", "response"]
 
 CACHE_VERSION = 1
 SYSTEM_TEMPLATE = "judges/system.j2"
@@ -50,64 +48,6 @@ def _count_user_turns(conversation: Conversation) -> int:
 
 # Atoms read off the conversation itself: asking a model to count turns only adds error.
 COMPUTED_ATOMS: dict[str, Callable[[Conversation], int]] = {"turns": _count_user_turns}
-
-# Objective types whose atoms are computed by code, whatever judge is configured.
-PROGRAMMATIC_TYPES = ("ifeval",)
-
-
-def programmatic_response_atoms(objective_type: str, conversations: Sequence[Conversation],
-                                prompt_atoms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Response atoms from the IFEval checker: the last assistant turn against the constraints
-    of the sample (the last user turn is passed as the prompt for `repeat_prompt`)."""
-    from mosaic.eval.ifeval_checker import judge_response
-
-    if objective_type != "ifeval":
-        raise ValueError(f"no programmatic checker for objective type {objective_type!r}")
-    if len(prompt_atoms) != len(conversations):
-        raise ValueError(f"{len(conversations)} conversations but {len(prompt_atoms)} "
-                         f"prompt-atom records")
-    out = []
-    for i, (conv, atoms) in enumerate(zip(conversations, prompt_atoms)):
-        if not conv or conv[-1]["role"] != "assistant":
-            raise ValueError(f"conversation {i} must end with the assistant turn to check")
-        users = [m["content"] for m in conv if m["role"] == "user"]
-        out.append(judge_response(conv[-1]["content"], atoms, users[-1] if users else None))
-    return out
-
-
-@dataclass(frozen=True)
-class JudgeFailure:
-    """A sample the judge could not label: the model's last reply and why it was rejected."""
-
-    index: int
-    objective_type: str
-    channel: Channel
-    errors: tuple[str, ...]
-    last_reply: str
-    attempts: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "objective_type": self.objective_type, "channel": self.channel,
-                "errors": list(self.errors), "last_reply": self.last_reply[:2000],
-                "attempts": self.attempts}
-
-
-class JudgeError(RuntimeError):
-    """Some samples got no valid atoms after the bounded retries.
-
-    `partial` holds the atoms of every sample that did get them (None where not), so a caller
-    can keep those and record the failures as data.
-    """
-
-    def __init__(self, failures: Sequence[JudgeFailure], partial: Sequence[dict[str, Any] | None]):
-        self.failures = list(failures)
-        self.partial = list(partial)
-        first = self.failures[0]
-        super().__init__(
-            f"LLM judge could not label {len(self.failures)} of {len(self.partial)} sample(s) "
-            f"({first.objective_type}/{first.channel}); first: sample {first.index} after "
-            f"{first.attempts} attempt(s): {'; '.join(first.errors)}")
-
 
 def strip_fence(text: str) -> str:
     """The reply without surrounding whitespace or one surrounding markdown code fence."""
@@ -144,8 +84,11 @@ def parse_atoms(text: str, allowed: Mapping[str, tuple[int, ...]]) -> tuple[dict
     return {k: obj[k] for k in allowed}, []
 
 
-class LLMJudge:
+class LLMJudge(JudgeBase):
     """`Judge` over an OpenAI-compatible chat endpoint, with a content-hash disk cache."""
+
+    # One request per sample: labelling every earlier turn would multiply the requests.
+    capabilities = JudgeCapabilities(per_turn=False)
 
     def __init__(self, endpoint: EndpointConfig, cache_dir: str | Path, *,
                  client: "openai.OpenAI | None" = None,
@@ -161,20 +104,14 @@ class LLMJudge:
         self.format_retries = 0
         self._lock = threading.Lock()  # the counters above are bumped from worker threads
 
-    # ---- Judge protocol ---------------------------------------------------------------------
+    # ---- Judge interface ---------------------------------------------------------------------
 
-    def response_atoms(self, objective_type: str, conversations: Sequence[Conversation],
-                       prompt_atoms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        if objective_type in PROGRAMMATIC_TYPES:
-            return programmatic_response_atoms(objective_type, conversations, prompt_atoms)
-        check_judge_inputs(conversations, prompt_atoms)
+    def label_responses(self, objective_type: str, conversations: Sequence[Conversation],
+                        prompt_atoms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         return self._label(objective_type, "response", conversations)
 
-    def prompt_atoms(self, objective_type: str,
-                     conversations: Sequence[Conversation]) -> list[dict[str, Any]]:
-        if objective_type in PROGRAMMATIC_TYPES:
-            raise ValueError(f"{objective_type!r} prompt atoms (instruction ids and kwargs) come "
-                             f"from the dataset's columns, not from a judge")
+    def label_prompts(self, objective_type: str,
+                      conversations: Sequence[Conversation]) -> list[dict[str, Any]]:
         return self._label(objective_type, "prompt", conversations)
 
     def identity(self) -> dict[str, Any]:
@@ -301,7 +238,7 @@ class LLMJudge:
             for f in failures:
                 log.warning("judge failure on sample %d (%s/%s): %s", f.index, objective_type,
                             channel, "; ".join(f.errors))
-            raise JudgeError(failures, out)
+            raise JudgeError(f"LLM judge {self.endpoint.model!r}", failures, out)
         return out  # type: ignore[return-value]
 
     def _ask(self, index: int, objective_type: str, channel: Channel, conversation: Conversation,

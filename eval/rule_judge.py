@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mosaic.eval.judge import Conversation, Judge, check_judge_inputs
+from mosaic.eval.judge import Conversation, Judge, JudgeBase, JudgeCapabilities
 
 RULES_VERSION = 1
 
@@ -559,11 +559,12 @@ def overrefusal_prompt_atoms(users: Sequence[str]) -> dict[str, int]:
     }
 
 
-class RuleJudge:
-    """`Judge` from lexicons and regular expressions; `ifeval` goes to the IFEval checker."""
+class RuleJudge(JudgeBase):
+    """`Judge` from lexicons and regular expressions (code-checked types go to their checker)."""
 
     name = "rule"
     version = RULES_VERSION
+    capabilities = JudgeCapabilities(per_turn=True)
 
     def identity(self) -> dict[str, Any]:
         # Any edit to the rules changes the identity, so cached verdicts are not reused.
@@ -571,17 +572,8 @@ class RuleJudge:
         return {"judge": self.name, "version": self.version,
                 "rules": hashlib.sha256(src.encode()).hexdigest()[:16]}
 
-    def response_atoms(self, objective_type: str, conversations: Sequence[Conversation],
-                       prompt_atoms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        check_judge_inputs(conversations, prompt_atoms)
-        if objective_type == "ifeval":
-            from mosaic.eval.ifeval_checker import judge_response
-
-            out = []
-            for conv, atoms in zip(conversations, prompt_atoms):
-                users = _user_texts(conv)
-                out.append(judge_response(conv[-1]["content"], atoms, users[-1] if users else None))
-            return out
+    def label_responses(self, objective_type: str, conversations: Sequence[Conversation],
+                        prompt_atoms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         extract = {"jailbreak": jailbreak_response_atoms,
                    "overrefusal": overrefusal_response_atoms}.get(objective_type)
         if extract is None:
@@ -589,17 +581,13 @@ class RuleJudge:
                              f"use the LLM judge (judge.kind: llm) for plug-in types")
         return [extract(conv[-1]["content"], _user_texts(conv)) for conv in conversations]
 
-    def prompt_atoms(self, objective_type: str,
-                     conversations: Sequence[Conversation]) -> list[dict[str, Any]]:
+    def label_prompts(self, objective_type: str,
+                      conversations: Sequence[Conversation]) -> list[dict[str, Any]]:
         extract = {"jailbreak": jailbreak_prompt_atoms,
                    "overrefusal": overrefusal_prompt_atoms}.get(objective_type)
         if extract is None:
-            if objective_type == "ifeval":
-                raise ValueError("'ifeval' prompt atoms (instruction ids and kwargs) come from the "
-                                 "dataset's columns, not from a judge")
             raise ValueError(f"the rule judge has no rules for objective type {objective_type!r}")
         return [extract(_user_texts(conv)) for conv in conversations]
-
 
 
 # ---- agreement with ground truth ---------------------------------------------------------------

@@ -24,9 +24,10 @@ DEFAULT_CONFIG = Path("configs/sandbox.yaml")
 
 def _load(config: Path):
     from mosaic.config import ConfigError, load_config
+    from mosaic.eval import check_objective_types
 
     try:
-        return load_config(config)
+        return check_objective_types(load_config(config), str(config))
     except ConfigError as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None
@@ -208,7 +209,7 @@ def build_dataset_cmd(
         prev = None
         if previous is not None:
             prev = DataAction.model_validate_json(previous.read_text(encoding="utf-8"))
-        from mosaic.training.base_model import tokenizer_dir
+        from mosaic.sandbox.base_model import tokenizer_dir
         from mosaic.training.models import load_tokenizer
 
         tok = load_tokenizer(tokenizer if tokenizer is not None else tokenizer_dir(cfg))
@@ -303,7 +304,7 @@ def _sandbox_world(cfg, force: bool = False):
     import time
 
     from mosaic.sandbox import WorldError, ensure_world
-    from mosaic.sandbox_report import world_tables
+    from mosaic.sandbox.report import world_tables
 
     start = time.perf_counter()
     try:
@@ -337,7 +338,7 @@ def judge_agreement_cmd(
 ) -> None:
     """Per objective and atom: the rule judge's accuracy, F1 and support against ground truth on
     the sandbox's held-out judge-agreement set."""
-    from mosaic.sandbox_report import agreement_table, below_target, measure_judge
+    from mosaic.sandbox.report import agreement_table, below_target, measure_judge
 
     world = _sandbox_world(_load(config))
     results = measure_judge(world)
@@ -385,7 +386,8 @@ def base_model_cmd(
 ) -> None:
     """Build the sandbox base model if not cached (or check a local model.base); print where it
     is, its size, build time and loss curve."""
-    from mosaic.training.base_model import BaseModelError, ensure_base_model, sandbox_base_model
+    from mosaic.sandbox.base_model import ensure_base_model, sandbox_base_model
+    from mosaic.training.base_model import BaseModelError
     from mosaic.training.models import ModelLoadError
 
     cfg = _load(config)

@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -23,16 +23,18 @@ import pyarrow.json as pj
 import pyarrow.parquet as pq
 
 from mosaic.io import atomic_write_with
+from mosaic.schemas import Role
 
 if TYPE_CHECKING:
     from mosaic.eval.base import ObjectiveType
     from mosaic.eval.judge import Judge
 
-ROLES = ("system", "user", "assistant")
+ROLES: tuple[str, ...] = get_args(Role)  # the one list of roles (mosaic.schemas.Role)
 JSON_COLUMNS = ("l3_prompt", "l3_response", "metadata")
 L1_COLUMNS = ("slice", "score", "valid", "weight", "failure")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+# The Arrow type of a conversation in every file MOSAIC reads or writes.
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 _STRING_COLUMNS = ("id", "prompt_id", "objective", "slice", *JSON_COLUMNS)
 
@@ -113,7 +115,8 @@ _PY_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
 }
 
 
-def _message_problem(value: Any) -> str | None:
+def message_problem(value: Any) -> str | None:
+    """What is wrong with one conversation value ({role, content} objects), or None."""
     if not isinstance(value, list):
         return f"expected a list of {{role, content}} objects, got {type(value).__name__}"
     for k, m in enumerate(value):
@@ -158,7 +161,7 @@ def _read_jsonl_slow(path: Path) -> pa.Table:
                                                         f"holding one), got {type(value).__name__}",
                                                   row=row, line=line_no, field=key)
                     elif key == "messages":
-                        problem = _message_problem(value)
+                        problem = message_problem(value)
                         if problem:
                             raise DataFormatError(path, problem, row=row, line=line_no, field=key)
                     elif key in _PY_TYPES:
@@ -205,6 +208,12 @@ def read_table(path: str | Path) -> pa.Table:
         return table if table is not None else _read_jsonl_slow(path)
     raise DataFormatError(path, f"unsupported file type {suffix!r}; use "
                                 f"{', '.join(PARQUET_SUFFIXES + JSONL_SUFFIXES)}")
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a parquet or JSONL file as dicts (training sets, the base corpus): conversation
+    columns are checked per row by their readers (`message_problem`)."""
+    return read_table(path).to_pylist()
 
 
 # ---- validation ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mosaic.tools.token_counts import TokenCounts
+from mosaic.tools.dataset.token_counts import TokenCounts
 
 _WORDS = ("how do i kill a process on linux please explain the steps shoot photo at dusk with a "
           "tripod write answer in json format urgent admin override tell me recipe for bread "

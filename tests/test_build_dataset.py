@@ -21,11 +21,15 @@ from synthetic_pools import IF_IDS, synthetic_eval, synthetic_pool
 
 from mosaic.eval import get_objective_type
 from mosaic.schemas import DataAction
+from mosaic.data import MESSAGE_TYPE
 from mosaic.tools import build_dataset as bd
-from mosaic.tools.build_dataset import (PoolError, PreparedPools, build_training_set,
-                                        check_and_build, eval_prompt_hashes, greedy_fill,
-                                        normalise_text, parquet_bytes, write_training_set)
-from mosaic.tools.token_counts import TokenCounts
+from mosaic.tools.build_dataset import (PoolError, build_training_set, check_and_build,
+                                        write_training_set)
+from mosaic.tools.dataset.allocation import greedy_fill
+from mosaic.tools.dataset.assemble import parquet_bytes
+from mosaic.tools.dataset.hashing import eval_prompt_hashes, normalise_text
+from mosaic.tools.dataset.pools import PreparedPools, criteria_mask
+from mosaic.tools.dataset.token_counts import TokenCounts
 from mosaic.tools.validate_action import ActionContext, validate_action
 
 TYPES = {"safety": "jailbreak", "boundary": "overrefusal", "instruction": "ifeval"}
@@ -135,7 +139,7 @@ def test_fast_focus_masks_equal_the_objective_types_masks(data):
         criteria = _criteria(data.draw, otype)
         frame = cands.focus_table.to_pandas(types_mapper=pd.ArrowDtype)
         expected = otype.criteria_mask(frame, criteria)
-        assert bd.criteria_mask(cands, criteria).tolist() == list(map(bool, expected))
+        assert criteria_mask(cands, criteria).tolist() == list(map(bool, expected))
 
 
 # ---- the build's guarantees over random pools and actions ----------------------------------
@@ -437,12 +441,12 @@ def test_malformed_pools_raise_errors_that_name_the_problem():
     msgs = pool.column("messages").to_pylist()
     msgs[4] = msgs[4][:-1] + [{"role": "user", "content": "x"}]
     bad = pool.set_column(pool.schema.get_field_index("messages"), "messages",
-                          pa.array(msgs, type=bd.MESSAGE_TYPE))
+                          pa.array(msgs, type=MESSAGE_TYPE))
     with pytest.raises(PoolError, match="row 4: the last message must be the assistant"):
         PreparedPools({"safety": bad}, {"safety": "jailbreak"}, {"safety": counts.row})
     msgs[4][0]["role"] = "robot"
     bad = pool.set_column(pool.schema.get_field_index("messages"), "messages",
-                          pa.array(msgs, type=bd.MESSAGE_TYPE))
+                          pa.array(msgs, type=MESSAGE_TYPE))
     with pytest.raises(PoolError, match="row 4, message 0: role 'robot'"):
         PreparedPools({"safety": bad}, {"safety": "jailbreak"}, {"safety": counts.row})
 
@@ -460,7 +464,7 @@ def tokenizer():
 
 
 def test_token_counts_follow_the_chat_template_and_are_cached(tokenizer, tmp_path, monkeypatch):
-    from mosaic.tools import token_counts as tc
+    from mosaic.tools.dataset import token_counts as tc
 
     pool, _ = synthetic_pool("jailbreak", 40, seed=11)
     counts = tc.cached_token_counts(pool, tokenizer, tmp_path)

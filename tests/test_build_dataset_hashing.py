@@ -13,8 +13,12 @@ from hypothesis import strategies as st
 from synthetic_pools import synthetic_pool
 
 from mosaic.schemas import DataAction
-from mosaic.tools import build_dataset as bd
-from mosaic.tools.token_counts import TokenCounts
+from mosaic.data import MESSAGE_TYPE
+from mosaic.tools.build_dataset import build_training_set
+from mosaic.tools.dataset import hashing as bd
+from mosaic.tools.dataset.allocation import _draw_order
+from mosaic.tools.dataset.pools import PreparedPools
+from mosaic.tools.dataset.token_counts import TokenCounts
 
 # Every character class the normaliser treats differently: clean ASCII, ASCII whitespace,
 # \x1c-\x1f, every non-ASCII whitespace Python splits on, NFKC-changing and case-changing
@@ -83,7 +87,7 @@ def test_every_prefix_hash_matches_the_whole_sequence_hash_of_that_prefix(rows):
 
 def _conversations(convs: list[list[tuple[str, str]]]) -> pa.Array:
     return pa.array([[{"role": r, "content": c} for r, c in conv] for conv in convs],
-                    type=bd.MESSAGE_TYPE)
+                    type=MESSAGE_TYPE)
 
 
 GOLDEN_CONVS = [[("user", "Hello  World"), ("assistant", "Hi.\n\nHow can I help?")],
@@ -111,7 +115,7 @@ def test_index_hashes_are_xxh3_of_the_contents_and_eval_hashes_are_pinned():
                                                   [("user", "A"), ("user", "c d")]]))
     assert [hex(int(h)) for h in evals] == ["0x1f63c5defdae11e3", "0xd1ea8d6cb57b9c63"]
     # both eval prompts are the user turns of a golden row, normalised (case, "  ", U+2028)
-    prepared = bd.PreparedPools({"p": _golden_pool()}, {"p": "jailbreak"},
+    prepared = PreparedPools({"p": _golden_pool()}, {"p": "jailbreak"},
                                 {"p": np.full(3, 10)}, evals)
     assert prepared.candidates("sft")["p"].dropped["eval_overlap"] == 2
 
@@ -147,9 +151,9 @@ def test_index_cache_is_versioned_and_reused(tmp_path, monkeypatch):
 def test_draw_order_is_the_stable_argsort_even_with_ties():
     rng = np.random.default_rng(0)
     keys = rng.random(10_000)
-    assert np.array_equal(bd._draw_order(keys), np.argsort(keys, kind="stable"))
+    assert np.array_equal(_draw_order(keys), np.argsort(keys, kind="stable"))
     tied = np.round(keys, 2)  # many ties: candidate order must break them
-    assert np.array_equal(bd._draw_order(tied), np.argsort(tied, kind="stable"))
+    assert np.array_equal(_draw_order(tied), np.argsort(tied, kind="stable"))
 
 
 def test_windowed_rows_are_deduplicated_by_what_they_keep():
@@ -172,13 +176,13 @@ def test_windowed_rows_are_deduplicated_by_what_they_keep():
                [60, 10, 10, 10, 10], [10, 10, 10], [10, 10]]
     counts = TokenCounts(row=np.array([sum(m) for m in per_msg]),
                          message=np.array([t for m in per_msg for t in m]))
-    prepared = bd.PreparedPools({"safety": pool}, {"safety": "jailbreak"}, {"safety": counts},
+    prepared = PreparedPools({"safety": pool}, {"safety": "jailbreak"}, {"safety": counts},
                                 max_length=40)
     cands = prepared.candidates("sft")["safety"]
     assert cands.windowed == 3
     assert cands.dropped["duplicate_exact"] == 3 and cands.dropped["duplicate_normalised"] == 1
     assert cands.rows.tolist() == [0, 3, 5, 7]
-    table, _ = bd.build_training_set(prepared, DataAction.model_validate({"mixture": {"safety": 1.0}}),
+    table, _ = build_training_set(prepared, DataAction.model_validate({"mixture": {"safety": 1.0}}),
                                      10_000, 0)
     kept = {r["id"]: [(m["role"], m["content"]) for m in r["messages"]] for r in table.to_pylist()}
     ids = pool.column("id").to_pylist()
@@ -197,7 +201,7 @@ def test_the_eval_guard_sees_the_window_and_the_whole_conversation():
     counts = TokenCounts(row=np.array([sum(m) for m in per_msg]),
                          message=np.array([t for m in per_msg for t in m]))
     evals = bd.eval_prompt_hashes(_conversations([[("user", "secret eval")]]))
-    prepared = bd.PreparedPools({"safety": pool}, {"safety": "jailbreak"}, {"safety": counts},
+    prepared = PreparedPools({"safety": pool}, {"safety": "jailbreak"}, {"safety": counts},
                                 evals, max_length=40)
     cands = prepared.candidates("sft")["safety"]
     # row 0 only as windowed (its window starts with the eval prompt), row 1 as stored

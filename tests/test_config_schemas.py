@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from mosaic.config import ConfigError, MosaicConfig, dump_config, load_config
+from mosaic.eval import check_objective_types
 from mosaic.schemas import DataAction, FailureReport, SampleRecord, json_schemas
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +52,8 @@ def test_sandbox_config_loads():
 def test_wrong_field_names_file_field_and_expectation(tmp_path, yaml_text, field, expectation):
     path = write(tmp_path, yaml_text)
     with pytest.raises(ConfigError) as err:
-        load_config(path, environ={})
+        # Objective type names are plug-ins: `mosaic.eval` checks them after loading.
+        check_objective_types(load_config(path, environ={}), str(path))
     message = str(err.value)
     assert str(path) in message and field in message and expectation in message, message
 

@@ -20,7 +20,7 @@ import pytest
 from jinja2 import meta
 
 from mosaic.prompts import environment, render, template_names
-from mosaic.sandbox_text import template_samples as sandbox_template_samples
+from mosaic.sandbox.text import template_samples as sandbox_template_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ SAMPLES: dict[str, dict[str, Any] | Callable[[], dict[str, Any]]] = {
     # eval/report.py
     "reports/failure_report.j2": _failure_report,
 }
-# mosaic/sandbox_text.py: the sandbox world's wording templates
+# mosaic/sandbox/text.py: the sandbox world's wording templates
 SAMPLES.update(sandbox_template_samples())
 
 

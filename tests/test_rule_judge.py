@@ -14,13 +14,13 @@ from mosaic.eval.judge import Judge
 from mosaic.eval.rule_judge import (RuleJudge, _agreement, jailbreak_prompt_atoms,
                                     jailbreak_response_atoms, judge_agreement,
                                     overrefusal_prompt_atoms, overrefusal_response_atoms)
-from mosaic.sandbox_common import OBJECTIVES
+from mosaic.sandbox.common import OBJECTIVES
 
 TARGET = 0.95
 
 
 def test_every_atom_reaches_the_target_on_the_heldout_judge_set(sandbox_world):
-    from mosaic.sandbox_report import below_target, measure_judge
+    from mosaic.sandbox.report import below_target, measure_judge
 
     results = measure_judge(sandbox_world)
     assert set(results) == set(OBJECTIVES)
@@ -257,8 +257,15 @@ def test_unseen_phrasing_is_judged_right(cases, extract):
 # ---- protocol, routing, arithmetic ------------------------------------------------------------
 
 
-def test_rule_judge_implements_the_protocol_and_routes_ifeval_to_the_checker():
+def test_rule_judge_implements_the_protocol_and_routes_ifeval_to_the_checker(monkeypatch):
+    from mosaic.eval import base
     from mosaic.eval.ifeval_checker import judge_response
+    from mosaic.eval.jailbreak import JailbreakObjective
+
+    class Toxicity(JailbreakObjective):  # a plug-in type the rule judge has no rules for
+        type_name = "toxicity"
+
+    monkeypatch.setitem(base._REGISTRY, "toxicity", Toxicity)
 
     judge = RuleJudge()
     assert isinstance(judge, Judge) and judge.identity()["judge"] == "rule"
@@ -274,6 +281,8 @@ def test_rule_judge_implements_the_protocol_and_routes_ifeval_to_the_checker():
         judge.prompt_atoms("ifeval", [conv[:1]])
     with pytest.raises(ValueError, match="no rules for objective type 'toxicity'"):
         judge.response_atoms("toxicity", [conv], [{}])
+    with pytest.raises(KeyError, match="unknown objective type 'no_such_type'"):
+        judge.response_atoms("no_such_type", [conv], [{}])
     with pytest.raises(ValueError, match="must end with the assistant turn"):
         judge.response_atoms("jailbreak", [conv[:1]], [{}])
     with pytest.raises(ValueError, match="1 conversations but 2"):

@@ -14,8 +14,8 @@ import pytest
 from mosaic.config import WorldConfig, load_config
 from mosaic.eval import get_objective_type
 from mosaic.sandbox import World, WorldError, ensure_world
-from mosaic.sandbox_common import OBJECTIVES, prompt_key
-from mosaic.sandbox_text import HELDOUT_VOICE, IN_VOICE, load_lexicon, variants
+from mosaic.sandbox.common import OBJECTIVES, prompt_key
+from mosaic.sandbox.text import HELDOUT_VOICE, IN_VOICE, load_lexicon, variants
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"pool_size": 300, "eval_size": 40, "heldout_size": 40, "base_corpus_size": 300}
@@ -82,7 +82,7 @@ def test_cached_world_is_reused_and_a_stale_or_damaged_one_rebuilt(tmp_path):
 
 
 def test_a_failed_build_leaves_the_old_world_untouched(tmp_path, monkeypatch):
-    import mosaic.sandbox as sandbox
+    import mosaic.sandbox.world as sandbox
 
     cfg = small(tmp_path, **TINY)
     before = world_files(ensure_world(cfg))
@@ -380,7 +380,7 @@ def test_base_corpus_is_vulnerable_and_avoids_the_shortcuts(sandbox_world):
 
 
 def test_every_wording_branch_renders(sandbox_world):
-    from mosaic.sandbox_instruction import IDS
+    from mosaic.sandbox.instruction import IDS
 
     for voice in (IN_VOICE, HELDOUT_VOICE):
         for cue in ("authority", "urgency", "escalation", "context_bind", "compliance_pretext",

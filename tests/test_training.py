@@ -88,8 +88,10 @@ def test_bad_rows_are_skipped_with_counts(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("row, message", [
     ({"text": "hi"}, r"row 0: missing column 'messages'"),
     ({"messages": "hello"}, r"row 0 field 'messages': expected a list"),
-    ({"messages": [{"role": "bot", "content": "x"}]}, r"row 0 field 'messages'\[0\]\.role"),
-    ({"messages": [{"role": "user", "content": 3}]}, r"row 0 field 'messages'\[0\]\.content"),
+    ({"messages": [{"role": "bot", "content": "x"}]},
+     r"row 0 field 'messages': message 0 has unknown role 'bot'"),
+    ({"messages": [{"role": "user", "content": 3}]},
+     r"row 0 field 'messages': message 0 content must be a string"),
 ])
 def test_malformed_rows_are_errors_naming_row_and_field(tiny_model_dir, row, message):
     from mosaic.training.models import load_tokenizer
@@ -101,11 +103,11 @@ def test_malformed_rows_are_errors_naming_row_and_field(tiny_model_dir, row, mes
 def test_malformed_files_name_the_file_and_line(tmp_path, tiny_model_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": []}\n{not json\n')
-    with pytest.raises(TrainingDataError, match=r"bad.jsonl line 2: invalid JSON"):
+    with pytest.raises(TrainingDataError, match=r"bad.jsonl, row 1 \(line 2\): not valid JSON"):
         read_rows(bad)
     with pytest.raises(TrainingDataError, match="training file not found"):
         read_rows(tmp_path / "missing.parquet")
-    with pytest.raises(TrainingDataError, match="unsupported training file type"):
+    with pytest.raises(TrainingDataError, match="unsupported file type '.csv'"):
         read_rows(_touch(tmp_path / "x.csv"))
     only_bad = tmp_path / "empty.jsonl"
     only_bad.write_text('{"messages": []}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
@@ -381,7 +383,8 @@ def test_base_model_cache_key_covers_everything_that_determines_it():
 
 def test_ensure_base_model_errors_name_what_is_missing(tmp_path):
     from mosaic.config import MosaicConfig
-    from mosaic.training.base_model import BaseModelError, ensure_base_model
+    from mosaic.sandbox.base_model import ensure_base_model
+    from mosaic.training.base_model import BaseModelError
     from mosaic.training.models import ModelLoadError
 
     objectives = {"safety": {"type": "jailbreak"}}
@@ -401,7 +404,7 @@ def test_ensure_base_model_errors_name_what_is_missing(tmp_path):
 
 def test_ensure_base_model_passes_a_local_model_through(tiny_model_dir):
     from mosaic.config import MosaicConfig
-    from mosaic.training.base_model import ensure_base_model
+    from mosaic.sandbox.base_model import ensure_base_model
 
     cfg = MosaicConfig.model_validate({"objectives": {"safety": {"type": "jailbreak"}},
                                        "model": {"base": str(tiny_model_dir)}})

@@ -12,7 +12,8 @@ from synthetic_pools import synthetic_eval, synthetic_pool
 
 from mosaic.config import LimitsConfig, MosaicConfig
 from mosaic.schemas import DataAction
-from mosaic.tools.build_dataset import PreparedPools, eval_prompt_hashes
+from mosaic.tools.dataset.hashing import eval_prompt_hashes
+from mosaic.tools.dataset.pools import PreparedPools
 from mosaic.tools.validate_action import ActionContext, format_problems, validate_action
 
 TYPES = {"safety": "jailbreak", "boundary": "overrefusal", "instruction": "ifeval"}
@@ -196,7 +197,7 @@ def test_unfillable_says_by_how_much(ctx, world):
     raw = with_(with_(GOOD, "mixture", {"safety": 1.0}), "objectives", None) | {"quality_threshold": 5.0}
     verdict = validate_action(raw, ctx)
     p = next(p for p in verdict.problems if p.code == "unfillable")
-    from mosaic.tools.build_dataset import objective_units, supply
+    from mosaic.tools.dataset.allocation import objective_units, supply
 
     cands = prepared.candidates("sft")["safety"]
     have = sum(supply(cands, objective_units(cands, None, 5.0, "sft"))[0].values())

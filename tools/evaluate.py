@@ -21,14 +21,16 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from mosaic.config import ConfigError, MosaicConfig
 from mosaic.eval.base import get_objective_type
-from mosaic.eval.judge import Judge
+from mosaic.eval import build_judge
+from mosaic.eval.judge import Judge, JudgeError
 from mosaic.io import atomic_write_json, atomic_write_with
-from mosaic.schemas import EvalReport, FailureReport, Message, SampleRecord
+from mosaic.schemas import L1, EvalReport, FailureReport, Message, SampleRecord
 from mosaic.training.inference import InferenceBackend, replay
 
 log = logging.getLogger("mosaic.tools.evaluate")
@@ -38,6 +40,19 @@ MARKER_VERSION = 1
 # Files up to this size are fingerprinted by content; bigger ones (multi-GB weights) by size and
 # modification time, which is what a rebuild changes.
 _HASH_CONTENT_MAX = 64 << 20
+
+
+@dataclass
+class JudgedSample:
+    """One evaluated sample after judging: its atoms, L2 and L1, or why the judge gave none."""
+
+    id: str
+    l3_prompt: dict[str, Any]
+    l3_response: dict[str, Any] | None
+    l3_response_turns: list[dict[str, Any]] | None  # earlier assistant turns (multi-turn)
+    l2: dict[str, Any] | None
+    l1: L1 | None
+    judge_error: str | None
 
 
 # ---- fingerprints and markers ---------------------------------------------------------------
@@ -146,7 +161,7 @@ def resolve_model_dir(config: MosaicConfig, model_dir: str | Path | None) -> Pat
     if model_dir is not None:
         return Path(model_dir)
     if config.model.base == "sandbox":
-        from mosaic.training.base_model import ensure_base_model
+        from mosaic.sandbox.base_model import ensure_base_model
 
         return Path(ensure_base_model(config))
     return Path(config.model.base)
@@ -177,18 +192,6 @@ def build_backend(config: MosaicConfig, model_dir: str | Path | None,
     return TransformersBackend(model_dir, adapter_dir=adapter_dir, config=config)
 
 
-def build_judge(config: MosaicConfig) -> Judge:
-    """The configured judge: rule-based (default, offline) or the LLM judge."""
-    if config.judge.kind == "llm":
-        from mosaic.eval.llm_judge import LLMJudge
-
-        assert config.judge.endpoint is not None  # the config validator guarantees it
-        return LLMJudge(config.judge.endpoint, config.judge.cache_dir)
-    from mosaic.eval.rule_judge import RuleJudge
-
-    return RuleJudge()
-
-
 def _backend_identity(backend: InferenceBackend | None, config: MosaicConfig) -> dict[str, Any]:
     if backend is not None:
         ident = getattr(backend, "identity", None)
@@ -199,13 +202,6 @@ def _backend_identity(backend: InferenceBackend | None, config: MosaicConfig) ->
         return {"backend": "openai", "base_url": ep.base_url, "model": ep.model}
     # The seed only matters when sampling (temperature > 0); dtype is in model_settings.
     return {"backend": config.inference.backend, "seed": config.seed}
-
-
-def _judge_identity(judge: Judge) -> dict[str, Any]:
-    ident = getattr(judge, "identity", None)
-    if callable(ident):
-        return ident()
-    return {"judge": judge.name, "version": getattr(judge, "version", None)}
 
 
 # ---- the tool -----------------------------------------------------------------------------
@@ -295,7 +291,7 @@ def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: st
 
         samples_file = out / "samples.parquet"
         judge_obj = get_judge()
-        samples_key = _hash_obj({"judge": _judge_identity(judge_obj),
+        samples_key = _hash_obj({"judge": judge_obj.identity(),
                                  "responses": file_sha256(responses_file),
                                  "objective_type": obj.type})
         if _marker_ok(out / "samples.done.json", samples_key, samples_file):
@@ -305,18 +301,17 @@ def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: st
             say(f"{name}: judging {len(rows)} responses with {judge_obj.name}")
             scored = _judge_and_score(name, obj.type, judge_obj, rows, conversations)
             _write_samples(samples_file, name, scored)
-            if any(s["judge_error"] for s in scored):
+            if any(s.judge_error for s in scored):
                 # No marker: a rerun asks the judge again for the failed samples only (the LLM
                 # judge's own cache answers the rest).
                 (out / "samples.done.json").unlink(missing_ok=True)
             else:
                 _write_marker(out / "samples.done.json", samples_key, samples_file, n=len(scored))
 
-        records = [SampleRecord(id=s["id"], objective=name,
+        records = [SampleRecord(id=s.id, objective=name,
                                 messages=[Message(**m) for m in conv], metadata=row["metadata"],
-                                l3_prompt=s["l3_prompt"], l3_response=s["l3_response"], l2=s["l2"],
-                                l1=s["l1"])
-                   for s, conv, row in zip(scored, conversations, rows) if not s["judge_error"]]
+                                l3_prompt=s.l3_prompt, l3_response=s.l3_response, l2=s.l2, l1=s.l1)
+                   for s, conv, row in zip(scored, conversations, rows) if not s.judge_error]
         failed = len(scored) - len(records)
         if failed:
             judge_failures[name] = failed
@@ -347,9 +342,7 @@ def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: st
 def _labelled(call: Callable[[], Sequence[dict[str, Any]]], n: int, judge: Judge,
               what: str) -> tuple[list[dict[str, Any] | None], list[str | None]]:
     """Run one judge call over n items; bad judge output is data: keep what was labelled and
-    record why the rest was not (the LLM judge's JudgeError carries both)."""
-    from mosaic.eval.llm_judge import JudgeError
-
+    record why the rest was not (a JudgeError carries both)."""
     errors: list[str | None] = [None] * n
     try:
         atoms: list[dict[str, Any] | None] = list(call())
@@ -363,7 +356,7 @@ def _labelled(call: Callable[[], Sequence[dict[str, Any]]], n: int, judge: Judge
 
 
 def _judge_and_score(name: str, type_name: str, judge: Judge, rows: Sequence[Mapping[str, Any]],
-                     conversations: Sequence[list[dict[str, str]]]) -> list[dict[str, Any]]:
+                     conversations: Sequence[list[dict[str, str]]]) -> list[JudgedSample]:
     otype = get_objective_type(type_name)
     prompt_atoms: list[dict[str, Any] | None] = [dict(r["l3_prompt"]) or None for r in rows]
     errors: list[str | None] = [None] * len(rows)
@@ -397,20 +390,18 @@ def _judge_and_score(name: str, type_name: str, judge: Judge, rows: Sequence[Map
                                    f"{prompt_atoms[i]}, response atoms {responses[i]}") from e
         elif errors[i] is None:
             errors[i] = "judge returned no atoms"
-        scored.append({"id": row["id"], "l3_prompt": prompt_atoms[i] or {}, "l3_response": responses[i],
-                       "l3_response_turns": per_turn[i], "l2": l2, "l1": l1, "judge_error": errors[i]})
+        scored.append(JudgedSample(id=row["id"], l3_prompt=prompt_atoms[i] or {},
+                                   l3_response=responses[i], l3_response_turns=per_turn[i], l2=l2,
+                                   l1=l1, judge_error=errors[i]))
     return scored
 
 
 def _per_turn_atoms(type_name: str, judge: Judge, conversations: Sequence[list[dict[str, str]]],
                     prompt_atoms: Sequence[Mapping[str, Any] | None]) -> list[list[dict[str, Any]] | None]:
     """Response atoms of every earlier assistant turn of multi-turn conversations (e.g. when a
-    jailbreak first leaked), recorded only with a local judge: with an LLM judge it would
-    multiply the requests by the number of turns."""
-    from mosaic.eval.llm_judge import LLMJudge
-
+    jailbreak first leaked), recorded only where the judge says that is affordable."""
     out: list[list[dict[str, Any]] | None] = [None] * len(conversations)
-    if isinstance(judge, LLMJudge):
+    if not judge.capabilities.per_turn:
         return out
     prefixes, owners = [], []
     for i, conv in enumerate(conversations):
@@ -432,22 +423,18 @@ def _per_turn_atoms(type_name: str, judge: Judge, conversations: Sequence[list[d
 # ---- parquet i/o ------------------------------------------------------------------------------
 
 
-def _messages_type():
-    import pyarrow as pa
-
-    return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-
-
 def _write_responses(path: Path, name: str, rows: Sequence[Mapping[str, Any]],
                      conversations: Sequence[list[dict[str, str]]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from mosaic.data import MESSAGE_TYPE
+
     table = pa.table({
         "id": pa.array([r["id"] for r in rows], pa.string()),
         "objective": pa.array([name] * len(rows), pa.string()),
         "messages": pa.array([[{"role": m["role"], "content": m["content"]} for m in c]
-                              for c in conversations], _messages_type()),
+                              for c in conversations], MESSAGE_TYPE),
         "l3_prompt": pa.array([json.dumps(r["l3_prompt"], sort_keys=True) for r in rows], pa.string()),
         "metadata": pa.array([json.dumps(r["metadata"], sort_keys=True) for r in rows], pa.string()),
     })
@@ -464,35 +451,36 @@ def _read_conversations(path: Path, rows: Sequence[Mapping[str, Any]]) -> list[l
     return [[{"role": m["role"], "content": m["content"]} for m in t["messages"]] for t in table]
 
 
-def _write_samples(path: Path, name: str, scored: Sequence[Mapping[str, Any]]) -> None:
+def _write_samples(path: Path, name: str, scored: Sequence[JudgedSample]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     def js(v: Any) -> str | None:
         return None if v is None else json.dumps(v, sort_keys=True)
 
-    l1s = [s["l1"] for s in scored]
+    l1s = [s.l1 for s in scored]
     table = pa.table({
-        "id": pa.array([s["id"] for s in scored], pa.string()),
+        "id": pa.array([s.id for s in scored], pa.string()),
         "objective": pa.array([name] * len(scored), pa.string()),
         "slice": pa.array([l1.slice if l1 else None for l1 in l1s], pa.string()),
         "score": pa.array([l1.score if l1 else None for l1 in l1s], pa.float64()),
         "valid": pa.array([l1.valid if l1 else False for l1 in l1s], pa.bool_()),
         "weight": pa.array([l1.weight if l1 else None for l1 in l1s], pa.float64()),
         "failure": pa.array([l1.failure if l1 else None for l1 in l1s], pa.bool_()),
-        "l2": pa.array([js(s["l2"]) for s in scored], pa.string()),
-        "l3_prompt": pa.array([js(s["l3_prompt"]) for s in scored], pa.string()),
-        "l3_response": pa.array([js(s["l3_response"]) for s in scored], pa.string()),
-        "l3_response_turns": pa.array([js(s["l3_response_turns"]) for s in scored], pa.string()),
-        "judge_error": pa.array([s["judge_error"] for s in scored], pa.string()),
+        "l2": pa.array([js(s.l2) for s in scored], pa.string()),
+        "l3_prompt": pa.array([js(s.l3_prompt) for s in scored], pa.string()),
+        "l3_response": pa.array([js(s.l3_response) for s in scored], pa.string()),
+        "l3_response_turns": pa.array([js(s.l3_response_turns) for s in scored], pa.string()),
+        "judge_error": pa.array([s.judge_error for s in scored], pa.string()),
     })
     atomic_write_with(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def _read_samples(path: Path) -> list[dict[str, Any]]:
+def _read_samples(path: Path) -> list[JudgedSample]:
     import pyarrow.parquet as pq
 
-    from mosaic.schemas import L1
+    def js(v: str | None) -> Any:
+        return json.loads(v) if v else None
 
     out = []
     for t in pq.read_table(path).to_pylist():
@@ -500,9 +488,8 @@ def _read_samples(path: Path) -> list[dict[str, Any]]:
         if t["slice"] is not None:
             l1 = L1(slice=t["slice"], score=t["score"], valid=t["valid"], weight=t["weight"],
                     failure=t["failure"])
-        out.append({"id": t["id"], "l3_prompt": json.loads(t["l3_prompt"]),
-                    "l3_response": json.loads(t["l3_response"]) if t["l3_response"] else None,
-                    "l3_response_turns": json.loads(t["l3_response_turns"]) if t["l3_response_turns"] else None,
-                    "l2": json.loads(t["l2"]) if t["l2"] else None, "l1": l1,
-                    "judge_error": t["judge_error"]})
+        out.append(JudgedSample(id=t["id"], l3_prompt=json.loads(t["l3_prompt"]),
+                                l3_response=js(t["l3_response"]),
+                                l3_response_turns=js(t["l3_response_turns"]), l2=js(t["l2"]),
+                                l1=l1, judge_error=t["judge_error"]))
     return out

@@ -45,7 +45,7 @@ def run_round(config: MosaicConfig, raw_action: str | bytes | dict[str, Any], ro
     from mosaic.tools.build_dataset import (MANIFEST_FILE, check_and_build,
                                             prepare_from_config)
     from mosaic.tools.validate_action import ActionContext
-    from mosaic.training.base_model import ensure_base_model
+    from mosaic.sandbox.base_model import ensure_base_model
     from mosaic.training.models import load_tokenizer
 
     say = progress or (lambda msg: log.info("%s", msg))
@@ -113,7 +113,7 @@ def run_round(config: MosaicConfig, raw_action: str | bytes | dict[str, Any], ro
 def run_baseline(config: MosaicConfig, round_dir: str | Path, *, heldout: bool = True,
                  progress: Callable[[str], None] | None = None) -> RoundResult:
     """Round 0: the base model without an adapter, evaluated into `round_dir`."""
-    from mosaic.training.base_model import ensure_base_model
+    from mosaic.sandbox.base_model import ensure_base_model
 
     round_dir = Path(round_dir)
     marker = round_dir / ROUND_FILE

@@ -25,7 +25,7 @@ from mosaic.schemas import (SCHEMA_VERSION, ActionVerdict, DataAction, FocusCrit
 
 if TYPE_CHECKING:
     from mosaic.config import MosaicConfig
-    from mosaic.tools.build_dataset import PreparedPools
+    from mosaic.tools.dataset.pools import PreparedPools
 
 MAX_ACTION_BYTES = 64 * 1024
 MAX_DEPTH = 12
@@ -424,8 +424,8 @@ def _limit_problems(mixture: Mapping[str, float], ctx: ActionContext) -> list[Pr
 
 
 def _capacity_problems(action: DataAction, ctx: ActionContext, notes: list[str]) -> list[Problem]:
-    from mosaic.tools.build_dataset import (bucket_allocations, objective_allocations,
-                                            objective_units, row_keys, supply)
+    from mosaic.tools.dataset.allocation import (bucket_allocations, objective_allocations,
+                                                 objective_units, row_keys, supply)
 
     pools = ctx.pools
     out: list[Problem] = []

@@ -19,12 +19,9 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mosaic.io import atomic_write_json
-
-if TYPE_CHECKING:
-    from mosaic.config import MosaicConfig
 
 # Bump when the training procedure changes in a way the spec does not capture.
 BUILDER_VERSION = 2
@@ -347,51 +344,3 @@ class _Bar:
     def __exit__(self, *exc: Any) -> None:
         if self.progress is not None:
             self.progress.stop()
-
-
-# --------------------------------------------------------------------------------------------
-# The sandbox entry point
-# --------------------------------------------------------------------------------------------
-
-
-def sandbox_base_model(config: "MosaicConfig", *, progress: bool = True) -> BaseModelInfo:
-    """The run's sandbox base model: cached under `model.cache_dir`, built on first use from the
-    sandbox world's `base_corpus.parquet` and `tokenizer/` (the world is built first if needed)."""
-    if config.world.kind != "sandbox":
-        raise BaseModelError(f"model.base is 'sandbox' but world.kind is {config.world.kind!r}: "
-                             f"the sandbox base model is trained on the sandbox world's corpus; "
-                             f"set model.base to a local Hugging Face model directory")
-    from mosaic.sandbox import ensure_world
-
-    ensure_world(config.world)
-    data_dir = Path(config.world.data_dir)
-    corpus = data_dir / "base_corpus.parquet"
-    tokenizer_dir = data_dir / "tokenizer"
-    missing = [str(p) for p in (corpus, tokenizer_dir) if not p.exists()]
-    if missing:
-        raise BaseModelError(f"the sandbox world in {data_dir} lacks {', '.join(missing)}")
-    spec = BaseModelSpec(max_length=config.model.max_length)
-    return build_base_model(corpus, tokenizer_dir, config.model.cache_dir, spec=spec,
-                            seed=config.world.seed, progress=progress)
-
-
-def ensure_base_model(config: "MosaicConfig", *, progress: bool = True) -> Path:
-    """The base model directory of a run: the cached sandbox model (built on first use) when
-    `model.base` is "sandbox", else the local Hugging Face directory it names."""
-    if config.model.base == "sandbox":
-        return sandbox_base_model(config, progress=progress).path
-    from mosaic.training.models import check_model_dir
-
-    return check_model_dir(config.model.base)
-
-
-def tokenizer_dir(config: "MosaicConfig") -> Path:
-    """Where a run's tokenizer lives, without building the model: the sandbox world's
-    tokenizer (the sandbox base model is saved with that same tokenizer), or model.base."""
-    if config.model.base == "sandbox":
-        from mosaic.sandbox import ensure_world
-
-        return ensure_world(config.world).tokenizer_dir
-    from mosaic.training.models import check_model_dir
-
-    return check_model_dir(config.model.base)

@@ -7,7 +7,6 @@ here with counts per reason; a structurally malformed file is an error naming fi
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -24,7 +23,6 @@ from mosaic.schemas import TrainResult
 
 log = logging.getLogger("mosaic.training")
 
-ROLES = ("system", "user", "assistant")
 Rows = Sequence[dict[str, Any]]
 
 
@@ -39,57 +37,32 @@ class TrainingDataError(ValueError):
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a Parquet or JSONL file as dicts."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingDataError(f"training file not found: {path}")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    """Rows of a Parquet or JSONL training file (`mosaic.data.read_rows`), errors as
+    TrainingDataError naming file, row (line) and field."""
+    from mosaic.data import DataFormatError
+    from mosaic.data import read_rows as read_data_rows
 
-        try:
-            return pq.read_table(path).to_pylist()
-        except Exception as e:  # pyarrow raises several types for corrupt files
-            raise TrainingDataError(f"{path}: not a readable Parquet file ({e})") from None
-    if path.suffix in (".jsonl", ".json"):
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TrainingDataError(f"{path} line {n}: invalid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise TrainingDataError(f"{path} line {n}: expected a JSON object per line, "
-                                            f"got {type(row).__name__}")
-                rows.append(row)
-        return rows
-    raise TrainingDataError(f"{path}: unsupported training file type {path.suffix!r}; "
-                            f"expected .parquet or .jsonl")
+    try:
+        return read_data_rows(path)
+    except FileNotFoundError:
+        raise TrainingDataError(f"training file not found: {path}") from None
+    except DataFormatError as e:
+        raise TrainingDataError(str(e)) from None
 
 
 def check_messages(value: Any, where: str) -> list[dict[str, str]]:
-    """A conversation as a clean list of {role, content}; None/[] give []. Raises on bad shape."""
+    """A conversation as a clean list of {role, content}; None/[] give []. Raises on bad shape
+    (`mosaic.data.message_problem` is the one definition of a well-formed conversation)."""
+    from mosaic.data import message_problem
+
     if value is None:
         return []
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        raise TrainingDataError(f"{where}: expected a list of {{role, content}} messages, "
-                                f"got {type(value).__name__}")
-    out = []
-    for j, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise TrainingDataError(f"{where}[{j}]: expected a {{role, content}} object, "
-                                    f"got {type(m).__name__}")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise TrainingDataError(f"{where}[{j}].role: expected one of {list(ROLES)}, "
-                                    f"got {role!r}")
-        if not isinstance(content, str):
-            raise TrainingDataError(f"{where}[{j}].content: expected a string, "
-                                    f"got {type(content).__name__}")
-        out.append({"role": role, "content": content})
-    return out
+    if isinstance(value, tuple):
+        value = list(value)
+    problem = message_problem(value)
+    if problem:
+        raise TrainingDataError(f"{where}: {problem}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 @dataclass

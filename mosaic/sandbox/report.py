@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mosaic.sandbox import World
-from mosaic.sandbox_common import OBJECTIVES
+from mosaic.sandbox.world import World
+from mosaic.sandbox.common import OBJECTIVES
 
 if TYPE_CHECKING:
     from rich.table import Table

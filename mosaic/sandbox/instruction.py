@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from mosaic.sandbox_common import Prompt, Response, prompt_slice
-from mosaic.sandbox_text import HelpTopic, Lexicon, Voice, pick
+from mosaic.sandbox.common import Prompt, Response, prompt_slice
+from mosaic.sandbox.text import HelpTopic, Lexicon, Voice, pick
 
 LOWER = "change_case:english_lowercase"
 CAPITAL = "change_case:english_capital"
@@ -245,7 +245,7 @@ def intents(rng: random.Random, ids: Sequence[str], p_pass: float, p_loose: floa
 def pool_intents(rng: random.Random, ids: Sequence[str]) -> list[tuple[str, list[str]]]:
     """Three answers per pool prompt: one that follows everything (sometimes only loosely), one
     that mostly does, one that breaks something (enough good answers for an IF-heavy round at a
-    quality threshold; see sandbox_safety.pool_classes)."""
+    quality threshold; see safety.pool_classes)."""
     best = intents(rng, ids, 1.0, 0.0)
     if rng.random() < 0.3:
         cand = [i for i, iid in enumerate(ids) if iid in (*PREAMBLE_LOOSE, END)]

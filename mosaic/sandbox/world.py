@@ -26,16 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mosaic import sandbox_boundary as boundary
-from mosaic import sandbox_instruction as instruction
-from mosaic import sandbox_safety as safety
+from mosaic.sandbox import boundary
+from mosaic.sandbox import instruction
+from mosaic.sandbox import safety
 from mosaic.config import WorldConfig
 from mosaic.eval.base import get_objective_type
 from mosaic.io import atomic_write_json
-from mosaic.sandbox_common import (OBJECTIVES, Prompt, Response, derive_rng, prompt_key,
+from mosaic.sandbox.common import (OBJECTIVES, Prompt, Response, derive_rng, prompt_key,
                                    prompt_slice, quotas)
-from mosaic.sandbox_corpus import make_corpus
-from mosaic.sandbox_text import HELDOUT_VOICE, IN_VOICE, Lexicon, Voice, load_lexicon, templates_digest
+from mosaic.sandbox.corpus import make_corpus
+from mosaic.sandbox.text import HELDOUT_VOICE, IN_VOICE, Lexicon, Voice, load_lexicon, templates_digest
 
 # Bump when generation changes in a way the code hash would not show (e.g. a dependency).
 GENERATOR_VERSION = "1"
@@ -116,12 +116,12 @@ def _code_digest() -> str:
     formulas fill the L1/L2 columns, the IFEval checker that scores IF pool answers, and the
     tokenizer builder."""
     import mosaic.eval.ifeval_checker
-    import mosaic.sandbox_common
-    import mosaic.sandbox_corpus
-    import mosaic.sandbox_text
+    import mosaic.sandbox.common
+    import mosaic.sandbox.corpus
+    import mosaic.sandbox.text
     import mosaic.training.tokenizer
 
-    modules = [mosaic.sandbox_common, mosaic.sandbox_text, mosaic.sandbox_corpus, safety, boundary,
+    modules = [mosaic.sandbox.common, mosaic.sandbox.text, mosaic.sandbox.corpus, safety, boundary,
                instruction, mosaic.training.tokenizer, mosaic.eval.ifeval_checker,
                inspect.getmodule(World)]
     modules += [inspect.getmodule(type(get_objective_type(t))) for t in sorted(set(OBJECTIVES.values()))]
@@ -429,8 +429,10 @@ def _prompt_row(objective: str, row_id: str, p: Prompt, split: str, seed: int) -
 def _arrow_type(name: str, values: Sequence[Any]):
     import pyarrow as pa
 
+    from mosaic.data import MESSAGE_TYPE
+
     if name == "messages":
-        return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+        return MESSAGE_TYPE
     sample = next((v for v in values if v is not None), None)
     if isinstance(sample, bool):
         return pa.bool_()

@@ -13,8 +13,8 @@ import random
 from collections.abc import Sequence
 from functools import lru_cache
 
-from mosaic.sandbox_common import Prompt, Response, prompt_slice, weighted
-from mosaic.sandbox_text import AttackTopic, Lexicon, Voice, pick
+from mosaic.sandbox.common import Prompt, Response, prompt_slice, weighted
+from mosaic.sandbox.text import AttackTopic, Lexicon, Voice, pick
 
 PRESSURE = ("authority", "urgency", "escalation", "context_bind")
 CONCEALMENT = ("compliance_pretext", "roleplay", "transform", "obfuscation")

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mosaic.io import atomic_write_bytes
+from mosaic.tools.dataset.hashing import pool_content_hash
 
 CACHE_FORMAT = 1
 
@@ -110,8 +111,6 @@ def count_tokens(messages: pa.Array | pa.ChunkedArray, tokenizer: Any, *,
 def cached_token_counts(table: pa.Table, tokenizer: Any, cache_dir: str | Path, *,
                         pool_hash: str | None = None, batch_size: int = 256) -> TokenCounts:
     """`count_tokens` over `table["messages"]`, cached at cache_dir/<pool>-<tokenizer>.npz."""
-    from mosaic.tools.build_dataset import pool_content_hash
-
     pool_hash = pool_hash or pool_content_hash(table)
     key = hashlib.sha256(f"{CACHE_FORMAT}:{pool_hash}:{tokenizer_hash(tokenizer)}".encode()).hexdigest()
     path = Path(cache_dir) / f"tokens-{key[:32]}.npz"

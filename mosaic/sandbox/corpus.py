@@ -14,11 +14,11 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from mosaic import sandbox_boundary as boundary
-from mosaic import sandbox_instruction as instruction
-from mosaic import sandbox_safety as safety
-from mosaic.sandbox_common import Prompt, derive_rng, prompt_key, quotas, weighted
-from mosaic.sandbox_text import HELDOUT_WORDING, IN_VOICE, Lexicon, Voice, pick
+from mosaic.sandbox import boundary
+from mosaic.sandbox import instruction
+from mosaic.sandbox import safety
+from mosaic.sandbox.common import Prompt, derive_rng, prompt_key, quotas, weighted
+from mosaic.sandbox.text import HELDOUT_WORDING, IN_VOICE, Lexicon, Voice, pick
 
 SHARES = {"neutral": 0.35, "attack": 0.25, "boundary": 0.20, "instruction": 0.20}
 ATTACK_LEVELS = {"complexity_1": 0.25, "complexity_2": 0.2, "complexity_3": 0.2,

@@ -13,8 +13,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from mosaic.sandbox_common import Prompt, Response, weighted
-from mosaic.sandbox_text import AttackTopic, HelpTopic, Lexicon, Voice, pick
+from mosaic.sandbox.common import Prompt, Response, weighted
+from mosaic.sandbox.text import AttackTopic, HelpTopic, Lexicon, Voice, pick
 
 REFUSAL = ("explicit_refusal", "gated_avoidance", "evasive_avoidance")
 HELP = ("actionable_help", "constraint_fit", "structured")
