@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 ROUND_FILE = "round.json"
 
 
+class RoundConflictError(ValueError):
+    """The round folder already holds a different action: use a fresh folder."""
+
+
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -56,8 +60,8 @@ def run_round(config: MosaicConfig, raw_action: str | bytes | dict[str, Any], ro
                 else raw_action if isinstance(raw_action, str) else json.dumps(raw_action)}
     action_file = round_dir / "action.json"
     if action_file.is_file() and _read_json(action_file) != received:
-        raise ValueError(f"{round_dir} already holds a different action ({action_file}); "
-                         f"use a fresh round folder")
+        raise RoundConflictError(f"{round_dir} already holds a different action ({action_file}); "
+                                 f"use a fresh round folder")
     if marker.is_file():
         return RoundResult.model_validate(_read_json(marker))
     seed = config.seed + round_index if seed is None else seed
@@ -141,4 +145,4 @@ def _evaluate_splits(config: MosaicConfig, base_model: Path, adapter_dir: Path |
                             round=round_index, progress=say).scores()
 
 
-__all__ = ["ROUND_FILE", "run_baseline", "run_round"]
+__all__ = ["ROUND_FILE", "RoundConflictError", "run_baseline", "run_round"]
