@@ -352,10 +352,18 @@ def run_main(cfg) -> None:
     """The main job behind `mosaic run`: the sandbox world's statistics (for sandbox configs),
     then the base model's baseline evaluation (round 0) with its per-slice tables. The planner
     loop's rounds come next in this same function, without changing the command."""
+    from mosaic.io import read_record
+    from mosaic.run_store import RunConfigError, open_run
     from mosaic.schemas import EvalReport
     from mosaic.tools.evaluate import report_path
     from mosaic.tools.run_round import run_baseline
 
+    try:
+        for change in open_run(cfg):
+            console.print(f"[dim]settings changed since the run started (allowed): {change}[/dim]")
+    except RunConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
     if cfg.world.kind == "sandbox":
         _sandbox_world(cfg)
     round_dir = Path(cfg.run_dir) / "round_0"
@@ -365,7 +373,7 @@ def run_main(cfg) -> None:
         path = report_path(round_dir, split)
         if path.is_file():
             console.print(f"[bold]baseline ({split} split)[/bold]")
-            print_eval_report(EvalReport.model_validate_json(path.read_text(encoding="utf-8")))
+            print_eval_report(read_record(path, EvalReport))
     console.print(f"baseline written to {round_dir}")
 
 
@@ -454,8 +462,10 @@ def round_cmd(
                                  help="Also evaluate on the held-out generalisation sets."),
 ) -> None:
     """Run one round by hand: check the action, build its training set, LoRA-train from the
-    base model, evaluate. Rerunning on the same folder finishes only what did not finish."""
-    from mosaic.tools.run_round import run_baseline, run_round
+    base model, evaluate. Rerunning on the same folder finishes only what did not finish, and
+    redoes a stage whose inputs (budget, seed, pools, training settings, ...) changed."""
+    from mosaic.tools.run_round import dataset_stage, run_baseline, run_round
+    from mosaic.tools.validate_action import format_problems
 
     cfg = _load(config)
     if not action.is_file():
@@ -464,15 +474,16 @@ def round_cmd(
     base_dir = Path(cfg.run_dir) / "manual"
     round_dir = round_dir or base_dir / action.stem
     say = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
-    baseline = run_baseline(cfg, base_dir / "baseline", heldout=heldout, progress=say)
-    result = run_round(cfg, action.read_text(encoding="utf-8"), round_dir, round_index=index,
-                       heldout=heldout, progress=say)
-    if result.status == "rejected":
-        from mosaic.tools.validate_action import format_problems
-
-        console.print(f"[red]the check rejected {action}:[/red]")
-        console.print(format_problems(result.verdict))
+    raw = action.read_text(encoding="utf-8")
+    # Check first: a bad action is rejected in seconds, before the baseline (and on a fresh
+    # machine the base model) is built.
+    verdict, _ = dataset_stage(cfg, raw, round_dir, round_index=index, progress=say)
+    if not verdict.ok:
+        console.print(f"the check rejected {action}:", style="red", markup=False)
+        console.print(format_problems(verdict), markup=False, highlight=False)
         raise typer.Exit(2)
+    baseline = run_baseline(cfg, base_dir / "baseline", heldout=heldout, progress=say)
+    result = run_round(cfg, raw, round_dir, round_index=index, heldout=heldout, progress=say)
     _print_round_comparison(baseline, result)
     console.print(f"round folder: {round_dir}")
 

@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash leaves either the old file or the new one, never half of one."""
+"""Atomic file writes (a crash leaves either the old file or the new one, never half of one) and
+schema-versioned reads of run records."""
 
 from __future__ import annotations
 
@@ -7,9 +8,43 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+
+from mosaic.schemas import SCHEMA_VERSION
+
+Record = TypeVar("Record", bound=BaseModel)
+
+
+class RecordError(ValueError):
+    """A run file cannot be read as the record it should hold; names the file and why."""
+
+
+def read_record(path: str | Path, model: type[Record]) -> Record:
+    """A schema-versioned record (round.json, manifest.json, ...) from a run folder. A file
+    written by another schema version fails naming the file, the version found and the one this
+    MOSAIC reads, instead of half-loading or silently reinterpreting it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecordError(f"{path}: file not found (expected a {model.__name__})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecordError(f"{path}: not a readable {model.__name__} JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise RecordError(f"{path}: expected a {model.__name__} JSON object, got "
+                          f"{type(data).__name__}")
+    found = data.get("schema_version")
+    if found != SCHEMA_VERSION:
+        shown = "(none)" if found is None else repr(found)
+        raise RecordError(f"{path}: {model.__name__} has schema_version {shown}, but this MOSAIC reads "
+                          f"schema_version {SCHEMA_VERSION}; rerun the stage that wrote it or use "
+                          f"the MOSAIC release that did")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise RecordError(f"{path}: not a valid {model.__name__}: {e}") from None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -105,3 +105,92 @@ def test_mosaic_run_prints_world_statistics_and_the_baseline(tiny_run_config, tm
     for name in ("safety", "boundary", "instruction"):
         assert name in result.output
     assert (tmp_path / "run" / "round_0" / "round.json").is_file()
+
+
+# ---- markers keyed by inputs ------------------------------------------------------------------
+
+
+def _stamps(round_dir):
+    return {rel: (round_dir / rel).stat().st_mtime_ns
+            for rel in ("dataset/train.parquet", "adapter/adapter_model.safetensors",
+                        "eval/safety/responses.parquet")}
+
+
+def test_a_changed_budget_seed_or_training_setting_recomputes_what_it_determines(tiny_run_config,
+                                                                                 tmp_path):
+    cfg = tiny_run_config
+    round_dir = tmp_path / "round_1"
+    said: list[str] = []
+    first = run_round(cfg, json.dumps(ACTION), round_dir, round_index=1, heldout=False,
+                      progress=said.append)
+    before = _stamps(round_dir)
+
+    said.clear()
+    again = run_round(cfg, json.dumps(ACTION), round_dir, round_index=1, heldout=False,
+                      progress=said.append)
+    assert _stamps(round_dir) == before and again.scores == first.scores
+    assert not any("rebuilding" in m or "retraining" in m or "generating" in m for m in said)
+
+    # A smaller budget: a new dataset, so a new adapter and new responses; the message says why.
+    said.clear()
+    smaller = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"max_tokens": 3000})})
+    result = run_round(smaller, json.dumps(ACTION), round_dir, round_index=1, heldout=False,
+                       progress=said.append)
+    now = _stamps(round_dir)
+    assert all(now[k] != before[k] for k in before)
+    assert result.manifest.budget == 3000 and result.manifest.total_tokens <= 3000
+    assert any("rebuilding the dataset (budget: 4000 -> 3000)" in m for m in said), said
+
+    # Another seed draws other rows.
+    said.clear()
+    run_round(smaller, json.dumps(ACTION), round_dir, round_index=1, seed=99, heldout=False,
+              progress=said.append)
+    assert any("rebuilding the dataset (seed: 1 -> 99)" in m for m in said), said
+
+    # A training setting: the dataset is kept, the adapter is retrained.
+    said.clear()
+    stamps = _stamps(round_dir)
+    faster = smaller.model_copy(update={"training": smaller.training.model_copy(
+        update={"learning_rate": 1e-2})})
+    run_round(faster, json.dumps(ACTION), round_dir, round_index=1, seed=99, heldout=False,
+              progress=said.append)
+    now = _stamps(round_dir)
+    assert now["dataset/train.parquet"] == stamps["dataset/train.parquet"]
+    assert now["adapter/adapter_model.safetensors"] != stamps["adapter/adapter_model.safetensors"]
+    assert any("retraining: training.learning_rate: 0.005 -> 0.01" in m for m in said), said
+
+
+def test_an_altered_output_is_recomputed_not_trusted(tiny_run_config, tmp_path):
+    round_dir = tmp_path / "round_1"
+    run_round(tiny_run_config, json.dumps(ACTION), round_dir, round_index=1, heldout=False)
+    manifest = round_dir / "dataset" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"seed": 1', '"seed": 7'))
+    said: list[str] = []
+    result = run_round(tiny_run_config, json.dumps(ACTION), round_dir, round_index=1,
+                       heldout=False, progress=said.append)
+    assert result.manifest.seed == 1
+    assert any("dataset/manifest.json was modified" in m for m in said), said
+
+
+def test_check_first_a_bad_action_is_rejected_before_any_model_is_built(tiny_run_config, tmp_path):
+    """`mosaic round` checks before the baseline: with the sandbox base model not built yet, a
+    rejected action is reported without building it (the check needs only the tokenizer)."""
+    from typer.testing import CliRunner
+
+    from mosaic.cli import app
+    from mosaic.config import dump_config
+
+    cfg = tiny_run_config.model_copy(update={
+        "run_dir": str(tmp_path / "run"),
+        "model": tiny_run_config.model.model_copy(update={
+            "base": "sandbox", "cache_dir": str(tmp_path / "models")})})
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(dump_config(cfg))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**ACTION, "mixture": {"safety": 0.9, "nonsense": 0.1}}))
+    result = CliRunner().invoke(app, ["round", str(bad), "--config", str(cfg_file)],
+                                terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert "[unknown_objective] $.mixture.nonsense" in result.output
+    assert not (tmp_path / "run" / "manual" / "baseline").exists()
+    assert not (tmp_path / "models").exists()

@@ -17,7 +17,6 @@ backend (which loads model weights) is only built when something must be generat
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -30,16 +29,13 @@ from mosaic.eval.base import get_objective_type
 from mosaic.eval import build_judge
 from mosaic.eval.judge import Judge, JudgeError
 from mosaic.io import atomic_write_json, atomic_write_with
+from mosaic.markers import check_marker, dir_fingerprint, file_sha256, hash_obj, write_marker
 from mosaic.schemas import L1, EvalReport, FailureReport, Message, SampleRecord
 from mosaic.training.inference import InferenceBackend, replay
 
 log = logging.getLogger("mosaic.tools.evaluate")
 
 Split = Literal["eval", "heldout"]
-MARKER_VERSION = 1
-# Files up to this size are fingerprinted by content; bigger ones (multi-GB weights) by size and
-# modification time, which is what a rebuild changes.
-_HASH_CONTENT_MAX = 64 << 20
 
 
 @dataclass
@@ -53,55 +49,6 @@ class JudgedSample:
     l2: dict[str, Any] | None
     l1: L1 | None
     judge_error: str | None
-
-
-# ---- fingerprints and markers ---------------------------------------------------------------
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def dir_fingerprint(path: str | Path | None) -> str | None:
-    """A hash identifying a model or adapter directory's contents (None for None)."""
-    if path is None:
-        return None
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"model/adapter path not found: {root}")
-    if root.is_file():
-        return file_sha256(root)
-    h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        st = p.stat()
-        rel = p.relative_to(root).as_posix()
-        if st.st_size <= _HASH_CONTENT_MAX:
-            h.update(f"{rel}\0{file_sha256(p)}\n".encode())
-        else:
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def _hash_obj(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _marker_ok(marker: Path, key: str, data: Path) -> bool:
-    if not (marker.is_file() and data.is_file()):
-        return False
-    try:
-        m = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return m.get("key") == key and m.get("sha256") == file_sha256(data)
-
-
-def _write_marker(marker: Path, key: str, data: Path, **extra: Any) -> None:
-    atomic_write_json(marker, {"version": MARKER_VERSION, "key": key, "sha256": file_sha256(data), **extra})
 
 
 # ---- eval sets --------------------------------------------------------------------------------
@@ -276,9 +223,9 @@ def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: st
             rows = [rows[(k * len(rows)) // limit] for k in range(limit)]
 
         responses_file = out / "responses.parquet"
-        responses_key = _hash_obj({**model_key, "eval_file": file_sha256(path), "limit": limit,
-                                   "ids": [r["id"] for r in rows]})
-        if _marker_ok(out / "responses.done.json", responses_key, responses_file):
+        responses_inputs = {**model_key, "eval_file": file_sha256(path), "limit": limit,
+                            "ids": hash_obj([r["id"] for r in rows])}
+        if check_marker(out / "responses.done.json", responses_inputs, [responses_file]).ok:
             say(f"{name}: responses cached ({len(rows)} rows)")
             conversations = _read_conversations(responses_file, rows)
         else:
@@ -287,14 +234,13 @@ def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: st
             conversations = replay_rows(get_backend(), rows, max_new_tokens=gen["max_new_tokens"],
                                         temperature=gen["temperature"])
             _write_responses(responses_file, name, rows, conversations)
-            _write_marker(out / "responses.done.json", responses_key, responses_file, n=len(rows))
+            write_marker(out / "responses.done.json", responses_inputs, [responses_file], n=len(rows))
 
         samples_file = out / "samples.parquet"
         judge_obj = get_judge()
-        samples_key = _hash_obj({"judge": judge_obj.identity(),
-                                 "responses": file_sha256(responses_file),
-                                 "objective_type": obj.type})
-        if _marker_ok(out / "samples.done.json", samples_key, samples_file):
+        samples_inputs = {"judge": judge_obj.identity(),
+                          "responses": file_sha256(responses_file), "objective_type": obj.type}
+        if check_marker(out / "samples.done.json", samples_inputs, [samples_file]).ok:
             say(f"{name}: judged samples cached")
             scored = _read_samples(samples_file)
         else:
@@ -306,7 +252,7 @@ def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: st
                 # judge's own cache answers the rest).
                 (out / "samples.done.json").unlink(missing_ok=True)
             else:
-                _write_marker(out / "samples.done.json", samples_key, samples_file, n=len(scored))
+                write_marker(out / "samples.done.json", samples_inputs, [samples_file], n=len(scored))
 
         records = [SampleRecord(id=s.id, objective=name,
                                 messages=[Message(**m) for m in conv], metadata=row["metadata"],

@@ -32,6 +32,7 @@ from mosaic.sandbox import safety
 from mosaic.config import WorldConfig
 from mosaic.eval.base import get_objective_type
 from mosaic.io import atomic_write_json
+from mosaic.markers import file_sha256
 from mosaic.sandbox.common import (OBJECTIVES, Prompt, Response, derive_rng, prompt_key,
                                    prompt_slice, quotas)
 from mosaic.sandbox.corpus import make_corpus
@@ -140,14 +141,6 @@ def world_key(cfg: WorldConfig) -> str:
                                   sort_keys=True).encode())
     h.update(templates_digest().encode())
     h.update(_code_digest().encode())
-    return h.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -510,11 +503,11 @@ def generate(cfg: WorldConfig, out: Path, *, key: str | None = None,
     stats = _stats(tables, tok)
     for rel, rows in tables.items():
         _write_parquet(out / rel, rows)
-    files = {rel: {"sha256": _file_sha256(out / rel), "bytes": (out / rel).stat().st_size,
+    files = {rel: {"sha256": file_sha256(out / rel), "bytes": (out / rel).stat().st_size,
                    "rows": len(rows)} for rel, rows in sorted(tables.items())}
     for f in sorted((out / "tokenizer").iterdir()):
         rel = f"tokenizer/{f.name}"
-        files[rel] = {"sha256": _file_sha256(f), "bytes": f.stat().st_size}
+        files[rel] = {"sha256": file_sha256(f), "bytes": f.stat().st_size}
     manifest = {"key": key or world_key(cfg), "generator_version": GENERATOR_VERSION,
                 "world": cfg.model_dump(mode="json", exclude={"data_dir"}),
                 "objectives": OBJECTIVES, "files": files, "stats": stats}

@@ -1,0 +1,84 @@
+"""The run folder's settings: saved when a run starts, compared when it resumes.
+
+`open_run` writes the resolved config (`config.yaml`; it holds no secrets: endpoints name the
+environment variable of their key, never the key) into the run folder the first time, and
+refuses to continue a run with settings that would change what its finished stages computed,
+naming each differing field. Fields in `SAFE_TO_CHANGE` only decide how far a run goes or how
+it talks to a service; a resume may change them and the saved file is updated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mosaic.config import ConfigError, MosaicConfig, dump_config
+from mosaic.io import atomic_write_text
+from mosaic.markers import changed_inputs
+
+CONFIG_FILE = "config.yaml"
+
+# Dotted field paths (or prefixes ending in ".") that a resumed run may change.
+SAFE_TO_CHANGE = (
+    "name",
+    "run_dir",  # the folder itself may have moved
+    "loop.rounds",  # more (or fewer) rounds: finished ones are kept
+    "planner.max_revisions",
+    "inference.batch_size",  # evaluate's markers do not key on it: greedy replies are the same
+    "judge.cache_dir",
+    "runtime.",  # threads and other machine settings
+)
+_ENDPOINT_SAFE = ("timeout_s", "max_retries", "concurrency")
+
+
+class RunConfigError(ValueError):
+    """A run folder was started with settings that differ from the ones given now."""
+
+
+def _safe(path: str) -> bool:
+    if any(path == s or (s.endswith(".") and path.startswith(s)) for s in SAFE_TO_CHANGE):
+        return True
+    parts = path.split(".")
+    return len(parts) >= 3 and parts[-2] == "endpoint" and parts[-1] in _ENDPOINT_SAFE
+
+
+def saved_config(run_dir: str | Path) -> MosaicConfig:
+    """The settings a run folder was started with."""
+    from mosaic.config import load_config
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a MOSAIC run folder: it has no {CONFIG_FILE}")
+    return load_config(path)
+
+
+def open_run(config: MosaicConfig) -> list[str]:
+    """Save `config` into its run folder, or check it against the one saved there.
+
+    Returns the safe changes applied (as 'field: old -> new'); raises RunConfigError naming the
+    fields that may not change.
+    """
+    run_dir = Path(config.run_dir)
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, dump_config(config))
+        return []
+    try:
+        old: Any = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise RunConfigError(f"{path} cannot be read ({type(e).__name__}); restore it or start "
+                             f"a new run folder") from None
+    new = config.model_dump(mode="json")
+    changes = changed_inputs(old, new)
+    unsafe = [c for c in changes if not _safe(c.split(":", 1)[0])]
+    if unsafe:
+        raise RunConfigError(
+            f"{run_dir} was started with other settings; resuming it with these would mix "
+            f"results of different setups:\n" + "\n".join(f"  - {c}" for c in unsafe)
+            + f"\nResume with the saved settings ({path}), or set run_dir to a new folder.")
+    if changes:
+        atomic_write_text(path, dump_config(config))
+    return changes
