@@ -341,6 +341,13 @@ def test_dpo_pairs_follow_the_rules_and_trl_conversational_format():
     assert table.num_rows > 0 and manifest.method == "dpo"
     assert set(table.column_names) >= {"prompt", "chosen", "rejected"}
     by_id = {n: {r["id"]: r for r in pools[n].to_pylist()} for n in TYPES}
+    # The rows any pair may use: the candidates left after the static filters (dedup, eval
+    # overlap, invalid labels), grouped by prompt.
+    scores_of: dict[tuple[str, str], list[float]] = {}
+    for n, cands in prepared.candidates("dpo").items():
+        rows = pools[n].to_pylist()
+        for i in cands.rows.tolist():
+            scores_of.setdefault((n, rows[i]["prompt_id"]), []).append(rows[i]["score"])
     for r in table.to_pylist():
         src = by_id[r["objective"]]
         c, j = src[r["chosen_id"]], src[r["rejected_id"]]
@@ -350,6 +357,10 @@ def test_dpo_pairs_follow_the_rules_and_trl_conversational_format():
         assert r["rejected"] == [j["messages"][-1]] and r["rejected"][0]["role"] == "assistant"
         assert c["score"] >= 3.0 and c["score"] > j["score"]
         # chosen is the best eligible response, rejected the worst, among the prompt's rows
+        group = scores_of[(r["objective"], r["prompt_id"])]
+        assert c["score"] == max(s for s in group if s >= 3.0)
+        assert j["score"] == min(group)
+        assert r["chosen_score"] == c["score"] and r["rejected_score"] == j["score"]
         assert r["tokens"] > 0
     assert manifest.total_tokens <= 20_000
 

@@ -329,6 +329,11 @@ def test_end_to_end_with_the_transformers_backend_and_an_adapter(openai_server, 
     with_adapter = evaluate(config, tiny_trained_model_dir, adapter, tmp_path / "r0", progress=messages.append)
     assert any(f"+ adapter {adapter}" in m for m in messages)
     assert with_adapter.adapter == str(adapter)
+    # ... it generated again (the base model's responses were not reused) and answers otherwise.
+    assert any("generating" in m for m in messages)
+    adapted = pq.read_table(tmp_path / "r0" / "eval" / "safety" / "responses.parquet").to_pylist()
+    assert [r["id"] for r in adapted] == [r["id"] for r in resp]
+    assert [r["messages"] for r in adapted] != [r["messages"] for r in resp]
 
 
 def test_sets_without_prompt_atoms_get_them_from_the_judge(openai_server, tmp_path):
