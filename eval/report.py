@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from mosaic.eval.base import ObjectiveType, get_objective_type
-from mosaic.eval.stats import DEFAULT_RESAMPLES, slice_stats
+from mosaic.eval.stats import DEFAULT_RESAMPLES, bootstrap_ci, slice_stats
 from mosaic.schemas import L1, BorderlineExample, FailureReport, SampleRecord
 
 L1_COLUMNS = ("slice", "score", "valid", "weight", "failure")
@@ -248,11 +248,14 @@ def build_failure_report(objective_name: str, objective_type: str | ObjectiveTyp
     f = float(valid_scores.mean()) if valid_scores.size else None
     if f is not None and not math.isfinite(f):
         raise ValueError(f"objective {objective_name!r}: valid samples carry non-finite scores")
+    ci_low, ci_high = bootstrap_ci(valid_scores, seed=[seed, 1], n_resamples=n_resamples)
     return FailureReport(
         objective=objective_name,
         objective_type=otype.type_name,
         round=round,
         f=f,
+        f_ci_low=ci_low,
+        f_ci_high=ci_high,
         n=len(s.ids),
         n_valid=int(s.valid.sum()),
         target=target,

@@ -90,6 +90,8 @@ class FailureReport(Strict):
     objective_type: str
     round: int
     f: float | None
+    f_ci_low: float | None = None  # 95% bootstrap CI of f over valid samples
+    f_ci_high: float | None = None
     n: int
     n_valid: int
     target: float | None = None
@@ -141,6 +143,15 @@ class ObjectiveAction(Strict):
     bucket_weights: dict[str, float] | None = None
     focus: FocusCriteria | None = None
     focus_ratio: float = 0.0
+    # Minimum pool score for this objective's rows (SFT) or chosen responses (DPO); overrides
+    # the action's global quality_threshold, so one pool can ask for only its best answers
+    # without starving the others.
+    quality_threshold: float | None = None
+
+    @field_validator("quality_threshold")
+    @classmethod
+    def _threshold_finite(cls, v: float | None) -> float | None:
+        return None if v is None else _finite("quality_threshold", v)
 
 
 class DataAction(Strict):

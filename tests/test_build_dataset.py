@@ -100,10 +100,17 @@ def actions(draw):
         if include or exclude:
             oa["focus"] = {"include": include, "exclude": exclude}
         oa["focus_ratio"] = draw(st.sampled_from([0.0, 0.3, 0.5, 1.0]))
+        oa["quality_threshold"] = draw(st.sampled_from([None, None, 3.0, 4.5]))
         objectives[n] = oa
     return {"mixture": mixture, "objectives": objectives,
             "quality_threshold": draw(st.sampled_from([None, 1.0, 2.5, 3.0, 4.0])),
             "method": draw(st.sampled_from(["sft", "sft", "dpo"])), "rationale": "property test"}
+
+
+def threshold_of(action: DataAction, objective: str) -> float | None:
+    """The quality threshold that applies to an objective: its own, else the action's."""
+    oa = action.objectives.get(objective)
+    return oa.quality_threshold if oa and oa.quality_threshold is not None else action.quality_threshold
 
 
 # ---- vectorised primitives against sequential references ----------------------------------
@@ -191,8 +198,9 @@ def _check_guarantees(prepared, pools, evals, action, budget, table, manifest):
         # no exact or normalised duplicates in the output, and quality threshold honoured
         keys = [tuple((m["role"], norm(m["content"])) for m in r["messages"]) for r in rows]
         assert len(keys) == len(set(keys))
-        if action.quality_threshold is not None:
-            assert all(r["score"] >= action.quality_threshold for r in rows)
+        for r in rows:
+            q = threshold_of(action, r["objective"])
+            assert q is None or r["score"] >= q
         for r in rows:
             assert r["messages"][-1]["role"] == "assistant"
             if prepared.max_length is not None:
@@ -200,8 +208,8 @@ def _check_guarantees(prepared, pools, evals, action, budget, table, manifest):
     else:
         for r in rows:
             assert r["chosen_score"] > r["rejected_score"]
-            if action.quality_threshold is not None:
-                assert r["chosen_score"] >= action.quality_threshold
+            q = threshold_of(action, r["objective"])
+            assert q is None or r["chosen_score"] >= q
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

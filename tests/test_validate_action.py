@@ -130,6 +130,13 @@ CASES = {
                               "$.quality_threshold", "[1, 5]"),
     "threshold below range": (with_(GOOD, "quality_threshold", 0.5), "threshold_out_of_range",
                               "$.quality_threshold", "[1, 5]"),
+    "objective threshold above range": (with_(GOOD, "objectives.safety.quality_threshold", 7),
+                                        "threshold_out_of_range",
+                                        "$.objectives.safety.quality_threshold", "[1, 5]"),
+    "objective threshold the pool cannot meet": (
+        with_(with_(GOOD, "mixture", {"safety": 1.0}), "objectives.safety",
+              {"quality_threshold": 5.0}),
+        "unfillable", "$.mixture.safety", "lower quality_threshold"),
     "objective the pool cannot fill": (
         with_(with_(GOOD, "mixture", {"safety": 1.0}), "objectives", None) | {"quality_threshold": 5.0},
         "unfillable", "$.mixture.safety", "lower mixture.safety to <="),

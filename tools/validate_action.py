@@ -448,7 +448,8 @@ def _capacity_problems(action: DataAction, ctx: ActionContext, notes: list[str])
         units = objective_units(cands, oa, q, action.method, keys)
         avail, focus_avail = supply(cands, units)
         total = sum(avail.values())
-        filters = (f"quality >= {_fmt(q)}, " if q is not None and action.method == "sft" else "") + \
+        q_o = oa.quality_threshold if oa is not None and oa.quality_threshold is not None else q
+        filters = (f"quality >= {_fmt(q_o)}, " if q_o is not None and action.method == "sft" else "") + \
             ("exclude criteria, " if oa and oa.focus and oa.focus.exclude else "") + \
             "dedup, eval overlap, length" + (", DPO pairing" if action.method == "dpo" else "")
         opath = _key_path("$.objectives", name)
@@ -460,7 +461,7 @@ def _capacity_problems(action: DataAction, ctx: ActionContext, notes: list[str])
                                        f"{total:,} after filters ({filters}): short by "
                                        f"{a_o - total:,}",
                                hint=f"lower mixture.{name} to <= {max_w:.6f}"
-                                    + (" or lower quality_threshold" if q is not None else "")
+                                    + (" or lower quality_threshold" if q_o is not None else "")
                                     + (" or relax exclude" if oa and oa.focus and oa.focus.exclude else "")))
             continue
         balloc = bucket_allocations(a_o, bw, avail)
@@ -577,6 +578,13 @@ def _validate(raw: str | bytes | dict[str, Any], ctx: ActionContext) -> ActionVe
                         hint=f"slices: {', '.join(otype.slices)}"
                              + (f"; present in the pool: {', '.join(present)}" if present else "")))
             bw = _normalise_weights(bw, bpath, "bucket", problems, notes)
+        q_o = oa.quality_threshold
+        if q_o is not None and not lo <= q_o <= hi:
+            problems.append(Problem(code="threshold_out_of_range", path=f"{opath}.quality_threshold",
+                                    message=f"quality_threshold {_fmt(q_o)} is outside the score "
+                                            f"range [{_fmt(lo)}, {_fmt(hi)}]",
+                                    hint=f"use a value in [{_fmt(lo)}, {_fmt(hi)}], or null to use "
+                                         f"the action's quality_threshold"))
         ratio = oa.focus_ratio
         if not 0.0 <= ratio <= 1.0:
             if -ROUNDING_TOL <= ratio <= 1.0 + ROUNDING_TOL:

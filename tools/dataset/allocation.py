@@ -44,7 +44,10 @@ class Units:
 
 def objective_units(cands: Candidates, oa: ObjectiveAction | None, threshold: float | None,
                     method: str, keys: np.ndarray | None = None) -> Units:
-    """Apply an action's per-objective filters to the candidates (vectorised)."""
+    """Apply an action's per-objective filters to the candidates (vectorised). The objective's own
+    quality_threshold, when set, replaces the action's global `threshold`."""
+    if oa is not None and oa.quality_threshold is not None:
+        threshold = oa.quality_threshold
     n = len(cands.rows)
     focus = oa.focus if oa is not None else None
     alive = np.ones(n, dtype=bool)
