@@ -356,37 +356,92 @@ def judge_agreement_cmd(
 
 def run_main(cfg) -> None:
     """The main job behind `mosaic run`: the sandbox world's statistics (for sandbox configs),
-    then the base model's baseline evaluation (round 0) with its per-slice tables. The planner
-    loop's rounds come next in this same function, without changing the command."""
-    from mosaic.io import read_record
-    from mosaic.run_store import RunConfigError, open_run
-    from mosaic.schemas import EvalReport
-    from mosaic.tools.evaluate import report_path
-    from mosaic.tools.run_round import run_baseline
+    the base model (built once, cached), then the closed loop: baseline + `loop.rounds` rounds
+    with a live status line, a per-round score table and the final Pareto front."""
+    import time
 
-    try:
-        for change in open_run(cfg):
-            console.print(f"[dim]settings changed since the run started (allowed): {change}[/dim]")
-    except RunConfigError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    from rich.text import Text
+
+    from mosaic.agents.runner import run_loop
+    from mosaic.display import LoopProgress, pareto_table, rounds_table, timings_table
+    from mosaic.run_store import RunConfigError
+    from mosaic.tools.archive import load_archive
+
+    start = time.perf_counter()
     if cfg.world.kind == "sandbox":
         _sandbox_world(cfg)
-    round_dir = Path(cfg.run_dir) / "round_0"
-    say = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
-    run_baseline(cfg, round_dir, progress=say)
-    for split in ("eval", "heldout"):
-        path = report_path(round_dir, split)
-        if path.is_file():
-            console.print(f"[bold]baseline ({split} split)[/bold]")
-            print_eval_report(read_record(path, EvalReport))
-    console.print(f"baseline written to {round_dir}")
+    if cfg.inference.backend != "openai" or cfg.model.base == "sandbox":
+        _base_model(cfg)  # built before the live display, with its own progress bar
+    names = list(cfg.objectives)
+    how: list[str] = []
+
+    def started(kind: str) -> None:
+        how.append(kind)
+        text = {"new": f"starting a new run in {cfg.run_dir}",
+                "resumed": f"resuming the run in {cfg.run_dir} where it stopped",
+                "extended": f"extending the finished run in {cfg.run_dir} to {cfg.loop.rounds} rounds",
+                "finished": f"the run in {cfg.run_dir} is finished; its results:"}[kind]
+        console.print(Text(text, style="bold"))
+
+    try:
+        with LoopProgress(console, cfg.loop.rounds) as live:
+            def progress(event) -> None:
+                live.event(event)
+                if event.status == "done" and event.stage in ("baseline", "evaluate"):
+                    live.say(f"{'baseline' if event.round == 0 else f'round {event.round}'} "
+                             f"evaluated in {event.seconds:.0f}s")
+
+            outcome = run_loop(cfg, progress=progress, say=live.say, on_start=started)
+    except RunConfigError as e:
+        console.print(Text(str(e), style="red"))
+        raise typer.Exit(2) from None
+    archive = load_archive(cfg.run_dir)
+    wide = Console(width=max(console.width, 160))
+    wide.print(rounds_table(outcome.state.get("history", []), names,
+                            archive.front if archive else ()))
+    if archive is not None:
+        wide.print(pareto_table(archive))
+    if outcome.ran:
+        wide.print(timings_table(outcome.timings, time.perf_counter() - start))
+    console.print(Text(f"run folder: {cfg.run_dir} (audit log, archive, rounds); "
+                       f"`mosaic audit {cfg.run_dir}` explains it"))
 
 
 @app.command("run")
-def run_cmd(config: Path = typer.Argument(DEFAULT_CONFIG, help="Run config (YAML).")) -> None:
-    """The main job on a config (default configs/sandbox.yaml)."""
-    run_main(_load(config))
+def run_cmd(
+    config: Path = typer.Argument(DEFAULT_CONFIG, help="Run config (YAML)."),
+    resume: Path = typer.Option(None, "--resume", help="Continue the run in this folder with the "
+                                                       "settings saved there (MOSAIC__ overrides "
+                                                       "still apply, e.g. more loop.rounds)."),
+) -> None:
+    """The main job: baseline + loop.rounds planner rounds on a config (default
+    configs/sandbox.yaml). Resumable: rerunning continues a killed run where it stopped, reprints
+    a finished run without recomputing, and extends it when loop.rounds was raised."""
+    if resume is not None:
+        from mosaic.config import ConfigError
+        from mosaic.run_store import saved_config
+
+        try:
+            # The folder may have moved since the run started: it is where the run is now.
+            cfg = saved_config(resume).model_copy(update={"run_dir": str(resume)})
+        except ConfigError as e:
+            console.print(str(e), style="red", markup=False)
+            raise typer.Exit(2) from None
+    else:
+        cfg = _load(config)
+    run_main(cfg)
+
+
+def _base_model(cfg) -> None:
+    from mosaic.sandbox.base_model import ensure_base_model
+    from mosaic.training.base_model import BaseModelError
+    from mosaic.training.models import ModelLoadError
+
+    try:
+        ensure_base_model(cfg)
+    except (BaseModelError, ModelLoadError) as e:
+        console.print(str(e), style="red", markup=False)
+        raise typer.Exit(2) from None
 
 
 # ---- models: `mosaic base-model` ----------------------------------------------------------------

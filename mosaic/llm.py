@@ -191,3 +191,15 @@ def chat_completion(client: "openai.OpenAI", model: str, messages: Sequence[dict
     if message is None:
         raise MalformedResponse(f"first choice has no message: {str(choices[0])[:200]!r}")
     return message.content or ""
+
+
+def chat_message(client: "openai.OpenAI", model: str, messages: Sequence[dict[str, Any]], *,
+                 temperature: float = 0.0, **extra: Any) -> Any:
+    """One chat completion's first message (content and tool calls), checked like
+    `chat_completion`: a body that is not a completion raises `MalformedResponse`."""
+    response = client.chat.completions.create(model=model, messages=list(messages),
+                                              temperature=temperature, **extra)
+    choices = getattr(response, "choices", None)
+    if not choices or getattr(choices[0], "message", None) is None:
+        raise MalformedResponse(f"response has no message: {str(response)[:200]!r}")
+    return choices[0].message

@@ -258,8 +258,113 @@ class RoundResult(Strict):
     heldout_scores: dict[str, float | None] | None = None
 
 
+# --------------------------------------------------------------------------------------------
+# The loop: proposals, the Pareto archive
+# --------------------------------------------------------------------------------------------
+
+
+Author = Literal["planner", "fallback", "human", "system"]
+
+
+class ToolCall(Strict):
+    """One tool call a planner made while proposing, summarised for the audit log."""
+
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    result_summary: str = ""
+
+
+class Proposal(Strict):
+    """What a planner proposed: the raw text (checked by the validator, never trusted) and how
+    it came to it."""
+
+    schema_version: int = SCHEMA_VERSION
+    raw: str
+    planner: str  # "heuristic", "llm", ...
+    model: str | None = None
+    prompt_hash: str | None = None  # sha256 of the prompt templates used
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    rationale: str = ""
+    error: str | None = None  # why no usable proposal came back (timeout, malformed reply, ...)
+
+
+class SliceDiagnosis(Strict):
+    """A planner tool's answer: one slice of one objective in the latest evaluated round."""
+
+    objective: str
+    slice: str
+    stats: SliceStats | None  # None: the slice has no samples in the eval set
+    share_of_need: float  # this slice's need / the objective's total need
+    rank_by_need: int  # 1 = neediest
+    history: dict[int, float | None] = Field(default_factory=dict)  # round -> slice mean
+    breakdown: dict[str, Any] = Field(default_factory=dict)  # the type's breakdown for the slice
+    advice: list[str] = Field(default_factory=list)
+
+
+class ExampleView(Strict):
+    """An eval sample shown to a planner: anonymised excerpts, to be read as untrusted data."""
+
+    id: str
+    slice: str
+    score: float
+    failed: bool
+    turns: int
+    prompt_excerpt: str
+    response_excerpt: str
+    l2: dict[str, Any] = Field(default_factory=dict)
+
+
+class PoolCapacity(Strict):
+    """What one pool can supply under a threshold and focus criteria (tokens per bucket)."""
+
+    objective: str
+    method: Literal["sft", "dpo"]
+    quality_threshold: float | None
+    available_tokens: dict[str, int]  # bucket -> tokens left after every filter
+    focus_tokens: dict[str, int]  # bucket -> of which match `include`
+    total_tokens: int
+    max_mixture_weight: float  # the largest mixture weight the pool can fill at the run's budget
+    dropped: dict[str, int] = Field(default_factory=dict)
+
+
+class ArchivePoint(Strict):
+    """One evaluated round in the Pareto archive (round 0 is the base model)."""
+
+    round: int
+    eval: dict[str, float]
+    eval_ci: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    heldout: dict[str, float] | None = None
+    heldout_ci: dict[str, tuple[float, float]] | None = None
+    action_hash: str | None = None
+    adapter: str | None = None
+    author: Author | None = None
+
+
+class ArchiveDecision(Strict):
+    round: int
+    on_front: bool
+    dominated_by: list[int] = Field(default_factory=list)
+    displaced: list[int] = Field(default_factory=list)  # front members this point dominates
+    hypervolume_before: float
+    hypervolume_after: float
+
+
+class ParetoArchive(Strict):
+    """Every evaluated round, its non-dominated front (all objectives maximised) and hypervolume."""
+
+    schema_version: int = SCHEMA_VERSION
+    objectives: list[str]
+    reference: dict[str, float]  # hypervolume reference point (default: 1, the lowest score)
+    points: list[ArchivePoint] = Field(default_factory=list)
+    front: list[int] = Field(default_factory=list)  # rounds on the non-dominated front
+    hypervolume: float = 0.0
+    best: dict[str, int] = Field(default_factory=dict)  # objective -> round with the best score
+    # Pairs of front members whose eval CIs overlap on every objective: not told apart.
+    indistinct: list[tuple[int, int]] = Field(default_factory=list)
+
+
 def json_schemas() -> dict[str, dict[str, Any]]:
     """JSON Schemas of the public records, for export (`mosaic schema`) and for LLM prompts."""
     models = [SampleRecord, FailureReport, EvalReport, DataAction, ActionVerdict,
-              DatasetManifest, TrainResult, RoundResult]
+              DatasetManifest, TrainResult, RoundResult, Proposal, ParetoArchive]
     return {m.__name__: m.model_json_schema() for m in models}

@@ -6,36 +6,9 @@ import json
 
 import pytest
 
-from mosaic.config import load_config
 from mosaic.tools.run_round import ROUND_FILE, run_baseline, run_round
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_run_config(tmp_path_factory, tiny_trained_model_dir):
-    root = tmp_path_factory.mktemp("tiny-run")
-    data = root / "world"
-    overrides = {
-        "run_dir": str(root / "run"),
-        "budget": {"max_tokens": 4000},
-        "world": {"data_dir": str(data), "pool_size": 300, "eval_size": 20, "heldout_size": 20,
-                  "base_corpus_size": 100},
-        "model": {"base": str(tiny_trained_model_dir), "max_length": 256,
-                  "cache_dir": str(root / "models")},
-        "training": {"batch_size": 8, "learning_rate": 5e-3},
-        "inference": {"batch_size": 32, "max_new_tokens": 8},
-        "judge": {"cache_dir": str(root / "judge")},
-        "objectives": {name: {"pool": str(data / "pools" / f"{name}.parquet"),
-                              "eval": str(data / "eval" / f"{name}.parquet"),
-                              "heldout": str(data / "heldout" / f"{name}.parquet")}
-                       for name in ("safety", "boundary", "instruction")},
-    }
-    cfg = load_config("configs/sandbox.yaml", environ={}, overrides=overrides)
-    from mosaic.sandbox import ensure_world
-
-    ensure_world(cfg.world)
-    return cfg
 
 
 ACTION = {"mixture": {"safety": 0.5, "boundary": 0.3, "instruction": 0.2},
@@ -89,22 +62,31 @@ def test_baseline_is_round_zero_of_the_base_model(tiny_run_config, tmp_path):
     assert (tmp_path / "round_0" / "heldout" / "eval_report.json").is_file()
 
 
-def test_mosaic_run_prints_world_statistics_and_the_baseline(tiny_run_config, tmp_path):
+def test_mosaic_run_prints_world_statistics_rounds_and_the_pareto_front(tiny_run_config, tmp_path):
     from typer.testing import CliRunner
 
     from mosaic.cli import app
     from mosaic.config import dump_config
 
     cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(dump_config(tiny_run_config.model_copy(
-        update={"run_dir": str(tmp_path / "run")})))
+    cfg_file.write_text(dump_config(tiny_run_config.model_copy(update={
+        "run_dir": str(tmp_path / "run"),
+        "loop": tiny_run_config.loop.model_copy(update={"rounds": 1})})))
     result = CliRunner().invoke(app, ["run", str(cfg_file)], terminal_width=160)
     assert result.exit_code == 0, result.output
     assert "sandbox world reused" in result.output
-    assert "baseline (eval split)" in result.output and "baseline (heldout split)" in result.output
+    assert "starting a new run" in result.output
+    assert "scores per round" in result.output and "Pareto front" in result.output
+    assert "wall time per stage" in result.output
     for name in ("safety", "boundary", "instruction"):
         assert name in result.output
     assert (tmp_path / "run" / "round_0" / "round.json").is_file()
+    assert (tmp_path / "run" / "round_1" / "round.json").is_file()
+
+    again = CliRunner().invoke(app, ["run", "--resume", str(tmp_path / "run")], terminal_width=160)
+    assert again.exit_code == 0, again.output
+    flat = " ".join(again.output.split())  # messages wrap at the terminal width
+    assert "is finished; its results" in flat and "Pareto front" in flat
 
 
 # ---- markers keyed by inputs ------------------------------------------------------------------

@@ -1,0 +1,273 @@
+"""The loop's nodes: thin wrappers over `mosaic.tools` that return only the state keys they change.
+
+Every node is safe to run again from its start (LangGraph re-runs the node in flight after a
+crash or an interrupt): stages reuse their outputs through input-keyed markers, a proposal is
+kept in the round folder once made, and audit entries carry ids so a repeat is not logged twice.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from mosaic.agents.context import LoopContext
+from mosaic.agents.state import HistoryEntry, LoopState
+from mosaic.io import atomic_write_json, read_record
+from mosaic.schemas import ActionVerdict, DataAction, Proposal
+
+
+def _round(state: LoopState) -> int:
+    return state.get("round", 1)
+
+
+def _action_json(action: dict[str, Any] | DataAction) -> str:
+    data = action.model_dump(mode="json") if isinstance(action, DataAction) else action
+    return json.dumps(data, sort_keys=True)
+
+
+def _action_hash(action: dict[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(_action_json(action).encode()).hexdigest()
+
+
+# ---- baseline -------------------------------------------------------------------------------------
+
+
+def baseline(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+    """Round 0: the base model on the eval and held-out sets; the archive's first point."""
+    from mosaic.tools.archive import add_point, load_archive, new_archive, point_from_reports, save_archive
+    from mosaic.tools.run_round import run_baseline
+
+    result, seconds = ctx.timed("baseline", 0, lambda: run_baseline(
+        ctx.config, ctx.round_dir(0), heldout=True, progress=ctx.say))
+    archive = load_archive(ctx.run_dir) or new_archive(list(ctx.config.objectives))
+    point = point_from_reports(0, ctx.eval_report(0), ctx.eval_report(0, "heldout"),
+                               author="system")
+    archive, decision = add_point(archive, point)
+    save_archive(archive, ctx.run_dir)
+    ctx.audit.append("baseline", {"eval": result.scores, "heldout": result.heldout_scores,
+                                  "seconds": round(seconds, 2)},
+                     round=0, event_id="r0/baseline")
+    entry: HistoryEntry = {"round": 0, "action": None, "author": "system", "eval": point.eval,
+                           "heldout": point.heldout, "skipped": False}
+    return {"round": 1, "revision": 0, "history": [entry], "feedback": [], "proposal": None,
+            "verdict": None, "action": None, "author": None}
+
+
+# ---- plan -> check -> revise / refuse -------------------------------------------------------------
+
+
+def plan(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+    """Ask the planner for this round's action (kept in the round folder once made)."""
+    k, rev = _round(state), state.get("revision", 0)
+    path = ctx.round_dir(k) / "proposals" / f"{rev}.json"
+    if path.is_file():
+        proposal = read_record(path, Proposal)
+    else:
+        proposal, seconds = ctx.timed("plan", k, lambda: ctx.planner.propose(ctx.plan_context(state)))
+        atomic_write_json(path, proposal)
+    ctx.audit.append("proposal", {**proposal.model_dump(mode="json", exclude={"schema_version"}),
+                                  "revision": rev},
+                     round=k, author="planner", event_id=f"r{k}/proposal/{rev}")
+    return {"proposal": proposal.model_dump(mode="json")}
+
+
+def check(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+    """The proposal against the schema, the pools, the budget and the limits."""
+    k, rev = _round(state), state.get("revision", 0)
+    raw = (state.get("proposal") or {}).get("raw", "")
+    verdict, _ = ctx.timed("check", k, lambda: ctx.check(state, raw))
+    ctx.audit.append("verdict", verdict.model_dump(mode="json", exclude={"schema_version"}),
+                     round=k, author="system", event_id=f"r{k}/verdict/{rev}")
+    update: dict[str, Any] = {"verdict": verdict.model_dump(mode="json"), "revision": rev + 1}
+    if verdict.ok and verdict.action is not None:
+        update.update(action=verdict.action.model_dump(mode="json"), author="planner")
+    return update
+
+
+def after_check(state: LoopState, ctx: LoopContext) -> Literal["execute", "revise", "refuse"]:
+    verdict = ActionVerdict.model_validate(state["verdict"])
+    if verdict.ok:
+        return "execute"
+    # max_revisions revisions after the first proposal; then the proposal is refused.
+    if state.get("revision", 1) <= ctx.config.planner.max_revisions:
+        return "revise"
+    return "refuse"
+
+
+def revise(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+    """Send the verdict's problems back to the planner, verbatim."""
+    from mosaic.tools.validate_action import format_problems
+
+    k, rev = _round(state), state.get("revision", 1)
+    verdict = ActionVerdict.model_validate(state["verdict"])
+    feedback = [f"[{p.code}] {p.path}: {p.message}" + (f" (hint: {p.hint})" if p.hint else "")
+                for p in verdict.problems]
+    error = (state.get("proposal") or {}).get("error")
+    if error:
+        feedback.insert(0, f"no usable reply: {error}")
+    ctx.audit.append("revision", {"revision": rev, "feedback": feedback,
+                                  "verdict": format_problems(verdict)},
+                     round=k, author="system", event_id=f"r{k}/revision/{rev}")
+    return {"feedback": feedback}
+
+
+def refuse(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+    """The planner's proposals stayed invalid: refuse them and fall back to the heuristic
+    planner, or failing that to the last valid action; with neither, skip the round."""
+    k = _round(state)
+    ctx.audit.append("refusal", {"revisions": state.get("revision", 0),
+                                 "last_problems": (state.get("verdict") or {}).get("problems")},
+                     round=k, author="system", event_id=f"r{k}/refusal")
+    candidates: list[tuple[str, str]] = []
+    if ctx.fallback is not ctx.planner:
+        proposal = ctx.fallback.propose(ctx.plan_context({**state, "feedback": []}))
+        candidates.append((f"{ctx.fallback.name} planner", proposal.raw))
+    previous = ctx.previous_action(state)
+    if previous is not None:
+        candidates.append(("last valid action", _action_json(previous)))
+    for source, raw in candidates:
+        verdict = ctx.check(state, raw)
+        if verdict.ok and verdict.action is not None:
+            ctx.audit.append("fallback", {"source": source, "raw": raw,
+                                          "verdict": verdict.status},
+                             round=k, author="fallback", event_id=f"r{k}/fallback")
+            return {"verdict": verdict.model_dump(mode="json"),
+                    "action": verdict.action.model_dump(mode="json"), "author": "fallback"}
+    ctx.audit.append("round_skipped", {"reason": "no valid action: the planner's proposals were "
+                                                 "refused and no fallback passed the check",
+                                       "tried": [s for s, _ in candidates]},
+                     round=k, author="system", event_id=f"r{k}/skipped")
+    return {"action": None, "author": None}
+
+
+def after_refuse(state: LoopState, ctx: LoopContext) -> Literal["execute", "skip"]:
+    return "execute" if state.get("action") else "skip"
+
+
+# ---- execute: build -> train -> evaluate -> archive ---------------------------------------------
+
+
+def build(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+    from mosaic.tools.run_round import dataset_stage
+
+    k = _round(state)
+    action = state["action"]
+    ctx.audit.append("executed", {"action": action, "action_hash": _action_hash(action),
+                                  "decided_by": state.get("author")},
+                     round=k, author=state.get("author") or "planner", event_id=f"r{k}/executed")
+    (verdict, manifest), seconds = ctx.timed("build", k, lambda: dataset_stage(
+        ctx.config, _action_json(action), ctx.round_dir(k), round_index=k,
+        previous_action=ctx.previous_action(state), progress=ctx.say))
+    if manifest is None:  # cannot happen after a passing check: the same rules, stricter limits
+        raise RuntimeError(f"round {k}: the build rejected an action the check passed: "
+                           f"{[p.message for p in verdict.problems]}")
+    per_objective: dict[str, dict[str, int]] = {}
+    for b in manifest.buckets:
+        o = per_objective.setdefault(b.objective, {"rows": 0, "tokens": 0, "focus_rows": 0})
+        o["rows"] += b.rows
+        o["tokens"] += b.tokens_used
+        o["focus_rows"] += b.focus_rows
+    ctx.audit.append("manifest", {"output_hash": manifest.output_hash,
+                                  "total_tokens": manifest.total_tokens,
+                                  "total_rows": manifest.total_rows, "budget": manifest.budget,
+                                  "per_objective": per_objective,
+                                  "buckets": {f"{b.objective}/{b.bucket}": b.tokens_used
+                                              for b in manifest.buckets},
+                                  "seconds": round(seconds, 2)},
+                     round=k, event_id=f"r{k}/manifest")
+    return {}
+
+
+def train(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+    from mosaic.schemas import DatasetManifest
+    from mosaic.tools.run_round import train_stage
+
+    k = _round(state)
+    manifest = read_record(ctx.round_dir(k) / "dataset" / "manifest.json", DatasetManifest)
+    result, seconds = ctx.timed("train", k, lambda: train_stage(
+        ctx.config, ctx.round_dir(k), manifest, round_index=k, progress=ctx.say))
+    ctx.audit.append("trained", {"train_tokens": result.train_tokens, "rows": result.train_rows,
+                                 "steps": result.steps, "final_loss": result.final_loss,
+                                 "seconds": round(seconds, 2)},
+                     round=k, event_id=f"r{k}/trained")
+    return {}
+
+
+def evaluate(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+    from mosaic.tools.run_round import evaluate_stage
+
+    k = _round(state)
+    (scores, heldout), seconds = ctx.timed("evaluate", k, lambda: evaluate_stage(
+        ctx.config, ctx.round_dir(k), round_index=k, adapter_dir=ctx.round_dir(k) / "adapter",
+        heldout=True, progress=ctx.say))
+    ctx.audit.append("scores", {"eval": scores, "heldout": heldout,
+                                "seconds": round(seconds, 2)},
+                     round=k, event_id=f"r{k}/scores")
+    return {}
+
+
+def archive(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+    """Add the round to the Pareto archive; move on to the next round."""
+    from mosaic.tools.archive import add_point, load_archive, new_archive, point_from_reports, save_archive
+
+    k = _round(state)
+    action, author = state["action"], state.get("author") or "planner"
+    store = load_archive(ctx.run_dir) or new_archive(list(ctx.config.objectives))
+    point = point_from_reports(k, ctx.eval_report(k), ctx.eval_report(k, "heldout"),
+                               action_hash=_action_hash(action),
+                               adapter=str(ctx.round_dir(k) / "adapter"), author=author)
+    store, decision = add_point(store, point)
+    save_archive(store, ctx.run_dir)
+    _write_round_summary(state, ctx, point)
+    ctx.audit.append("archive", {**decision.model_dump(mode="json"), "front": store.front},
+                     round=k, event_id=f"r{k}/archive")
+    entry: HistoryEntry = {"round": k, "action": action, "author": author, "eval": point.eval,
+                           "heldout": point.heldout, "skipped": False}
+    return _next_round(state, entry)
+
+
+def _write_round_summary(state: LoopState, ctx: LoopContext, point: Any) -> None:
+    """round.json: the round's RoundResult (verdict, action, manifest, training, scores)."""
+    from mosaic.schemas import DatasetManifest, RoundResult, TrainResult
+    from mosaic.tools.run_round import ROUND_FILE
+
+    k = _round(state)
+    rd = ctx.round_dir(k)
+    result = RoundResult(
+        round=k, status="done", verdict=ActionVerdict.model_validate(state["verdict"]),
+        action=DataAction.model_validate(state["action"]),
+        manifest=read_record(rd / "dataset" / "manifest.json", DatasetManifest),
+        train=read_record(rd / "adapter" / "train_result.json", TrainResult),
+        scores=point.eval, heldout_scores=point.heldout)
+    atomic_write_json(rd / ROUND_FILE, result)
+
+
+def skip(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+    k = _round(state)
+    entry: HistoryEntry = {"round": k, "action": None, "author": "system", "eval": {},
+                           "heldout": None, "skipped": True}
+    return _next_round(state, entry)
+
+
+def _next_round(state: LoopState, entry: HistoryEntry) -> dict[str, Any]:
+    history = [h for h in state.get("history") or [] if h["round"] != entry["round"]]
+    return {"history": [*history, entry], "round": entry["round"] + 1, "revision": 0,
+            "proposal": None, "verdict": None, "feedback": [], "action": None, "author": None}
+
+
+def after_round(state: LoopState, ctx: LoopContext) -> Literal["plan", "finish"]:
+    return "plan" if state.get("round", 1) <= state.get("rounds", ctx.config.loop.rounds) else "finish"
+
+
+def finish(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+    from mosaic.tools.archive import load_archive
+
+    store = load_archive(ctx.run_dir)
+    rounds = state.get("rounds", ctx.config.loop.rounds)
+    ctx.audit.append("run_finished", {"rounds": rounds,
+                                      "front": store.front if store else [],
+                                      "hypervolume": store.hypervolume if store else None},
+                     event_id=f"finished/{rounds}")
+    return {"finished": True}

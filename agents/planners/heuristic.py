@@ -1,0 +1,296 @@
+"""The heuristic planner: deterministic, need- and gap-driven, no network (the embedded default).
+
+Policy, rule by rule (each pinned by a test on hand-built reports, tests/test_heuristic_planner.py):
+
+R1 Mixture from gaps. The reference score of an objective is its f in the latest evaluated
+   round (the baseline in round 1); gap = max(0, target - f). Weights are a floor `min_weight`
+   for every objective (so none drops out of training and is forgotten) plus the rest shared in
+   proportion to gap. No gap anywhere: the previous mixture (or uniform).
+R2 Recovery. If the latest round fell below the best archived score of an objective by more
+   than that score's CI half-width (a regression, not noise), the mixture steps back halfway
+   toward the action of the archive's anchor point (the front member with the best worst-case
+   improvement over the baseline), and the regressed objective's weight is not lowered.
+R3 Trust region. No mixture weight moves more than `max_step` from the previous action (a
+   person's `max_change` is tighter when set); floors and ceilings are applied last.
+R4 Quality lever, per objective. Safety (jailbreak) takes only the best answers (a full refusal
+   with a safe alternative and an explanation) when the pool can fill its allocation that way;
+   boundary (overrefusal) drops disclaimer- and preaching-heavy answers (friction mid/high) and
+   takes strong help; instruction (ifeval) takes answers that pass every constraint. Each
+   threshold steps down (5 -> 4 -> none) until the pool can fill the allocation.
+R5 Buckets from slice need. A slice's weight blends its share of the objective's need (damped
+   where reliability is low: x0.5, medium: x0.75) with its share of the pool's supply, half and
+   half, then is capped by what the bucket can supply after the filters.
+R6 Focus from the breakdowns: jailbreak includes the worst pressure x concealment patterns and
+   the leak types seen; overrefusal includes the boundary levels where benign prompts were
+   refused; ifeval includes the most-failed constraint ids the pool has. focus_ratio 0.5.
+R7 Capacity. A mixture weight never exceeds what its pool can fill under the chosen filters;
+   the excess goes to the other objectives. The action is dry-run through the check; if it is
+   still refused, the quality thresholds step down once more and it is checked again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mosaic.agents.planners.base import PlanContext, RoundRecord
+from mosaic.schemas import FailureReport, Proposal
+
+RELIABILITY_DAMPING = {"low": 0.5, "medium": 0.75, "high": 1.0}
+THRESHOLD_STEPS = (5.0, 4.0, None)
+
+
+@dataclass(frozen=True)
+class HeuristicSettings:
+    min_weight: float = 0.1  # R1: every objective keeps at least this share
+    max_step: float = 0.25  # R3: trust region on mixture weights
+    need_share: float = 0.5  # R5: weight of need vs supply in bucket weights
+    focus_ratio: float = 0.5  # R6
+    top_patterns: int = 3  # R6: jailbreak pc patterns / ifeval constraint ids to include
+    capacity_margin: float = 0.97  # R7: use at most this share of a pool's supply
+
+
+def _normalise(w: Mapping[str, float]) -> dict[str, float]:
+    total = sum(max(0.0, v) for v in w.values())
+    if total <= 0:
+        return {k: 1.0 / len(w) for k in w}
+    return {k: max(0.0, v) / total for k, v in w.items()}
+
+
+def _round_weights(w: Mapping[str, float], digits: int = 4) -> dict[str, float]:
+    """Weights rounded for a readable action, still summing to exactly 1 (the largest absorbs
+    the rounding)."""
+    out = {k: round(v, digits) for k, v in w.items() if v > 0}
+    if not out:
+        return {}
+    big = max(out, key=lambda k: (out[k], k))
+    out[big] = round(1.0 - sum(v for k, v in out.items() if k != big), digits)
+    return {k: v for k, v in out.items() if v > 0}
+
+
+def project(w: Mapping[str, float], lo: Mapping[str, float], hi: Mapping[str, float]
+            ) -> dict[str, float]:
+    """The weights of `w`, rescaled to sum 1 within per-key bounds: keys that would leave their
+    bounds are pinned there and the rest rescaled, until none does. Infeasible bounds (floors
+    above 1 in total, ceilings below) come back as close as they allow; the check rejects them."""
+    w = _normalise(w)
+    pinned: dict[str, float] = {}
+    while len(pinned) < len(w):
+        free = {k: v for k, v in w.items() if k not in pinned}
+        mass = 1.0 - sum(pinned.values())
+        total = sum(free.values())
+        scaled = {k: (v / total * mass if total > 0 else mass / len(free)) for k, v in free.items()}
+        out = {k: v for k, v in scaled.items()
+               if v < lo.get(k, 0.0) - 1e-12 or v > hi.get(k, 1.0) + 1e-12}
+        if not out:
+            return {**pinned, **scaled}
+        pinned.update({k: min(hi.get(k, 1.0), max(lo.get(k, 0.0), v)) for k, v in out.items()})
+    return pinned
+
+
+class HeuristicPlanner:
+    """`Planner` following the rules in the module docstring."""
+
+    name = "heuristic"
+
+    def __init__(self, settings: HeuristicSettings = HeuristicSettings()) -> None:
+        self.s = settings
+
+    # ---- R1, R2, R3: the mixture ---------------------------------------------------------------
+
+    def gap_mixture(self, ctx: PlanContext, scores: Mapping[str, float]) -> dict[str, float]:
+        names = list(ctx.objectives)
+        gaps = {n: max(0.0, ctx.targets[n] - scores.get(n, ctx.targets[n])) for n in names}
+        total = sum(gaps.values())
+        if total <= 0:
+            prev = ctx.previous_action.mixture if ctx.previous_action else {}
+            return _normalise({n: prev.get(n, 1.0) for n in names})
+        floor = min(self.s.min_weight, 1.0 / len(names))
+        rest = 1.0 - floor * len(names)
+        return {n: floor + rest * gaps[n] / total for n in names}
+
+    def regressions(self, ctx: PlanContext) -> list[str]:
+        """Objectives whose latest score fell below their best archived score by more than the
+        best point's CI half-width."""
+        if ctx.archive is None or not ctx.history or ctx.history[-1].round == 0:
+            return []
+        latest = ctx.history[-1]
+        out = []
+        for name in ctx.objectives:
+            best = max((p for p in ctx.archive.points if name in p.eval),
+                       key=lambda p: p.eval[name], default=None)
+            if best is None or best.round == latest.round or name not in latest.eval:
+                continue
+            lo, hi = best.eval_ci.get(name, (best.eval[name], best.eval[name]))
+            margin = max((hi - lo) / 2, 1e-9)
+            if latest.eval[name] < best.eval[name] - margin:
+                out.append(name)
+        return out
+
+    def anchor(self, ctx: PlanContext) -> RoundRecord | None:
+        """The front member with the best worst-case improvement over the baseline."""
+        if ctx.archive is None:
+            return None
+        front = set(ctx.archive.front)
+        members = [h for h in ctx.history if h.round in front and h.action is not None]
+        if not members or not ctx.baseline:
+            return None
+
+        def worst_gain(h: RoundRecord) -> float:
+            return min(h.eval.get(n, -math.inf) - ctx.baseline.get(n, 0.0) for n in ctx.objectives)
+
+        return max(members, key=lambda h: (worst_gain(h), -h.round))
+
+    def mixture(self, ctx: PlanContext, notes: list[str]) -> dict[str, float]:
+        latest = ctx.history[-1].eval if ctx.history else ctx.baseline
+        w = self.gap_mixture(ctx, latest)
+        notes.append("gaps to target: " + ", ".join(
+            f"{n} {max(0.0, ctx.targets[n] - latest.get(n, ctx.targets[n])):.2f}"
+            for n in ctx.objectives))
+        regressed = self.regressions(ctx)
+        anchor = self.anchor(ctx)
+        if regressed and anchor is not None and anchor.action is not None:
+            anchor_mix = anchor.action.mixture
+            stepped = {n: 0.5 * w[n] + 0.5 * anchor_mix.get(n, 0.0) for n in w}
+            prev = ctx.previous_action.mixture if ctx.previous_action else {}
+            for n in regressed:  # never lower the weight of what regressed
+                stepped[n] = max(stepped[n], prev.get(n, 0.0), w[n])
+            w = _normalise(stepped)
+            notes.append(f"regressed vs the archive: {', '.join(regressed)}; stepping halfway "
+                         f"back toward round {anchor.round}'s mixture")
+        prev = ctx.previous_action.mixture if ctx.previous_action else None
+        step = self.s.max_step
+        if ctx.limits.max_change is not None:
+            step = min(step, ctx.limits.max_change)
+        lo = dict(ctx.limits.floors)
+        hi = dict(ctx.limits.ceilings)
+        if prev is not None:
+            for n in w:
+                lo[n] = max(lo.get(n, 0.0), prev.get(n, 0.0) - step)
+                hi[n] = min(hi.get(n, 1.0), prev.get(n, 0.0) + step)
+        return project(w, lo, hi)
+
+    # ---- R4-R7: per objective --------------------------------------------------------------------
+
+    def quality(self, ctx: PlanContext, name: str, alloc: int, level: int
+                ) -> tuple[float | None, dict[str, Any], float]:
+        """(threshold, exclude criteria, largest fillable mixture weight) at step `level`."""
+        otype = ctx.objectives[name]
+        exclude: dict[str, Any] = {}
+        if otype == "overrefusal" and level < len(THRESHOLD_STEPS) - 1:
+            exclude = {"friction": ["mid", "high"]}
+        for q in THRESHOLD_STEPS[level:]:
+            cap = ctx.tools.pool_capacity(name, quality_threshold=q, exclude=exclude or None)
+            if cap.total_tokens * self.s.capacity_margin >= alloc or q is None:
+                return q, exclude, cap.max_mixture_weight * self.s.capacity_margin
+        raise AssertionError("unreachable: the last step has no threshold")
+
+    def focus(self, report: FailureReport | None, name: str, otype: str,
+              ctx: PlanContext) -> dict[str, Any]:
+        if report is None:
+            return {}
+        b = report.breakdowns or {}
+        if otype == "jailbreak":
+            combos = b.get("pc_failure_combos") or {}
+            worst = [pc for pc, v in combos.items() if v.get("failures", 0) > 0][:self.s.top_patterns]
+            leaks = [k for k, v in (b.get("leak_type_counts") or {}).items() if v > 0]
+            include: dict[str, Any] = {}
+            if worst:
+                include["pc_patterns"] = worst
+            if leaks:
+                include["leak_types"] = leaks
+            return include
+        if otype == "overrefusal":
+            failing = [s for s in report.slices if s.fail_rate and s.fail_rate > 0]
+            levels = [int(s.slice.rsplit("_", 1)[1]) for s in failing]
+            return {"boundary_range": [min(levels), max(levels)]} if levels else {}
+        if otype == "ifeval":
+            failed = list((b.get("most_failed_constraints") or {}))
+            present = []
+            for cid in failed:
+                cap = ctx.tools.pool_capacity(name, include={"failed_constraint": [cid]})
+                if sum(cap.focus_tokens.values()) > 0:
+                    present.append(cid)
+                if len(present) >= self.s.top_patterns:
+                    break
+            return {"failed_constraint": present} if present else {}
+        return {}
+
+    def buckets(self, report: FailureReport | None, avail: Mapping[str, int],
+                alloc: int) -> dict[str, float] | None:
+        if report is None or alloc <= 0 or not avail:
+            return None
+        need = {s.slice: s.need * RELIABILITY_DAMPING[s.reliability] for s in report.slices
+                if s.slice in avail}
+        total_need, total_avail = sum(need.values()), sum(avail.values())
+        if total_need <= 0 or total_avail <= 0:
+            return None
+        w = {b: self.s.need_share * need.get(b, 0.0) / total_need
+             + (1 - self.s.need_share) * avail[b] / total_avail for b in avail}
+        cap = {b: min(1.0, avail[b] * self.s.capacity_margin / alloc) for b in avail}
+        if sum(cap.values()) < 1.0:
+            return None  # the buckets cannot be weighted: let supply decide
+        return _round_weights(project(w, {}, cap))
+
+    # ---- the proposal -------------------------------------------------------------------------------
+
+    def propose(self, ctx: PlanContext) -> Proposal:
+        notes: list[str] = []
+        mixture = self.mixture(ctx, notes)
+        action: dict[str, Any] = {}
+        for level in range(len(THRESHOLD_STEPS)):
+            action = self._action(ctx, mixture, level, notes if level == 0 else [])
+            verdict = ctx.tools.dry_run_action(action)
+            if verdict.ok:
+                break
+            notes.append(f"dry run at quality level {level} refused "
+                         f"({'; '.join(p.code for p in verdict.problems[:3])}); relaxing")
+        if ctx.feedback:
+            notes.append("feedback on the last proposal: " + " | ".join(ctx.feedback[:3]))
+        action["rationale"] = "; ".join(notes)[:1500]
+        return Proposal(raw=json.dumps(action, sort_keys=True), planner=self.name,
+                        rationale=action["rationale"])
+
+    def _action(self, ctx: PlanContext, mixture: Mapping[str, float], level: int,
+                notes: list[str]) -> dict[str, Any]:
+        budget = ctx.budget
+        # R7 capacity first: a pool that cannot fill its weight under its filters gives the
+        # excess to the others.
+        plans: dict[str, tuple[float | None, dict[str, Any], float]] = {}
+        for name in ctx.objectives:
+            plans[name] = self.quality(ctx, name, int(budget * mixture.get(name, 0.0)), level)
+        hi = {n: min(ctx.limits.ceilings.get(n, 1.0), plans[n][2]) for n in ctx.objectives}
+        lo = {n: min(ctx.limits.floors.get(n, 0.0), hi[n]) for n in ctx.objectives}
+        mix = _round_weights(project(mixture, lo, hi))
+        objectives: dict[str, Any] = {}
+        for name, otype in ctx.objectives.items():
+            w = mix.get(name, 0.0)
+            if w <= 0:
+                continue
+            q, exclude, _ = plans[name]
+            report = ctx.reports.get(name)
+            include = self.focus(report, name, otype, ctx)
+            cap = ctx.tools.pool_capacity(name, quality_threshold=q, exclude=exclude or None,
+                                          include=include or None)
+            alloc = int(budget * w)
+            oa: dict[str, Any] = {}
+            bw = self.buckets(report, cap.available_tokens, alloc)
+            if bw:
+                oa["bucket_weights"] = bw
+            if include or exclude:
+                oa["focus"] = {"include": include, "exclude": exclude}
+            if include:
+                oa["focus_ratio"] = self.s.focus_ratio
+            if q is not None:
+                oa["quality_threshold"] = q
+            objectives[name] = oa
+            notes.append(f"{name}: weight {w:.2f}, threshold {q}, "
+                         f"{'exclude ' + json.dumps(exclude) if exclude else 'no exclude'}, "
+                         f"focus {json.dumps(include) if include else 'none'}")
+        return {"mixture": mix, "objectives": objectives, "method": "sft"}
+
+
+__all__ = ["HeuristicPlanner", "HeuristicSettings", "project"]

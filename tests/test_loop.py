@@ -1,0 +1,125 @@
+"""The closed loop end to end on a tiny world: LangGraph graph, scripted planners, revise/refuse,
+Pareto archive, hash-chained audit log, checkpoints, resume and extension."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+from mosaic.agents.context import StageEvent
+from mosaic.agents.planners.base import PlanContext
+from mosaic.agents.runner import run_loop
+from mosaic.audit import read_log, verify_log
+from mosaic.schemas import Proposal
+from mosaic.tools.archive import load_archive
+
+pytestmark = pytest.mark.slow
+
+GOOD = {"mixture": {"safety": 0.5, "boundary": 0.3, "instruction": 0.2}, "method": "sft",
+        "rationale": "scripted"}
+
+
+@dataclass
+class ScriptedPlanner:
+    """Proposes the scripted raw texts in order, and remembers what it was shown."""
+
+    script: list[str]
+    name: str = "scripted"
+    seen: list[PlanContext] = field(default_factory=list)
+
+    def propose(self, context: PlanContext) -> Proposal:
+        self.seen.append(context)
+        raw = self.script.pop(0) if self.script else json.dumps(GOOD)
+        return Proposal(raw=raw, planner=self.name)
+
+
+def _config(tiny_run_config, tmp_path, rounds=2, **over):
+    return tiny_run_config.model_copy(update={
+        "run_dir": str(tmp_path / "run"),
+        "loop": tiny_run_config.loop.model_copy(update={"rounds": rounds}), **over})
+
+
+def test_baseline_and_two_rounds_with_a_scripted_planner(tiny_run_config, tmp_path):
+    cfg = _config(tiny_run_config, tmp_path)
+    second = {**GOOD, "mixture": {"safety": 0.2, "boundary": 0.4, "instruction": 0.4}}
+    planner = ScriptedPlanner([json.dumps(GOOD), json.dumps(second)])
+    events: list[StageEvent] = []
+    out = run_loop(cfg, planner=planner, progress=events.append)
+
+    assert out.ran and out.state["finished"]
+    history = out.state["history"]
+    assert [h["round"] for h in history] == [0, 1, 2]
+    assert history[1]["action"]["mixture"] == GOOD["mixture"]
+    assert history[2]["action"]["mixture"] == second["mixture"]
+    assert all(h["heldout"] for h in history)  # held-out scores for every point
+    # the planner saw the latest round's reports and the history
+    assert planner.seen[0].reports_round == 0 and planner.seen[1].reports_round == 1
+    assert [r.round for r in planner.seen[1].history] == [0, 1]
+
+    archive = load_archive(cfg.run_dir)
+    assert [p.round for p in archive.points] == [0, 1, 2]
+    assert set(archive.front) <= {0, 1, 2} and archive.front
+    assert archive.hypervolume > 0
+
+    assert verify_log(cfg.run_dir).ok
+    log = read_log(cfg.run_dir)
+    kinds = [e["event"] for e in log]
+    assert kinds[0] == "run_started" and kinds[-1] == "run_finished"
+    for k in (1, 2):
+        seq = [e["event"] for e in log if e["round"] == k]
+        assert seq == ["proposal", "verdict", "executed", "manifest", "trained", "scores",
+                       "archive"], seq
+    stages = {(e.stage, e.status) for e in events}
+    assert {("baseline", "done"), ("train", "done"), ("evaluate", "done")} <= stages
+
+    # Rerunning a finished run prints its results without recomputing anything.
+    again = run_loop(cfg, planner=ScriptedPlanner([]))
+    assert not again.ran and again.state["history"] == history
+
+
+def test_an_invalid_proposal_is_revised_with_the_verdicts_text(tiny_run_config, tmp_path):
+    cfg = _config(tiny_run_config, tmp_path, rounds=1)
+    bad = {**GOOD, "mixture": {"safety": 0.7, "boundary": 0.7}}
+    planner = ScriptedPlanner([json.dumps(bad), "not json at all", json.dumps(GOOD)])
+    out = run_loop(cfg, planner=planner)
+    assert out.state["history"][1]["author"] == "planner"
+    # the second proposal saw the first verdict's problems, verbatim
+    assert any("[weights_not_summing] $.mixture" in f for f in planner.seen[1].feedback)
+    assert any("[json_syntax]" in f for f in planner.seen[2].feedback)
+    log = read_log(cfg.run_dir)
+    r1 = [e["event"] for e in log if e["round"] == 1]
+    assert r1[:7] == ["proposal", "verdict", "revision", "proposal", "verdict", "revision",
+                      "proposal"]
+    verdicts = [e["data"]["status"] for e in log if e["event"] == "verdict"]
+    assert verdicts == ["invalid", "invalid", "ok"]
+
+
+def test_after_max_revisions_the_fallback_planner_runs(tiny_run_config, tmp_path):
+    cfg = _config(tiny_run_config, tmp_path, rounds=1)
+    cfg = cfg.model_copy(update={"planner": cfg.planner.model_copy(update={"max_revisions": 1})})
+    planner = ScriptedPlanner(['{"mixture": {"nonsense": 1.0}}'] * 2)
+    out = run_loop(cfg, planner=planner)
+    assert len(planner.seen) == 2  # the first proposal and one revision
+    entry = out.state["history"][1]
+    assert entry["author"] == "fallback" and not entry["skipped"]
+    log = read_log(cfg.run_dir)
+    events = [e["event"] for e in log if e["round"] == 1]
+    assert events[:6] == ["proposal", "verdict", "revision", "proposal", "verdict", "refusal"]
+    fallback = next(e for e in log if e["event"] == "fallback")
+    assert fallback["author"] == "fallback" and fallback["data"]["source"] == "heuristic planner"
+    executed = next(e for e in log if e["event"] == "executed")
+    assert executed["author"] == "fallback"
+    assert verify_log(cfg.run_dir).ok
+
+
+def test_a_finished_run_is_extended_when_rounds_are_raised(tiny_run_config, tmp_path):
+    cfg = _config(tiny_run_config, tmp_path, rounds=1)
+    run_loop(cfg, planner=ScriptedPlanner([]))
+    more = _config(tiny_run_config, tmp_path, rounds=2)
+    said = []
+    out = run_loop(more, planner=ScriptedPlanner([]), on_start=said.append)
+    assert said == ["extended"] and out.ran
+    assert [h["round"] for h in out.state["history"]] == [0, 1, 2]
+    assert verify_log(cfg.run_dir).ok
