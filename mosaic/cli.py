@@ -11,6 +11,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from mosaic.resources import TULU3_IF_FILE
+
 app = typer.Typer(
     name="mosaic",
     help="MOSAIC: closed-loop, budget-constrained curation of alignment training data.",
@@ -57,14 +59,11 @@ def config_cmd(config: Path = typer.Argument(DEFAULT_CONFIG, help="Run config (Y
     typer.echo(dump_config(_load(config)))
 
 
-_TULU_IF_FILE = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-                 / "tulu3_if_constraints.jsonl").resolve()
-
-
 @app.command("ifeval-coverage")
 def ifeval_coverage_cmd(
-    file: Path = typer.Argument(_TULU_IF_FILE,
-                                help="IFEval-format JSONL (prompt, instruction_id_list, kwargs)."),
+    file: Path = typer.Argument(TULU3_IF_FILE,
+                                help="IFEval-format JSONL (prompt, instruction_id_list, kwargs); "
+                                     "default: the Tulu-3 IF prompts shipped with MOSAIC."),
 ) -> None:
     """Per IFEval instruction id in FILE: count, underspecified count, supported. Exit 1 if any id
     is unsupported."""

@@ -136,17 +136,23 @@ def test_wheel_installs_only_the_mosaic_namespace(tmp_path):
     shipped = {n[len("mosaic/prompts/"):] for n in names if n.startswith("mosaic/prompts/")}
     missing = sorted(set(template_names()) - shipped)
     assert not missing, f"templates missing from the wheel: {missing}"
+    # Packaged data travels with its licence line.
+    for name in ("tulu3_if_constraints.jsonl", "README.md", "__init__.py"):
+        assert f"mosaic/resources/{name}" in names, f"mosaic/resources/{name} not in the wheel"
 
     unpacked = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(unpacked)
     probe = ("import mosaic.eval, mosaic.prompts, mosaic.data;"
              "print(mosaic.eval.__file__);"
              "print(len(mosaic.prompts.template_names()));"
-             "print(mosaic.eval.get_objective_type('jailbreak').type_name)")
+             "print(mosaic.eval.get_objective_type('jailbreak').type_name);"
+             "import mosaic.resources as r;"
+             "print(r.TULU3_IF_FILE.stat().st_size)")
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120, env={"PYTHONPATH": str(unpacked), "PATH": ""})
     assert result.returncode == 0, result.stderr
-    eval_file, n_templates, type_name = result.stdout.split()
+    eval_file, n_templates, type_name, tulu_size = result.stdout.split()
     assert eval_file.startswith(str(unpacked))  # imported from the wheel, not the source tree
     assert int(n_templates) == len(template_names())
     assert type_name == "jailbreak"
+    assert int(tulu_size) == (ROOT / "mosaic" / "resources" / "tulu3_if_constraints.jsonl").stat().st_size
