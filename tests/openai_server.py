@@ -29,11 +29,16 @@ class Text:
 
 @dataclass(frozen=True)
 class Status:
-    """An HTTP error status with an OpenAI-style error body (500, 429, 400, ...)."""
+    """An HTTP error status with an OpenAI-style error body (500, 429, 400, ...).
+
+    `echo_headers` makes the body repeat the request's headers, Authorization included, as
+    careless servers and proxies do: a client must not print or log that text as received.
+    """
 
     code: int
     message: str = "scripted error"
     retry_after: float | None = None
+    echo_headers: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,11 @@ class ScriptedOpenAIServer:
             elif isinstance(answer, Status):
                 rec.answer = f"status:{answer.code}"
                 headers = {"retry-after": str(answer.retry_after)} if answer.retry_after is not None else {}
-                self._send_json(h, answer.code, {"error": {"message": answer.message, "type": "scripted"}}, headers)
+                error: dict[str, Any] = {"message": answer.message, "type": "scripted"}
+                if answer.echo_headers:
+                    error["message"] += f" (you sent Authorization: {h.headers.get('Authorization')})"
+                    error["request_headers"] = dict(h.headers.items())
+                self._send_json(h, answer.code, {"error": error}, headers)
             elif isinstance(answer, Raw):
                 rec.answer = "raw"
                 self._send(h, 200, answer.body.encode(), answer.content_type)
