@@ -368,6 +368,13 @@ def test_loader_reads_rows_and_skips_blank_lines(tmp_path):
         load_ifeval_prompts(tmp_path / "absent.jsonl")
 
 
+def test_loader_names_the_line_of_a_non_utf8_file(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(GOOD.encode() + b"\n" + GOOD.replace("7", "8").encode().replace(b"p", b"\xe9", 1))
+    with pytest.raises(IFEvalDataError, match=r"latin1.jsonl:2: not UTF-8 text"):
+        load_ifeval_prompts(path)
+
+
 # ---- the Tulu-3 IF file ------------------------------------------------------------------------
 
 
