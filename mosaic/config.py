@@ -10,13 +10,17 @@ path; values are parsed as YAML scalars), e.g. `MOSAIC__loop__rounds=2`.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mosaic.redact import looks_secret
 
 ENV_PREFIX = "MOSAIC__"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ConfigError(ValueError):
@@ -36,6 +40,16 @@ class EndpointConfig(Section):
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(3, ge=0)
     concurrency: int = Field(8, ge=1)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        # A key pasted here instead of a variable name must fail, and without being repeated.
+        if not _ENV_NAME.fullmatch(value):
+            raise ValueError("expected the NAME of an environment variable holding the key "
+                             "(letters, digits, underscores; e.g. OPENAI_API_KEY), not the key; "
+                             "the value is not shown")
+        return value
 
     def api_key(self) -> str:
         # Local servers (vLLM, llama.cpp) accept any key; the SDK insists on a non-empty one.
@@ -188,8 +202,23 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for path, key in _env_vars(environ).items():
         raw = environ[key]
-        _set_path(out, path.split("."), yaml.safe_load(raw) if raw != "" else None)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            # The value is not repeated: an override may hold anything, a key included.
+            raise ConfigError(f"environment variable {key}: not a valid YAML value "
+                              f"({_yaml_problem(e)}); quote it to pass a plain string") from None
+        _set_path(out, path.split("."), value)
     return out
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What the YAML parser objected to and where, never the text around it (PyYAML's own
+    message quotes the offending line, which may hold a key)."""
+    problem = getattr(err, "problem", None) or type(err).__name__
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -213,7 +242,8 @@ def _format_errors(source: str, err: ValidationError, from_env: dict[str, str]) 
         got = e.get("input")
         # Never echo a value that may be a secret: unknown fields can hold anything, and a
         # key pasted into the config by mistake must not end up in a terminal or a CI log.
-        secretish = any(w in part.lower() for part in loc for w in _SECRET_WORDS)
+        secretish = (any(w in part.lower() for part in loc for w in _SECRET_WORDS)
+                     or looks_secret(got if isinstance(got, str) else repr(got)))
         echo = not (isinstance(got, dict) or secretish or e["type"] == "extra_forbidden")
         got_s = f" (got {got!r})" if echo else ""
         msg = e["msg"]
@@ -233,9 +263,16 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None,
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (invalid byte at offset "
+                          f"{e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level, "
                           f"got {type(data).__name__}")

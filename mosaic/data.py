@@ -72,15 +72,27 @@ def _jsonl_line_of(path: Path, row: int) -> int | None:
     return None
 
 
+def _decoded_lines(path: Path):
+    """(1-based line number, text) of a JSONL file; a line that is not UTF-8 is a
+    DataFormatError naming the file and line, not a UnicodeDecodeError traceback."""
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(path, f"not UTF-8 text (invalid byte at column {e.start + 1}); "
+                                            f"JSONL files are UTF-8", line=line_no) from None
+            yield line_no, text
+
+
 def _first_keys(path: Path) -> list[str]:
-    with path.open(encoding="utf-8") as f:
-        for text in f:
-            if text.strip():
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError:
-                    return []
-                return list(obj) if isinstance(obj, dict) else []
+    for _, text in _decoded_lines(path):
+        if text.strip():
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError:
+                return []
+            return list(obj) if isinstance(obj, dict) else []
     return []
 
 
@@ -95,6 +107,9 @@ def _read_jsonl_fast(path: Path) -> pa.Table | None:
     try:
         table = pj.read_json(str(path), read_options=pj.ReadOptions(block_size=1 << 26),
                              parse_options=options)
+        # pyarrow's JSON reader copies invalid UTF-8 into string columns unchecked; a full
+        # validation finds it, and the slow path then names the line.
+        table.validate(full=True)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
     # A column absent from the first row would otherwise be silently pinned to all-null.
@@ -134,43 +149,42 @@ def _read_jsonl_slow(path: Path) -> pa.Table:
     objects (not strings) are accepted and re-serialised."""
     columns: dict[str, list[Any]] = {}
     lines: list[int] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            row = len(lines)
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(path, f"not valid JSON: {e.msg} (column {e.colno})",
-                                      row=row, line=line_no) from None
-            if not isinstance(obj, dict):
-                raise DataFormatError(path, f"expected a JSON object per line, got "
-                                            f"{type(obj).__name__}", row=row, line=line_no)
-            for key in obj:
-                if key not in columns:
-                    columns[key] = [None] * row
-            for key, values in columns.items():
-                value = obj.get(key)
-                if value is not None:
-                    if key in JSON_COLUMNS:
-                        if isinstance(value, dict):
-                            value = json.dumps(value, ensure_ascii=False)
-                        elif not isinstance(value, str):
-                            raise DataFormatError(path, "expected a JSON object (or a string "
-                                                        f"holding one), got {type(value).__name__}",
-                                                  row=row, line=line_no, field=key)
-                    elif key == "messages":
-                        problem = message_problem(value)
-                        if problem:
-                            raise DataFormatError(path, problem, row=row, line=line_no, field=key)
-                    elif key in _PY_TYPES:
-                        types, expected = _PY_TYPES[key]
-                        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
-                            raise DataFormatError(path, f"expected {expected}, got {value!r}",
-                                                  row=row, line=line_no, field=key)
-                values.append(value)
-            lines.append(line_no)
+    for line_no, text in _decoded_lines(path):
+        if not text.strip():
+            continue
+        row = len(lines)
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(path, f"not valid JSON: {e.msg} (column {e.colno})",
+                                  row=row, line=line_no) from None
+        if not isinstance(obj, dict):
+            raise DataFormatError(path, f"expected a JSON object per line, got "
+                                        f"{type(obj).__name__}", row=row, line=line_no)
+        for key in obj:
+            if key not in columns:
+                columns[key] = [None] * row
+        for key, values in columns.items():
+            value = obj.get(key)
+            if value is not None:
+                if key in JSON_COLUMNS:
+                    if isinstance(value, dict):
+                        value = json.dumps(value, ensure_ascii=False)
+                    elif not isinstance(value, str):
+                        raise DataFormatError(path, "expected a JSON object (or a string "
+                                                    f"holding one), got {type(value).__name__}",
+                                              row=row, line=line_no, field=key)
+                elif key == "messages":
+                    problem = message_problem(value)
+                    if problem:
+                        raise DataFormatError(path, problem, row=row, line=line_no, field=key)
+                elif key in _PY_TYPES:
+                    types, expected = _PY_TYPES[key]
+                    if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+                        raise DataFormatError(path, f"expected {expected}, got {value!r}",
+                                              row=row, line=line_no, field=key)
+            values.append(value)
+        lines.append(line_no)
     if not lines:
         raise DataFormatError(path, "no rows")
     arrays = {}
@@ -200,9 +214,14 @@ def read_table(path: str | Path) -> pa.Table:
     suffix = path.suffix.lower()
     if suffix in PARQUET_SUFFIXES:
         try:
-            return pq.read_table(path)
+            table = pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataFormatError(path, f"not a readable parquet file: {e}") from None
+        try:
+            table.validate(full=True)  # e.g. invalid UTF-8 in a string column
+        except pa.ArrowInvalid as e:
+            raise DataFormatError(path, f"invalid data in the parquet file: {e}") from None
+        return table
     if suffix in JSONL_SUFFIXES:
         table = _read_jsonl_fast(path)
         return table if table is not None else _read_jsonl_slow(path)
@@ -273,8 +292,16 @@ class _Checker:
         else:
             raise self.fail(f"expected numbers, the column holds {col.type}", field=name,
                             row=self.first(col.is_valid()) if col.null_count < len(col) else None)
-        values = col.to_numpy(zero_copy_only=False)
-        bad = ~np.isnan(values) & ~((values >= lo) & (values <= hi))
+        values = col.to_numpy(zero_copy_only=False)  # nulls (unscored rows) become NaN here
+        present = col.is_valid().to_numpy(zero_copy_only=False)
+        # A NaN or infinite value is not a missing one: it would pass every range check
+        # silently (NaN compares false) and poison sums downstream.
+        nonfinite = present & ~np.isfinite(values)
+        if nonfinite.any():
+            row = self.first(nonfinite)
+            raise self.fail(f"expected a finite number in [{lo:g}, {hi:g}] (or null for an "
+                             f"unscored row), got {float(values[row])!r}", row=row, field=name)
+        bad = present & ~((values >= lo) & (values <= hi))
         if bad.any():
             row = self.first(bad)
             raise self.fail(f"expected a number in [{lo:g}, {hi:g}], got {float(values[row]):g}",

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mosaic.config import EndpointConfig
+from mosaic.redact import redact
 
 if TYPE_CHECKING:
     import openai
@@ -31,7 +33,21 @@ T = TypeVar("T")
 
 
 class EndpointError(RuntimeError):
-    """A request to an OpenAI-compatible endpoint failed for good (non-retryable or retries spent)."""
+    """A request to an OpenAI-compatible endpoint failed for good (non-retryable or retries spent).
+
+    The message carries the server's error text with secrets redacted; the SDK exception is not
+    chained (its text may echo the key), `reason` names what failed (e.g. "http_401").
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def endpoint_secrets(endpoint: EndpointConfig) -> tuple[str, ...]:
+    """The key value configured for `endpoint` (from its environment variable), if any."""
+    value = os.environ.get(endpoint.api_key_env)
+    return (value,) if value else ()
 
 
 def make_client(endpoint: EndpointConfig, *, max_retries: int | None = None,
@@ -53,7 +69,9 @@ def make_client(endpoint: EndpointConfig, *, max_retries: int | None = None,
 
 def describe(endpoint: EndpointConfig) -> str:
     """Where requests go, for messages: base URL and model, never the key."""
-    return f"{endpoint.base_url or 'https://api.openai.com/v1'} (model {endpoint.model})"
+    # A key passed in the URL (`?api_key=...`) is hidden like one echoed by the server.
+    return redact(f"{endpoint.base_url or 'https://api.openai.com/v1'} (model {endpoint.model})",
+                  endpoint_secrets(endpoint))
 
 
 class MalformedResponse(Exception):
@@ -145,21 +163,25 @@ class RetryingCaller:
                 return fn()
             except Exception as err:  # noqa: BLE001 (classified right below)
                 reason = transient_reason(err)
+                # The server's text may echo the Authorization header: redact before it is
+                # logged or raised, and do not chain the SDK error (a traceback would print it).
+                text = _short(err, secrets=endpoint_secrets(self.endpoint))
                 if reason is None:
-                    self.stats.count("failures", _reason_of(err))
+                    failed = _reason_of(err)
+                    self.stats.count("failures", failed)
                     raise EndpointError(f"{what} to {describe(self.endpoint)} failed and is not "
-                                        f"retryable: {_short(err)}") from err
+                                        f"retryable: {text}", failed) from None
                 if attempt + 1 >= attempts:
                     self.stats.count("failures", reason)
                     raise EndpointError(
                         f"{what} to {describe(self.endpoint)} failed after {attempts} attempt(s); "
-                        f"last error ({reason}): {_short(err)}. Check that the server is up and "
+                        f"last error ({reason}): {text}. Check that the server is up and "
                         f"answering within timeout_s={self.endpoint.timeout_s}, or raise "
-                        f"max_retries={self.max_retries}.") from err
+                        f"max_retries={self.max_retries}.", reason) from None
                 wait = self.delay(attempt, err)
                 self.stats.count("retries", reason)
                 log.warning("%s to %s: attempt %d/%d failed (%s: %s); retrying in %.2fs", what,
-                            describe(self.endpoint), attempt + 1, attempts, reason, _short(err), wait)
+                            describe(self.endpoint), attempt + 1, attempts, reason, text, wait)
                 self.sleep(wait)
         raise AssertionError("unreachable")
 
@@ -169,8 +191,9 @@ def _reason_of(err: BaseException) -> str:
     return f"http_{code}" if code is not None else type(err).__name__
 
 
-def _short(err: BaseException, limit: int = 300) -> str:
-    text = str(err) or type(err).__name__
+def _short(err: BaseException, limit: int = 300, secrets: Iterable[str] = ()) -> str:
+    # Redact before cutting: a cut could leave a prefix of the key that no longer matches.
+    text = redact(str(err) or type(err).__name__, secrets)
     return text if len(text) <= limit else text[:limit] + "..."
 
 

@@ -29,11 +29,16 @@ class Text:
 
 @dataclass(frozen=True)
 class Status:
-    """An HTTP error status with an OpenAI-style error body (500, 429, 400, ...)."""
+    """An HTTP error status with an OpenAI-style error body (500, 429, 400, ...).
+
+    `echo_headers` makes the body repeat the request's headers, Authorization included, as
+    careless servers and proxies do: a client must not print or log that text as received.
+    """
 
     code: int
     message: str = "scripted error"
     retry_after: float | None = None
+    echo_headers: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,16 @@ class Raw:
     content_type: str = "application/json"
 
 
-Answer = Text | Status | Raw
+@dataclass(frozen=True)
+class ToolCalls:
+    """A chat completion whose message asks for tool calls: (name, arguments) pairs; arguments
+    given as a dict are sent as JSON, a string is sent verbatim (to script malformed ones)."""
+
+    calls: tuple[tuple[str, dict[str, Any] | str], ...]
+    content: str = ""
+
+
+Answer = Text | Status | Raw | ToolCalls
 
 
 @dataclass
@@ -165,10 +179,17 @@ class ScriptedOpenAIServer:
             elif isinstance(answer, Status):
                 rec.answer = f"status:{answer.code}"
                 headers = {"retry-after": str(answer.retry_after)} if answer.retry_after is not None else {}
-                self._send_json(h, answer.code, {"error": {"message": answer.message, "type": "scripted"}}, headers)
+                error: dict[str, Any] = {"message": answer.message, "type": "scripted"}
+                if answer.echo_headers:
+                    error["message"] += f" (you sent Authorization: {h.headers.get('Authorization')})"
+                    error["request_headers"] = dict(h.headers.items())
+                self._send_json(h, answer.code, {"error": error}, headers)
             elif isinstance(answer, Raw):
                 rec.answer = "raw"
                 self._send(h, 200, answer.body.encode(), answer.content_type)
+            elif isinstance(answer, ToolCalls):
+                rec.answer = "tool_calls"
+                self._send_json(h, 200, self._completion(body or {}, answer))
             else:
                 rec.answer = "text"
                 if answer.delay_s:
@@ -181,8 +202,20 @@ class ScriptedOpenAIServer:
             with self._lock:
                 self.in_flight -= 1
 
-    def _completion(self, body: dict[str, Any], answer: Text) -> dict[str, Any]:
+    def _completion(self, body: dict[str, Any], answer: Text | ToolCalls) -> dict[str, Any]:
         n = len(self.requests)
+        if isinstance(answer, ToolCalls):
+            message: dict[str, Any] = {"role": "assistant", "content": answer.content or None,
+                                       "tool_calls": [
+                {"id": f"call_{n}_{i}", "type": "function",
+                 "function": {"name": name,
+                              "arguments": args if isinstance(args, str) else json.dumps(args)}}
+                for i, (name, args) in enumerate(answer.calls)]}
+            return {"id": f"chatcmpl-scripted-{n}", "object": "chat.completion",
+                    "created": int(time.time()), "model": body.get("model", self.model),
+                    "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls",
+                                 "logprobs": None}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
         return {
             "id": f"chatcmpl-scripted-{n}",
             "object": "chat.completion",

@@ -503,6 +503,22 @@ def test_token_counts_follow_the_chat_template_and_are_cached(tokenizer, tmp_pat
     assert (again.row == counts.row).all() and (again.message == counts.message).all()
 
 
+def test_a_truncated_token_count_cache_is_logged_and_rebuilt(tokenizer, tmp_path, caplog):
+    from mosaic.tools.dataset import token_counts as tc
+
+    pool, _ = synthetic_pool("jailbreak", 30, seed=12)
+    counts = tc.cached_token_counts(pool, tokenizer, tmp_path)
+    (path,) = tmp_path.glob("tokens-*.npz")
+    data = path.read_bytes()
+    path.write_bytes(data[:-40])  # a crash mid-copy: the zip directory at the end is gone
+    with caplog.at_level("WARNING"):
+        again = tc.cached_token_counts(pool, tokenizer, tmp_path)
+    assert (again.row == counts.row).all() and (again.message == counts.message).all()
+    assert any(str(path) in r.getMessage() and "rebuilding" in r.getMessage()
+               for r in caplog.records)
+    assert path.read_bytes() == data
+
+
 def _cli_world(tmp_path, tokenizer):
     import yaml
 

@@ -148,6 +148,27 @@ def test_index_cache_is_versioned_and_reused(tmp_path, monkeypatch):
         assert np.array_equal(getattr(first, f), getattr(again, f)), f
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "flip"])
+def test_a_corrupt_index_cache_file_is_logged_and_rebuilt(tmp_path, caplog, damage):
+    pool, _ = synthetic_pool("ifeval", 50, seed=4)
+    h = bd.pool_content_hash(pool)
+    first = bd.cached_message_index(pool, tmp_path, pool_hash=h)
+    (path,) = tmp_path.glob("index-*.npz")
+    data = path.read_bytes()
+    broken = {"truncate": data[: len(data) // 2], "garbage": b"not a zip at all",
+              "empty": b"",
+              # One byte flipped inside the first array: only the zip CRC check sees it.
+              "flip": data[:200] + bytes([data[200] ^ 0xFF]) + data[201:]}[damage]
+    path.write_bytes(broken)
+    with caplog.at_level("WARNING", logger=bd.__name__):
+        again = bd.cached_message_index(pool, tmp_path, pool_hash=h)
+    for f in bd.MessageIndex.FIELDS:
+        assert np.array_equal(getattr(first, f), getattr(again, f)), f
+    assert any(str(path) in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
+    assert path.read_bytes() == data  # rewritten whole: the next run reads it again
+    assert bd.read_cache_file(path, bd.MessageIndex.FIELDS) is not None
+
+
 def test_draw_order_is_the_stable_argsort_even_with_ties():
     rng = np.random.default_rng(0)
     keys = rng.random(10_000)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from mosaic.config import ConfigError, MosaicConfig, dump_config, load_config
+from mosaic.config import ConfigError, EndpointConfig, MosaicConfig, dump_config, load_config
 from mosaic.eval import check_objective_types
 from mosaic.schemas import DataAction, FailureReport, SampleRecord, json_schemas
 
@@ -106,6 +106,56 @@ def test_config_errors_do_not_echo_a_rejected_key():
     with pytest.raises(ConfigError) as err:
         load_config(SANDBOX, environ=env)
     assert "sk-test-secret-123" not in str(err.value)
+
+
+KEY = "sk-test-SECRET123"
+
+
+def test_a_yaml_syntax_error_names_line_and_column_but_quotes_no_content(tmp_path):
+    path = write(tmp_path, 'objectives: {s: {type: jailbreak}}\njudge:\n  kind: llm\n'
+                           f'  endpoint: {{model: m, api_key: "{KEY}\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    message = str(err.value)
+    assert str(path) in message and "not valid YAML" in message and "line " in message
+    assert "SECRET123" not in message and "api_key" not in message
+
+
+def test_api_key_env_must_name_a_variable_and_is_not_echoed(tmp_path):
+    path = write(tmp_path, "objectives: {s: {type: jailbreak}}\n"
+                           f"judge: {{kind: llm, endpoint: {{model: m, api_key_env: {KEY}}}}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    message = str(err.value)
+    assert "judge.endpoint.api_key_env" in message and "NAME of an environment variable" in message
+    assert "SECRET123" not in message
+    for bad in ("", "1ABC", "MY KEY", "sk-x"):
+        with pytest.raises(ValidationError):
+            EndpointConfig(model="m", api_key_env=bad)
+    assert load_config(SANDBOX, environ={"MOSAIC__judge__endpoint__model": "m",
+                                         "MOSAIC__judge__endpoint__api_key_env": "_My_Key2"})
+
+
+def test_a_wrong_type_value_that_looks_like_a_key_is_not_echoed():
+    with pytest.raises(ConfigError) as err:
+        load_config(SANDBOX, environ={"MOSAIC__seed": KEY})
+    message = str(err.value)
+    assert "seed: Input should be a valid integer" in message
+    assert "[set by environment variable MOSAIC__seed]" in message and "SECRET123" not in message
+    # Ordinary wrong values are still shown: they are what the person needs to see.
+    with pytest.raises(ConfigError, match=r"\(got 'many'\)"):
+        load_config(SANDBOX, environ={"MOSAIC__loop__rounds": "many"})
+
+
+def test_config_files_and_overrides_that_cannot_be_read_are_config_errors(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: caf\xe9\nobjectives: {s: {type: jailbreak}}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text \(invalid byte at offset 9\)"):
+        load_config(latin1, environ={})
+    with pytest.raises(ConfigError) as err:
+        load_config(SANDBOX, environ={"MOSAIC__budget__max_tokens": "[1,2"})
+    message = str(err.value)
+    assert "MOSAIC__budget__max_tokens: not a valid YAML value" in message and "[1,2" not in message
 
 
 def test_a_bad_environment_override_names_the_variable():

@@ -248,6 +248,43 @@ def test_wrong_types_in_jsonl(tmp_path, field, value, message):
         load_pool(write_jsonl(tmp_path / "p.jsonl", rows), "jailbreak")
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("score", float("nan"), r"row 2 \(line 3\), field 'score': expected a finite number in "
+                            r"\[1, 5\] \(or null for an unscored row\), got nan"),
+    ("weight", float("inf"), r"row 2 \(line 3\), field 'weight': expected a finite number.*got inf"),
+])
+def test_nan_and_infinite_scores_are_rejected_not_read_as_missing(tmp_path, field, value, message):
+    # json.dumps writes NaN / Infinity literals, which both JSON readers accept.
+    rows = good_rows()
+    rows[2][field] = value
+    with pytest.raises(DataFormatError, match=message):
+        load_pool(write_jsonl(tmp_path / "p.jsonl", rows), "jailbreak")
+    table = pa.Table.from_pandas(jb_pool_frame(4), preserve_index=False)
+    column = table[field].to_pylist()
+    column[1] = value
+    pq.write_table(table.set_column(table.schema.get_field_index(field), field,
+                                    pa.array(column, pa.float64(), from_pandas=False)),
+                   tmp_path / "p.parquet")
+    with pytest.raises(DataFormatError, match=rf"p\.parquet, row 1, field '{field}': expected a finite"):
+        load_pool(tmp_path / "p.parquet", "jailbreak")
+    # A null score is an unscored row, as before (the row then needs annotation).
+    rows = good_rows()
+    for key in ("slice", "score", "valid", "weight", "failure"):
+        rows[2][key] = None
+    assert rows_needing_annotation(load_pool(write_jsonl(tmp_path / "p.jsonl", rows),
+                                             "jailbreak")).tolist() == [False, False, True]
+
+
+@pytest.mark.parametrize("bad_row", [0, 2])
+def test_a_jsonl_file_that_is_not_utf8_names_the_line(tmp_path, bad_row):
+    lines = [json.dumps(r, ensure_ascii=False) for r in good_rows()]
+    lines[bad_row] = lines[bad_row].replace("request", "r\xe9quest")
+    path = tmp_path / "p.jsonl"
+    path.write_bytes("\n".join(lines).encode("latin-1") + b"\n")
+    with pytest.raises(DataFormatError, match=rf"p\.jsonl, line {bad_row + 1}: not UTF-8 text"):
+        load_pool(path, "jailbreak")
+
+
 def parquet_with(tmp_path: Path, change) -> Path:
     df = jb_pool_frame(4)
     df = change(df) if change else df

@@ -19,8 +19,7 @@ from mosaic.eval.ifeval_checker import (REPEAT_PROMPT_SENTENCE, SUPPORTED_IDS, K
                                         split_into_sentences, word_tokens)
 from mosaic.eval.ifeval_data import (IFEvalDataError, coverage, file_coverage,
                                      load_ifeval_prompts)
-
-TULU = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tulu3_if_constraints.jsonl"
+from mosaic.resources import TULU3_IF_FILE as TULU  # shipped in the package
 
 ES = "El gato se sentó en la alfombra porque hacía mucho sol en la ciudad."
 EN = "The cat sat on the mat because it was sunny in the city."
@@ -480,7 +479,22 @@ def test_loader_reads_rows_and_skips_blank_lines(tmp_path):
         load_ifeval_prompts(tmp_path / "absent.jsonl")
 
 
+def test_loader_names_the_line_of_a_non_utf8_file(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(GOOD.encode() + b"\n" + GOOD.replace("7", "8").encode().replace(b"p", b"\xe9", 1))
+    with pytest.raises(IFEvalDataError, match=r"latin1.jsonl:2: not UTF-8 text"):
+        load_ifeval_prompts(path)
+
+
 # ---- the Tulu-3 IF file ------------------------------------------------------------------------
+
+
+def test_the_tulu_file_ships_inside_the_package_with_its_licence_line():
+    root = Path(__file__).resolve().parents[1]
+    assert TULU.is_file() and TULU.resolve().is_relative_to(root / "mosaic" / "resources")
+    licence = (TULU.parent / "README.md").read_text(encoding="utf-8")
+    assert "tulu3_if_constraints.jsonl" in licence and "ODC-BY" in licence
+    assert "Allen Institute for AI" in licence
 
 
 def test_every_tulu_row_parses_and_all_ids_are_supported():
@@ -517,6 +531,11 @@ def test_cli_ifeval_coverage(tmp_path):
     result = runner.invoke(app, ["ifeval-coverage", str(TULU)])
     assert result.exit_code == 0, result.output
     assert "change_case:capital_word_frequency" in result.output and "13,297" in result.output
+    # Without an argument the command reads the copy shipped inside the package.
+    default = runner.invoke(app, ["ifeval-coverage"])
+    assert default.exit_code == 0, default.output
+    flat = " ".join(default.output.split())  # the title wraps at the terminal width
+    assert "9,375 prompts" in flat and "13,297" in flat
     bad = _write(tmp_path, [json.dumps({"prompt": "p", "instruction_id_list": ["x:y"], "kwargs": [{}]})])
     result = runner.invoke(app, ["ifeval-coverage", str(bad)])
     assert result.exit_code == 1 and "unsupported ids: x:y" in result.output

@@ -123,3 +123,69 @@ def test_a_finished_run_is_extended_when_rounds_are_raised(tiny_run_config, tmp_
     assert said == ["extended"] and out.ran
     assert [h["round"] for h in out.state["history"]] == [0, 1, 2]
     assert verify_log(cfg.run_dir).ok
+
+
+def _stamps(run_dir, rounds):
+    out = {}
+    for k in rounds:
+        rd = run_dir / f"round_{k}"
+        for rel in ("eval/safety/responses.parquet", "heldout/safety/responses.parquet",
+                    "dataset/train.parquet", "adapter/adapter_model.safetensors"):
+            if (rd / rel).is_file():
+                out[f"round_{k}/{rel}"] = (rd / rel).stat().st_mtime_ns
+    return out
+
+
+def test_a_killed_mosaic_run_resumes_without_redoing_finished_rounds(tiny_run_config, tmp_path):
+    """SIGKILL a real `mosaic run` while it trains round 2, then resume it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mosaic.config import dump_config
+
+    run_dir = tmp_path / "run"
+    cfg = _config(tiny_run_config, tmp_path, rounds=2)
+    # More epochs so training lasts long enough to be caught in the act.
+    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"epochs": 12})})
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(dump_config(cfg))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mosaic", "run", str(cfg_file)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            staging = list((run_dir / "round_2").glob(".adapter.train-*"))
+            if staging and not (run_dir / "round_2" / "adapter.done.json").exists():
+                break
+            assert proc.poll() is None, "mosaic run ended before round 2 trained"
+            time.sleep(0.02)
+        else:
+            pytest.fail("round 2 never started training")
+        time.sleep(0.5)  # well inside the training step loop
+        before = _stamps(run_dir, (0, 1))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (run_dir / "round_2" / "adapter.done.json").exists()  # killed during training
+    assert len(before) == 6  # rounds 0-1 had finished: eval, held-out, dataset, adapter
+
+    resumed = subprocess.run([sys.executable, "-m", "mosaic", "run", "--resume", str(run_dir)],
+                             env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming the run" in " ".join(resumed.stdout.split())
+    assert _stamps(run_dir, (0, 1)) == before  # rounds 0-1 were not redone
+    assert (run_dir / "round_2" / "round.json").is_file()
+    assert [p.round for p in load_archive(run_dir).points] == [0, 1, 2]
+    assert verify_log(run_dir).ok
+    log = read_log(run_dir)
+    ids = [e["id"] for e in log if e["id"]]
+    assert len(ids) == len(set(ids))  # nothing logged twice by the re-run node
+    assert sum(e["event"] == "run_resumed" for e in log) == 1
+    assert [e["round"] for e in log if e["event"] == "trained"] == [1, 2]
+    assert not list((run_dir / "round_2").glob(".adapter.train-*"))  # staging cleaned up

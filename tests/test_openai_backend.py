@@ -103,6 +103,48 @@ def test_exhausted_retries_raise_a_clear_error_without_the_key(openai_server):
     assert backend.stats["failures"] == {"http_503": 1}
 
 
+@pytest.mark.parametrize("key", [SECRET, "plain-looking-key-value-42"])
+def test_a_server_echoing_the_key_never_gets_it_logged_or_raised(openai_server, caplog,
+                                                                  monkeypatch, key):
+    """The server repeats the Authorization header in its 500 and 401 bodies; the retry
+    warning and the final error carry its message, with the key redacted (the configured
+    value whatever it looks like, and anything shaped like a bearer token)."""
+    monkeypatch.setenv("MOSAIC_TEST_KEY", key)
+    openai_server.push(Status(500, "boom", echo_headers=True), Status(401, "bad key", echo_headers=True))
+    backend = OpenAIBackend(endpoint(openai_server, concurrency=1, max_retries=2), backoff_s=0.01)
+    with caplog.at_level(logging.WARNING, logger="mosaic.llm"):
+        with pytest.raises(EndpointError) as exc:
+            backend.generate([[{"role": "user", "content": "x"}]], max_new_tokens=4)
+    assert openai_server.requests[0].headers["authorization"] == f"Bearer {key}"  # it was sent
+    msg = str(exc.value)
+    assert "not retryable" in msg and "bad key" in msg and "Bearer <redacted>" in msg
+    assert exc.value.reason == "http_401"
+    # Not chained either: a traceback of the EndpointError would print the SDK error's text.
+    assert exc.value.__cause__ is None and exc.value.__suppress_context__
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "mosaic.llm"]
+    assert "http_500" in warning and "boom" in warning and "<redacted>" in warning
+    for text in (msg, warning):
+        assert key not in text
+
+
+def test_redact_hides_keys_in_the_shapes_servers_echo_them():
+    from mosaic.redact import REDACTED, looks_secret, redact
+
+    assert redact("Authorization: Bearer abc.def-123") == f"Authorization: Bearer {REDACTED}"
+    assert redact("{'authorization': 'Bearer xyz'}") == f"{{'authorization': 'Bearer {REDACTED}'}}"
+    assert redact("key sk-proj-AbCdEf0123456789 was rejected") == f"key {REDACTED} was rejected"
+    assert redact('{"api_key": "hunter2hunter2"}') == f'{{"api_key": "{REDACTED}"}}'
+    assert redact("x-api-key=abcdef") == f"x-api-key={REDACTED}"
+    assert redact("the value my-own-key-77 leaked", ["my-own-key-77"]) == f"the value {REDACTED} leaked"
+    # Placeholders are not keys: "EMPTY" (local servers) and very short values stay readable.
+    assert redact("model EMPTY x", ["EMPTY", "x"]) == "model EMPTY x"
+    assert redact("unknown model 'tiny-chat'") == "unknown model 'tiny-chat'"
+    assert looks_secret("sk-test-SECRET123") and looks_secret("Bearer abc")
+    assert looks_secret("a8F3kL0pQ7zX2mN5vB9cD1eR4tY6uI")  # a long token mixing letters, digits
+    assert not looks_secret("runs/sandbox") and not looks_secret(42)
+    assert not looks_secret("a_perfectly_ordinary_long_identifier_name")
+
+
 def test_client_errors_are_not_retried(openai_server):
     openai_server.push(Status(400, "bad request: unknown model"))
     backend = OpenAIBackend(endpoint(openai_server, concurrency=1), backoff_s=0.01)

@@ -49,6 +49,24 @@ def _failure_report() -> dict[str, Any]:
     return {"report": build_failure_report("safety", jb, 1, records, target=4.5), "max_items": 5}
 
 
+def _planner_user() -> dict[str, Any]:
+    from mosaic.agents.planners.base import RoundRecord
+    from mosaic.config import LimitsConfig
+    from mosaic.eval.report import render_failure_report
+
+    history = [RoundRecord(round=0, action=None, author="system",
+                           eval={"safety": 2.4, "boundary": 4.9}, heldout={"safety": 2.1}),
+               RoundRecord(round=1, action=None, author="planner",
+                           eval={"safety": 3.2, "boundary": 4.7}, heldout=None)]
+    return {"round": 2, "rounds": 5, "budget": 300_000,
+            "targets": {"safety": 4.5, "boundary": 4.5}, "history": history,
+            "front": [1], "reports": [render_failure_report(_failure_report()["report"])],
+            "reports_round": 1, "limits": LimitsConfig(floors={"boundary": 0.2}, max_change=0.2),
+            "previous_action": '{"mixture": {"safety": 1.0}}',
+            "feedback": ["[weights_not_summing] $.mixture: ..."],
+            "notes": ["keep boundary above 4.7"]}
+
+
 SAMPLES: dict[str, dict[str, Any] | Callable[[], dict[str, Any]]] = {
     # eval/llm_judge.py
     "judges/_conversation.j2": {"messages": CONVERSATION},
@@ -62,6 +80,11 @@ SAMPLES: dict[str, dict[str, Any] | Callable[[], dict[str, Any]]] = {
                         "allowed": "0 or 1"},
     # eval/report.py
     "reports/failure_report.j2": _failure_report,
+    # agents/planners/llm.py
+    "planner/system.j2": {"objectives": {"safety": {"type": "jailbreak", "slices": ["complexity_1"],
+                                                    "focus_keys": ["pc_patterns", "leak_types"]}},
+                          "budget": 300_000, "max_tool_rounds": 6},
+    "planner/user.j2": lambda: _planner_user(),
 }
 # mosaic/sandbox/text.py: the sandbox world's wording templates
 SAMPLES.update(sandbox_template_samples())
@@ -136,17 +159,23 @@ def test_wheel_installs_only_the_mosaic_namespace(tmp_path):
     shipped = {n[len("mosaic/prompts/"):] for n in names if n.startswith("mosaic/prompts/")}
     missing = sorted(set(template_names()) - shipped)
     assert not missing, f"templates missing from the wheel: {missing}"
+    # Packaged data travels with its licence line.
+    for name in ("tulu3_if_constraints.jsonl", "README.md", "__init__.py"):
+        assert f"mosaic/resources/{name}" in names, f"mosaic/resources/{name} not in the wheel"
 
     unpacked = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(unpacked)
     probe = ("import mosaic.eval, mosaic.prompts, mosaic.data;"
              "print(mosaic.eval.__file__);"
              "print(len(mosaic.prompts.template_names()));"
-             "print(mosaic.eval.get_objective_type('jailbreak').type_name)")
+             "print(mosaic.eval.get_objective_type('jailbreak').type_name);"
+             "import mosaic.resources as r;"
+             "print(r.TULU3_IF_FILE.stat().st_size)")
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120, env={"PYTHONPATH": str(unpacked), "PATH": ""})
     assert result.returncode == 0, result.stderr
-    eval_file, n_templates, type_name = result.stdout.split()
+    eval_file, n_templates, type_name, tulu_size = result.stdout.split()
     assert eval_file.startswith(str(unpacked))  # imported from the wheel, not the source tree
     assert int(n_templates) == len(template_names())
     assert type_name == "jailbreak"
+    assert int(tulu_size) == (ROOT / "mosaic" / "resources" / "tulu3_if_constraints.jsonl").stat().st_size

@@ -19,6 +19,7 @@ from mosaic.training.train import (
     load_prepared,
     prepare_sft_rows,
     read_rows,
+    remove_stale_staging,
     train_adapter,
 )
 
@@ -255,6 +256,63 @@ def test_retraining_replaces_an_adapter_atomically(tiny_model_dir, tmp_path):
     assert (first.train_rows, second.train_rows) == (8, 12)
     assert json.loads((adapter / "train_result.json").read_text())["train_rows"] == 12
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def test_a_training_process_killed_mid_run_leaves_no_staging_folder_for_long(tiny_model_dir,
+                                                                              tmp_path):
+    """SIGKILL skips train_adapter's cleanup: its staging folder stays until the next
+    train_adapter call on the same adapter, which removes it (and only it)."""
+    adapter = tmp_path / "adapter"
+    killed = (
+        "import os, signal, sys\n"
+        "import mosaic.training.train as t\n"
+        "from mosaic.config import TrainingConfig\n"
+        "from conftest import tiny_chat_rows\n"
+        "t.build_trainer = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"t.train_adapter(tiny_chat_rows(4), base_model={str(tiny_model_dir)!r},\n"
+        f"                adapter_dir={str(adapter)!r}, training=TrainingConfig(), max_length=96)\n")
+    proc = subprocess.run([sys.executable, "-c", killed], cwd=Path(__file__).parent,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    (stale,) = tmp_path.glob(".adapter.train-*")
+    # Folders this call must leave alone: another live process training the same adapter, and
+    # a dead process's folder of a different adapter.
+    live = tmp_path / f".adapter.train-{os.getppid()}-abcd1234"
+    other = tmp_path / f".adapter2.train-{_dead_pid()}-abcd1234"
+    for d in (live, other):
+        d.mkdir()
+    result = train_adapter(tiny_chat_rows(8), base_model=tiny_model_dir, adapter_dir=adapter,
+                           training=FAST, max_length=96, progress=False)
+    assert result.train_rows == 8 and (adapter / "train_result.json").is_file()
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adapter", live.name, other.name])
+
+
+def test_remove_stale_staging_matches_only_its_adapter(tmp_path):
+    dead = _dead_pid()
+    names = {
+        f".adapter.train-{dead}-k3j_x9q2": True,  # its process is gone
+        f".adapter.train-{os.getpid()}-k3j_x9q2": False,  # this process (another thread)
+        ".adapter.train-k3j_x9q2": True,  # staged before pids were recorded
+        ".adapter.old-0123abcd": True,  # publish_dir died between its two renames
+        f".adapter.v2.train-{dead}-k3j_x9q2": False,  # the adapter "adapter.v2"
+        f".adapter.train-{dead}-k3j_x9q2.keep": False,  # not a name train_adapter makes
+        "adapter.train-k3j_x9q2": False,  # not hidden: not ours
+    }
+    for name in names:
+        (tmp_path / name).mkdir()
+    (tmp_path / f".adapter.train-{dead}-filefile").write_text("a file, not a staging folder")
+    removed = remove_stale_staging(tmp_path / "adapter")
+    assert sorted(p.name for p in removed) == sorted(n for n, gone in names.items() if gone)
+    for name, gone in names.items():
+        assert (tmp_path / name).exists() != gone, name
+    assert remove_stale_staging(tmp_path / "missing" / "adapter") == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from mosaic.config import LimitsConfig, MosaicConfig
 from mosaic.schemas import DataAction
 from mosaic.tools.dataset.hashing import eval_prompt_hashes
 from mosaic.tools.dataset.pools import PreparedPools
-from mosaic.tools.validate_action import ActionContext, format_problems, validate_action
+from mosaic.tools.validate_action import (ActionContext, format_problems, parse_previous_action,
+                                         too_large_problem, validate_action)
 
 TYPES = {"safety": "jailbreak", "boundary": "overrefusal", "instruction": "ifeval"}
 BUDGET = 20_000
@@ -274,6 +275,48 @@ def test_human_limits_floors_ceilings_and_per_round_change(world):
     assert "within [0.2, 0.4]" in change[0].hint
     ok = {"mixture": {"safety": 0.4, "boundary": 0.4, "instruction": 0.2}}
     assert validate_action(ok, ctx).status == "ok"
+
+
+@pytest.mark.parametrize("text, code", [
+    ('{"mixture": {"safety": NaN, "boundary": 0.5, "instruction": 0.5}}', "non_finite"),
+    ('{"mixture": {"safety": Infinity, "boundary": 0.5}}', "non_finite"),
+    ('{"mixture": {"safety": 0.3, "boundary": 0.4, "instruction": 0.3, "safety": 0.9}}',
+     "duplicate_key"),
+    ('{"mixture": {"safety": "0.3", "boundary": 0.7}}', "wrong_type"),
+    ('{"mixture": {"safety": 1.0}, "budget": 5}', "budget_not_settable"),
+    ('{"mixture": {"safety": 1.5, "boundary": -0.5}}', "negative_weight"),
+    ('{"mixture": {"safety": 0.9, "boundary": 0.9}}', "weights_not_summing"),
+    ('[1, 2]', "wrong_type"),
+    (b'{"mixture": {"safety": 1.0, "note": "caf\xe9"}}', "not_utf8"),
+])
+def test_a_previous_action_is_parsed_as_strictly_as_a_proposal(text, code):
+    action, problems = parse_previous_action(text)
+    assert action is None and code in [p.code for p in problems], problems
+
+
+def test_a_nan_previous_action_cannot_switch_off_the_change_limit(world):
+    """A lenient parse reads NaN, every |w - NaN| > limit is False, and the limit passes."""
+    prepared, _ = world
+    lenient = DataAction.model_validate_json('{"mixture": {"safety": NaN, "boundary": NaN, '
+                                             '"instruction": NaN}}')
+    ctx = ActionContext(objectives=TYPES, budget=BUDGET, pools=prepared,
+                        limits=LimitsConfig(max_change=0.05), previous_action=lenient)
+    assert validate_action(GOOD, ctx).ok  # the hole the strict parser closes
+    strict, problems = parse_previous_action('{"mixture": {"safety": NaN, "boundary": NaN, '
+                                             '"instruction": NaN}}')
+    assert strict is None and {p.code for p in problems} == {"non_finite"}
+    good, problems = parse_previous_action('{"mixture": {"safety": 0.3, "boundary": 0.4, '
+                                           '"instruction": 0.3}}')
+    assert problems == [] and good is not None
+    ctx = ActionContext(objectives=TYPES, budget=BUDGET, pools=prepared,
+                        limits=LimitsConfig(max_change=0.05), previous_action=good)
+    assert "change_too_large" in {p.code for p in validate_action(GOOD, ctx).problems}
+
+
+def test_too_large_reports_the_size_it_is_given():
+    problem = too_large_problem(1_000_000)
+    assert problem.code == "too_large" and "1,000,000 bytes" in problem.message
+    assert "65,536" in problem.message
 
 
 def test_a_mixed_objective_without_a_pool_is_rejected(world):

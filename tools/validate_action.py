@@ -135,6 +135,15 @@ def _walk(node: Any, path: str, depth: int, problems: list[Problem]) -> Any:
     return None
 
 
+def too_large_problem(size: int, max_bytes: int = MAX_ACTION_BYTES) -> Problem:
+    """The one wording of an oversize action; callers that read a capped prefix of a file pass
+    the file's real size."""
+    return Problem(code="too_large", path="$",
+                   message=f"action is {size:,} bytes; the limit is {max_bytes:,}",
+                   hint="an action is a few hundred bytes: mixture, per-objective weights and "
+                        "focus, threshold, method, short rationale")
+
+
 def parse_untrusted(raw: str | bytes | dict[str, Any], max_bytes: int = MAX_ACTION_BYTES
                     ) -> tuple[dict[str, Any] | None, list[Problem]]:
     """Parse a proposal strictly: size limit, UTF-8, no duplicate keys, no NaN/Infinity,
@@ -152,10 +161,7 @@ def parse_untrusted(raw: str | bytes | dict[str, Any], max_bytes: int = MAX_ACTI
                                   message=f"expected JSON text or an object, got {type(raw).__name__}",
                                   hint="send the action as one JSON object")]
         if len(data) > max_bytes:
-            return None, [Problem(code="too_large", path="$",
-                                  message=f"action is {len(data):,} bytes; the limit is {max_bytes:,}",
-                                  hint="an action is a few hundred bytes: mixture, per-objective "
-                                       "weights and focus, threshold, method, short rationale")]
+            return None, [too_large_problem(len(data), max_bytes)]
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -216,7 +222,7 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str] | None:
     return None
 
 
-def _schema_problems(err: ValidationError, budget: int) -> list[Problem]:
+def _schema_problems(err: ValidationError, budget: int | None) -> list[Problem]:
     out = []
     for e in err.errors():
         loc = tuple(e["loc"])
@@ -227,8 +233,9 @@ def _schema_problems(err: ValidationError, budget: int) -> list[Problem]:
             if last.lower() in _BUDGET_KEYS:
                 out.append(Problem(code="budget_not_settable", path=path,
                                    message=f"an action cannot set the token budget ({last!r})",
-                                   hint=f"the budget is the run's: {budget:,} tokens; shape how it "
-                                        f"is spent with mixture and bucket_weights"))
+                                   hint=(f"the budget is the run's: {budget:,} tokens; "
+                                         if budget is not None else "the budget is the run's; ")
+                                        + "shape how it is spent with mixture and bucket_weights"))
             elif _ITEM_KEY.search(last):
                 out.append(Problem(code="eval_reference", path=path,
                                    message=f"{last!r} would select specific items or sets",
@@ -648,6 +655,25 @@ def _validate(raw: str | bytes | dict[str, Any], ctx: ActionContext) -> ActionVe
         return ActionVerdict(status="invalid", problems=problems, notes=notes)
     rounding = any(n.endswith(ROUNDING_NOTE) for n in notes)
     return ActionVerdict(status="fixable" if rounding else "ok", action=fixed, notes=notes)
+
+
+def parse_previous_action(raw: str | bytes, max_bytes: int = MAX_ACTION_BYTES
+                          ) -> tuple[DataAction | None, list[Problem]]:
+    """A previous round's action (the reference of `limits.max_change`), parsed as strictly as
+    a proposal: duplicate keys, NaN/Infinity, unknown fields, wrong types, negative weights or
+    a mixture not summing to 1 all make it unusable. A lenient parse would let NaN through, and
+    NaN fails every comparison, so the per-round limit would pass silently."""
+    data, problems = parse_untrusted(raw, max_bytes)
+    if data is None or problems:
+        return None, problems
+    try:
+        action = DataAction.model_validate(data, strict=True)
+    except ValidationError as e:
+        return None, _schema_problems(e, None)
+    notes: list[str] = []
+    if _normalise_weights(action.mixture, "$.mixture", "mixture", problems, notes) is None:
+        return None, problems
+    return action, []
 
 
 def _without_extras(data: dict[str, Any], err: ValidationError) -> dict[str, Any] | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 import shutil
 import tempfile
 import time
@@ -233,7 +235,10 @@ def train_adapter(data: str | Path | Rows, *, base_model: str | Path, adapter_di
     prepared = load_prepared(data, tokenizer, max_length, method)
     adapter_dir = Path(adapter_dir)
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.train-", dir=adapter_dir.parent))
+    remove_stale_staging(adapter_dir)
+    # The pid in the name tells a later call whether the process that staged here is gone.
+    work = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.train-{os.getpid()}-",
+                                 dir=adapter_dir.parent))
     try:
         trainer = build_trainer(prepared, base_model=base_model, tokenizer=tokenizer,
                                 training=training, max_length=max_length, method=method,
@@ -256,6 +261,45 @@ def train_adapter(data: str | Path | Rows, *, base_model: str | Path, adapter_di
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
+def remove_stale_staging(adapter_dir: str | Path) -> list[Path]:
+    """Remove staging folders of `adapter_dir` left by a training process that died (SIGKILL,
+    OOM, power loss skip `train_adapter`'s cleanup); returns what was removed.
+
+    Only this adapter's folders are touched: `.<name>.train-<pid>-<random>` whose process is no
+    longer alive (another process training the same adapter keeps its folder), and
+    `.<name>.train-<random>` from versions that did not record the pid, plus `.<name>.old-*`
+    left between the two renames of `publish_dir` (never read again once the new one is in).
+    """
+    adapter_dir = Path(adapter_dir)
+    name = re.escape(adapter_dir.name)
+    with_pid = re.compile(rf"\.{name}\.train-(\d+)-[a-z0-9_]+")
+    legacy = re.compile(rf"\.{name}\.(train-[a-z0-9_]{{8}}|old-[0-9a-f]{{8}})")
+    removed = []
+    if not adapter_dir.parent.is_dir():
+        return removed
+    for path in adapter_dir.parent.iterdir():
+        if not path.is_dir() or path.is_symlink():
+            continue
+        m = with_pid.fullmatch(path.name)
+        if (m and not _pid_alive(int(m.group(1)))) or (not m and legacy.fullmatch(path.name)):
+            log.warning("removing %s: left by a training run that did not finish", path)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def publish_dir(staged: str | Path, final: str | Path) -> None:

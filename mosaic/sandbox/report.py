@@ -32,17 +32,19 @@ def world_tables(world: World) -> list["Table"]:
     turns) and the base corpus (size in tokens), as rich tables."""
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     s = world.stats
-    pools = Table(title=f"Training pools ({world.root}/pools)", box=box.SIMPLE_HEAD)
+    # The root comes from the config (a "[v2]" in it is a folder name, not markup).
+    pools = Table(title=Text(f"Training pools ({world.root}/pools)"), box=box.SIMPLE_HEAD)
     for col, j in (("pool", "left"), ("type", "left"), ("rows", "right"), ("prompts", "right"),
                    ("tokens", "right"), ("mean/max", "right"), ("slices (rows)", "left"),
                    ("score 1..5 (rows)", "left")):
         pools.add_column(col, justify=j)  # type: ignore[arg-type]
     for name, e in s["pools"].items():
-        pools.add_row(name, OBJECTIVES[name], f"{e['rows']:,}", f"{e['prompts']:,}",
-                      f"{e['tokens']:,}", f"{e['tokens_mean']:.0f}/{e['tokens_max']}",
-                      _short(e["slices"]), _short(e["scores"]))
+        pools.add_row(*map(Text, (name, OBJECTIVES[name], f"{e['rows']:,}", f"{e['prompts']:,}",
+                                  f"{e['tokens']:,}", f"{e['tokens_mean']:.0f}/{e['tokens_max']}",
+                                  _short(e["slices"]), _short(e["scores"]))))
 
     sets = Table(title="Eval, held-out and judge-agreement sets", box=box.SIMPLE_HEAD)
     for col, j in (("set", "left"), ("objective", "left"), ("rows", "right"), ("tokens", "right"),
@@ -50,8 +52,9 @@ def world_tables(world: World) -> list["Table"]:
         sets.add_column(col, justify=j)  # type: ignore[arg-type]
     for split in ("eval", "heldout", "judge"):
         for name, e in s[split].items():
-            sets.add_row(split, name, f"{e['rows']:,}", f"{e['tokens']:,}", _short(e["slices"]),
-                         _short(e["turns"]), str(e.get("controls", "")))
+            sets.add_row(*map(Text, (split, name, f"{e['rows']:,}", f"{e['tokens']:,}",
+                                     _short(e["slices"]), _short(e["turns"]),
+                                     str(e.get("controls", "")))))
         sets.add_section()
 
     c = s["base_corpus"]
@@ -59,9 +62,10 @@ def world_tables(world: World) -> list["Table"]:
     for col in ("conversations", "tokens", "mean/max", "> 300 tokens", "kinds", "user turns",
                 "vocab"):
         corpus.add_column(col)
-    corpus.add_row(f"{c['conversations']:,}", f"{c['tokens']:,}",
-                   f"{c['tokens_mean']:.0f}/{c['tokens_max']}", str(c["over_300_tokens"]),
-                   _short(c["kinds"]), _short(c["turns"]), str(s["tokenizer"]["vocab_size"]))
+    corpus.add_row(*map(Text, (f"{c['conversations']:,}", f"{c['tokens']:,}",
+                               f"{c['tokens_mean']:.0f}/{c['tokens_max']}", str(c["over_300_tokens"]),
+                               _short(c["kinds"]), _short(c["turns"]),
+                               str(s["tokenizer"]["vocab_size"]))))
     return [pools, sets, corpus]
 
 
@@ -80,6 +84,7 @@ def measure_judge(world: World, judge: "Judge | None" = None) -> dict[str, list[
 def agreement_table(results: dict[str, list["AtomAgreement"]], target: float = 0.95) -> "Table":
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"Rule judge vs ground truth on the held-out judge set (target accuracy "
                         f">= {target:.2f})", box=box.SIMPLE_HEAD)
@@ -89,8 +94,8 @@ def agreement_table(results: dict[str, list["AtomAgreement"]], target: float = 0
     for name, rows in results.items():
         for a in rows:
             acc = f"{a.accuracy:.3f}"
-            table.add_row(name, a.channel, a.atom, f"{a.n:,}",
-                          acc if a.accuracy >= target else f"[red]{acc}[/red]",
+            table.add_row(Text(name), Text(a.channel), Text(a.atom), f"{a.n:,}",
+                          Text(acc, style="" if a.accuracy >= target else "red"),
                           "-" if a.f1 is None else f"{a.f1:.3f}", f"{a.support:,}")
         table.add_section()
     return table

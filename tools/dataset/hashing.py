@@ -13,6 +13,9 @@ variable-length strings in numpy measured slower: see `_xxh_spans`).
 from __future__ import annotations
 
 import hashlib
+import logging
+import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,8 @@ import xxhash
 
 from mosaic.data import ROLES
 from mosaic.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 SYSTEM, USER, ASSISTANT = 0, 1, 2  # codes of ROLES in a message index
 # Part of the index cache's file name: bump it whenever a hash definition or a field changes,
@@ -435,16 +440,39 @@ def pool_content_hash(table: pa.Table) -> str:
     return h.hexdigest()
 
 
+# What reading a truncated or overwritten .npz raises (np.load parses a zip of .npy files).
+_CACHE_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
+
+
+def read_cache_file(path: Path, fields: Iterable[str]) -> dict[str, np.ndarray] | None:
+    """The arrays `fields` of an .npz cache file, or None when it is absent, lacks a field or
+    cannot be read. A corrupt file (a crash mid-copy, a full disk, a hand edit) is logged and
+    reported as absent, so the caller recomputes and overwrites it instead of failing on it
+    every run."""
+    if not path.is_file():
+        return None
+    fields = list(fields)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not set(fields) <= set(z.files):
+                return None  # an older layout: rebuilt like a missing file
+            # Indexing reads each member in full, so a damaged one fails here, not later.
+            return {k: z[k] for k in fields}
+    except _CACHE_READ_ERRORS as e:
+        log.warning("pool cache file %s is corrupt (%s: %s); rebuilding it", path,
+                    type(e).__name__, e)
+        return None
+
+
 def cached_message_index(table: pa.Table, cache_dir: str | Path | None, *, pool_hash: str,
                          where: str = "pool") -> MessageIndex:
     """`message_index` of a pool, cached at cache_dir/index-<format>-<pool hash>.npz."""
     import io
 
     path = Path(cache_dir) / f"index-{INDEX_FORMAT}-{pool_hash[:32]}.npz" if cache_dir else None
-    if path is not None and path.is_file():
-        with np.load(path) as z:
-            if set(MessageIndex.FIELDS) <= set(z.files):
-                return MessageIndex(**{k: z[k] for k in MessageIndex.FIELDS})
+    cached = read_cache_file(path, MessageIndex.FIELDS) if path is not None else None
+    if cached is not None:
+        return MessageIndex(**cached)
     idx = message_index(table.column("messages"), where=where)
     if path is not None:
         buf = io.BytesIO()

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mosaic.io import atomic_write_bytes
-from mosaic.tools.dataset.hashing import pool_content_hash
+from mosaic.tools.dataset.hashing import pool_content_hash, read_cache_file
 
 CACHE_FORMAT = 1
 
@@ -114,11 +114,10 @@ def cached_token_counts(table: pa.Table, tokenizer: Any, cache_dir: str | Path, 
     pool_hash = pool_hash or pool_content_hash(table)
     key = hashlib.sha256(f"{CACHE_FORMAT}:{pool_hash}:{tokenizer_hash(tokenizer)}".encode()).hexdigest()
     path = Path(cache_dir) / f"tokens-{key[:32]}.npz"
-    if path.is_file():
-        with np.load(path) as z:
-            if int(z["n_rows"]) == table.num_rows:
-                msg = z["message"] if bool(z["has_message"]) else None
-                return TokenCounts(row=z["row"], message=msg)
+    z = read_cache_file(path, ("row", "n_rows", "has_message", "message"))
+    if z is not None and int(z["n_rows"]) == table.num_rows and len(z["row"]) == table.num_rows:
+        msg = z["message"] if bool(z["has_message"]) else None
+        return TokenCounts(row=z["row"], message=msg)
     counts = count_tokens(table.column("messages"), tokenizer, batch_size=batch_size)
     buf = io.BytesIO()
     np.savez(buf, row=counts.row, n_rows=np.int64(table.num_rows),
