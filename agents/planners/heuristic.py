@@ -73,22 +73,32 @@ def _round_weights(w: Mapping[str, float], digits: int = 4) -> dict[str, float]:
 
 def project(w: Mapping[str, float], lo: Mapping[str, float], hi: Mapping[str, float]
             ) -> dict[str, float]:
-    """The weights of `w`, rescaled to sum 1 within per-key bounds: keys that would leave their
-    bounds are pinned there and the rest rescaled, until none does. Infeasible bounds (floors
-    above 1 in total, ceilings below) come back as close as they allow; the check rejects them."""
-    w = _normalise(w)
-    pinned: dict[str, float] = {}
-    while len(pinned) < len(w):
-        free = {k: v for k, v in w.items() if k not in pinned}
-        mass = 1.0 - sum(pinned.values())
-        total = sum(free.values())
-        scaled = {k: (v / total * mass if total > 0 else mass / len(free)) for k, v in free.items()}
-        out = {k: v for k, v in scaled.items()
-               if v < lo.get(k, 0.0) - 1e-12 or v > hi.get(k, 1.0) + 1e-12}
-        if not out:
-            return {**pinned, **scaled}
-        pinned.update({k: min(hi.get(k, 1.0), max(lo.get(k, 0.0), v)) for k, v in out.items()})
-    return pinned
+    """The point closest to `w` (Euclidean) with lo <= w <= hi per key and sum 1: w + lambda,
+    clipped, with lambda found by bisection. Bounds that cannot sum to 1 are relaxed in that
+    direction (the floors scaled down, or the ceilings up); the check rejects what stays
+    impossible."""
+    keys = list(w)
+    lo_ = {k: max(0.0, lo.get(k, 0.0)) for k in keys}
+    hi_ = {k: min(1.0, max(lo_[k], hi.get(k, 1.0))) for k in keys}
+    if sum(lo_.values()) > 1.0:
+        scale = 1.0 / sum(lo_.values())
+        lo_ = {k: v * scale for k, v in lo_.items()}
+    if sum(hi_.values()) < 1.0:
+        hi_ = {k: 1.0 for k in keys}
+
+    def at(lam: float) -> dict[str, float]:
+        return {k: min(hi_[k], max(lo_[k], w[k] + lam)) for k in keys}
+
+    a, b = -1.0 - max(w.values(), default=0.0), 1.0 + max(-min(w.values(), default=0.0), 0.0)
+    for _ in range(100):
+        mid = (a + b) / 2
+        if sum(at(mid).values()) < 1.0:
+            a = mid
+        else:
+            b = mid
+    out = at((a + b) / 2)
+    total = sum(out.values())
+    return {k: v / total for k, v in out.items()} if total > 0 else out
 
 
 class HeuristicPlanner:
@@ -161,17 +171,23 @@ class HeuristicPlanner:
             w = _normalise(stepped)
             notes.append(f"regressed vs the archive: {', '.join(regressed)}; stepping halfway "
                          f"back toward round {anchor.round}'s mixture")
+        lo, hi = self.bounds(ctx)
+        return project(w, lo, hi)
+
+    def bounds(self, ctx: PlanContext) -> tuple[dict[str, float], dict[str, float]]:
+        """Per-objective mixture bounds: the person's floors and ceilings, and the trust region
+        around the previous action (the tighter of max_step and the person's max_change)."""
         prev = ctx.previous_action.mixture if ctx.previous_action else None
         step = self.s.max_step
         if ctx.limits.max_change is not None:
             step = min(step, ctx.limits.max_change)
-        lo = dict(ctx.limits.floors)
-        hi = dict(ctx.limits.ceilings)
+        lo = {n: ctx.limits.floors.get(n, 0.0) for n in ctx.objectives}
+        hi = {n: ctx.limits.ceilings.get(n, 1.0) for n in ctx.objectives}
         if prev is not None:
-            for n in w:
-                lo[n] = max(lo.get(n, 0.0), prev.get(n, 0.0) - step)
-                hi[n] = min(hi.get(n, 1.0), prev.get(n, 0.0) + step)
-        return project(w, lo, hi)
+            for n in ctx.objectives:
+                lo[n] = max(lo[n], prev.get(n, 0.0) - step)
+                hi[n] = min(hi[n], prev.get(n, 0.0) + step)
+        return lo, hi
 
     # ---- R4-R7: per objective --------------------------------------------------------------------
 
@@ -262,8 +278,9 @@ class HeuristicPlanner:
         plans: dict[str, tuple[float | None, dict[str, Any], float]] = {}
         for name in ctx.objectives:
             plans[name] = self.quality(ctx, name, int(budget * mixture.get(name, 0.0)), level)
-        hi = {n: min(ctx.limits.ceilings.get(n, 1.0), plans[n][2]) for n in ctx.objectives}
-        lo = {n: min(ctx.limits.floors.get(n, 0.0), hi[n]) for n in ctx.objectives}
+        lo, hi = self.bounds(ctx)
+        hi = {n: min(hi[n], plans[n][2]) for n in ctx.objectives}  # capacity wins
+        lo = {n: min(lo[n], hi[n]) for n in ctx.objectives}
         mix = _round_weights(project(mixture, lo, hi))
         objectives: dict[str, Any] = {}
         for name, otype in ctx.objectives.items():
