@@ -134,3 +134,19 @@ def test_layering(module, forbidden):
     starts = [m for m in graph if m == module or m.startswith(module + ".")]
     bad = {s: _reaches(graph, s, forbidden) for s in starts}
     assert {s: r for s, r in bad.items() if r} == {}
+
+
+def test_agents_tools_and_the_cli_import_no_heavy_libraries():
+    """`mosaic --help` answers instantly: the graph, the planners, the tools and the CLI load no
+    torch/transformers/peft/trl/datasets at import time (their heavy work imports them when it
+    runs)."""
+    import subprocess
+    import sys
+
+    modules = [m for m in import_graph() if m.startswith(("mosaic.agents", "mosaic.tools"))]
+    code = ("import importlib, sys\n"
+            f"for m in {modules + ['mosaic.cli']!r}: importlib.import_module(m)\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets')"
+            " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
