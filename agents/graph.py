@@ -1,10 +1,10 @@
 """The closed loop as a LangGraph `StateGraph`:
 
-    baseline -> plan -> check --ok--> build -> train -> evaluate -> archive --> plan ... -> finish
-                  ^        | invalid (at most planner.max_revisions times)
-                  '-revise-'
-                           | still invalid
-                           '-> refuse: fallback planner / last valid action --> build
+    baseline -> plan -> check --ok--> review -> build -> train -> evaluate -> archive --> plan ...
+                  ^        | invalid (at most         |                                     -> finish
+                  '-revise-'  planner.max_revisions)  '-> (chat: a person edits -> review again,
+                           | still invalid                 rejects -> plan, approves -> build)
+                           '-> refuse: fallback planner / last valid action --> review
                                                         (nothing valid) ---> skip --> plan ...
 
 `build_graph` wires nodes (agents/nodes.py) to a `LoopContext`; tests build it with scripted
@@ -33,8 +33,8 @@ def _bind(fn: Any, ctx: LoopContext) -> Any:
 def build_graph(ctx: LoopContext, *, checkpointer: Any = None) -> Any:
     """The compiled loop graph over `ctx` (planner, fallback, audit log, run folder)."""
     g = StateGraph(LoopState)
-    for name in ("baseline", "plan", "check", "revise", "refuse", "build", "train", "evaluate",
-                 "archive", "skip", "finish"):
+    for name in ("baseline", "plan", "check", "revise", "refuse", "review", "build", "train",
+                 "evaluate", "archive", "skip", "finish"):
         g.add_node(name, _bind(getattr(nodes, name), ctx))
     g.add_conditional_edges(START, lambda s: "plan" if s.get("history") else "baseline",
                             {"plan": "plan", "baseline": "baseline"})
@@ -42,10 +42,13 @@ def build_graph(ctx: LoopContext, *, checkpointer: Any = None) -> Any:
                             {"plan": "plan", "finish": "finish"})
     g.add_edge("plan", "check")
     g.add_conditional_edges("check", _bind(nodes.after_check, ctx),
-                            {"execute": "build", "revise": "revise", "refuse": "refuse"})
+                            {"execute": "review", "revise": "revise", "refuse": "refuse"})
     g.add_edge("revise", "plan")
     g.add_conditional_edges("refuse", _bind(nodes.after_refuse, ctx),
-                            {"execute": "build", "skip": "skip"})
+                            {"execute": "review", "skip": "skip"})
+    # In chat the review node pauses for a person (interrupt); otherwise it passes through.
+    g.add_conditional_edges("review", _bind(nodes.after_review, ctx),
+                            {"execute": "build", "plan": "plan", "review": "review"})
     g.add_edge("build", "train")
     g.add_edge("train", "evaluate")
     g.add_edge("evaluate", "archive")

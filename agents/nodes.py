@@ -146,6 +146,120 @@ def after_refuse(state: LoopState, ctx: LoopContext) -> Literal["execute", "skip
     return "execute" if state.get("action") else "skip"
 
 
+# ---- review: a person's pause before an action executes (mosaic chat) --------------------------
+
+
+def review_payload(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+    """What a person sees at a pause: the failure summary the planner saw, the action, who
+    decided it and why, the standing limits, and the answer to their last edit."""
+    history = [h for h in state.get("history") or [] if not h.get("skipped")]
+    latest = history[-1]["round"] if history else 0
+    report = ctx.eval_report(latest)
+    summary = {}
+    for name, rep in (report.reports.items() if report else ()):
+        worst = sorted(rep.slices, key=lambda s: -s.need)[:3]
+        summary[name] = {"f": rep.f, "ci": [rep.f_ci_low, rep.f_ci_high], "target": rep.target,
+                         "worst_slices": [{"slice": s.slice, "mean": s.mean,
+                                           "ci": [s.ci_low, s.ci_high], "n": s.n_valid,
+                                           "reliability": s.reliability, "need": s.need}
+                                          for s in worst]}
+    return {"round": _round(state), "rounds": state.get("rounds"), "summary_round": latest,
+            "summary": summary, "action": state.get("action"), "author": state.get("author"),
+            "rationale": (state.get("proposal") or {}).get("rationale")
+            or (state.get("action") or {}).get("rationale", ""),
+            "verdict_notes": (state.get("verdict") or {}).get("notes", []),
+            "limits": state.get("human_limits") or {}, "notes": state.get("notes") or [],
+            "message": state.get("review_message")}
+
+
+def review(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+    """Pause for a person before the action executes (only in chat); apply what they decide."""
+    if not ctx.review:
+        return {"decision": "execute"}
+    from langgraph.types import interrupt
+
+    answer = interrupt(review_payload(state, ctx))
+    return decide(state, ctx, answer if isinstance(answer, dict) else {})
+
+
+def decide(state: LoopState, ctx: LoopContext, answer: dict[str, Any]) -> dict[str, Any]:
+    """A person's edits at a pause, all or nothing: notes, standing limits (re-checking the
+    action under them), action edits (checked like a planner's proposal), then approve or
+    reject. An edit that fails changes nothing and the message says why."""
+    from mosaic.agents.chat import ACTION_OPS, LIMIT_OPS, apply_action_edit, apply_limit_edit
+    from mosaic.schemas import ChatEdit
+    from mosaic.tools.validate_action import format_problems
+
+    k, seq = _round(state), state.get("human_seq", 0)
+    edits = [ChatEdit.model_validate(e) for e in answer.get("edits") or []]
+    command = answer.get("text") or "; ".join(e.command() for e in edits)
+
+    def log(event: str, data: dict[str, Any]) -> None:
+        ctx.audit.append(event, {**data, "command": command}, round=k, author="human",
+                         event_id=f"r{k}/human/{seq}")
+
+    def stay(message: str) -> dict[str, Any]:
+        return {"decision": "review", "review_message": message, "human_seq": seq + 1}
+
+    limits = dict(state.get("human_limits") or {})
+    notes = list(state.get("notes") or [])
+    action = state.get("action") or {}
+    names = list(ctx.config.objectives)
+    for e in edits:
+        if e.op in LIMIT_OPS:
+            limits, problems = apply_limit_edit(limits, e, names)
+            if problems:
+                log("human_limits", {"accepted": False, "edit": e.model_dump(), "problems": problems})
+                return stay(f"{e.command()} refused, nothing changed: " + "; ".join(problems))
+        elif e.op == "note":
+            notes.append(e.text or "")
+    action_edits = [e for e in edits if e.op in ACTION_OPS]
+    trial = {**state, "human_limits": limits}
+    if action_edits:
+        for e in action_edits:
+            action = apply_action_edit(action, e)
+    verdict = ctx.check(trial, _action_json(action)) if action else None
+    changed_limits = limits != (state.get("human_limits") or {})
+    base = {"human_limits": limits, "notes": notes, "human_seq": seq + 1, "review_message": None}
+    if action_edits:
+        if verdict is None or not verdict.ok or verdict.action is None:
+            text = format_problems(verdict) if verdict else "no action to edit"
+            log("human_edit", {"accepted": False, "edits": [e.model_dump() for e in action_edits],
+                               "problems": text})
+            return stay("the edit was refused by the check, nothing changed:\n" + text)
+        log("human_edit", {"accepted": True, "edits": [e.model_dump() for e in edits],
+                           "action": verdict.action.model_dump(mode="json"),
+                           "verdict": verdict.status})
+        base.update(action=verdict.action.model_dump(mode="json"), author="human",
+                    verdict=verdict.model_dump(mode="json"))
+    elif changed_limits or notes != (state.get("notes") or []):
+        log("human_limits" if changed_limits else "human_edit",
+            {"accepted": True, "edits": [e.model_dump() for e in edits], "limits": limits,
+             "notes": notes})
+        if changed_limits and verdict is not None and not verdict.ok:
+            # The proposal breaks the new limits: the planner proposes again under them.
+            return {**base, "decision": "plan", "action": None, "revision": 0,
+                    "feedback": ["a person set new limits and the proposal breaks them:",
+                                 format_problems(verdict)]}
+    if any(e.op == "reject" for e in edits):
+        reason = next(e.text for e in edits if e.op == "reject")
+        ctx.audit.append("human_decision", {"decision": "reject", "reason": reason,
+                                            "command": command},
+                         round=k, author="human", event_id=f"r{k}/human/{seq}/decision")
+        return {**base, "decision": "plan", "action": None, "revision": 0,
+                "feedback": [f"a person rejected the proposal: {reason}"]}
+    if any(e.op == "approve" for e in edits):
+        ctx.audit.append("human_decision", {"decision": "approve", "command": command},
+                         round=k, author="human", event_id=f"r{k}/human/{seq}/decision")
+        return {**base, "decision": "execute"}
+    return {**base, "decision": "review",
+            "review_message": "applied: " + command if edits else "nothing to apply"}
+
+
+def after_review(state: LoopState, ctx: LoopContext) -> Literal["execute", "plan", "review"]:
+    return state.get("decision") or "execute"  # type: ignore[return-value]
+
+
 # ---- execute: build -> train -> evaluate -> archive ---------------------------------------------
 
 
@@ -218,13 +332,25 @@ def archive(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
     point = point_from_reports(k, ctx.eval_report(k), ctx.eval_report(k, "heldout"),
                                action_hash=_action_hash(action),
                                adapter=str(ctx.round_dir(k) / "adapter"), author=author)
+    _write_round_summary(state, ctx, point)
+    guards = (state.get("human_limits") or {}).get("guards") or {}
+    violated = {n: {"score": point.eval[n], "guard": g} for n, g in sorted(guards.items())
+                if point.eval.get(n, float("inf")) < g}
+    entry: HistoryEntry = {"round": k, "action": action, "author": author, "eval": point.eval,
+                           "heldout": point.heldout, "skipped": False, "accepted": not violated}
+    if violated:
+        # A person said never to accept such a round: it stays out of the archive, and the
+        # planner hears why.
+        ctx.audit.append("archive", {"round": k, "accepted": False, "violated": violated,
+                                     "front": store.front},
+                         round=k, event_id=f"r{k}/archive")
+        why = ", ".join(f"{n} {v['score']:.3f} < guard {v['guard']:g}" for n, v in violated.items())
+        return _next_round(state, entry, feedback=[f"round {k} was not accepted: {why}"])
     store, decision = add_point(store, point)
     save_archive(store, ctx.run_dir)
-    _write_round_summary(state, ctx, point)
-    ctx.audit.append("archive", {**decision.model_dump(mode="json"), "front": store.front},
+    ctx.audit.append("archive", {**decision.model_dump(mode="json"), "accepted": True,
+                                 "front": store.front},
                      round=k, event_id=f"r{k}/archive")
-    entry: HistoryEntry = {"round": k, "action": action, "author": author, "eval": point.eval,
-                           "heldout": point.heldout, "skipped": False}
     return _next_round(state, entry)
 
 
@@ -251,10 +377,12 @@ def skip(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
     return _next_round(state, entry)
 
 
-def _next_round(state: LoopState, entry: HistoryEntry) -> dict[str, Any]:
+def _next_round(state: LoopState, entry: HistoryEntry,
+                feedback: list[str] | None = None) -> dict[str, Any]:
     history = [h for h in state.get("history") or [] if h["round"] != entry["round"]]
     return {"history": [*history, entry], "round": entry["round"] + 1, "revision": 0,
-            "proposal": None, "verdict": None, "feedback": [], "action": None, "author": None}
+            "proposal": None, "verdict": None, "feedback": feedback or [], "action": None,
+            "author": None, "decision": None, "review_message": None, "human_seq": 0}
 
 
 def after_round(state: LoopState, ctx: LoopContext) -> Literal["plan", "finish"]:

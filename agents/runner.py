@@ -30,7 +30,7 @@ class LoopOutcome:
     timings: dict[str, float]
 
 
-def _graph_config(rounds: int) -> dict[str, Any]:
+def graph_config(rounds: int) -> dict[str, Any]:
     # ~10 steps a round plus revisions; the limit only guards against a wiring bug.
     return {"configurable": {"thread_id": THREAD_ID}, "recursion_limit": 40 * (rounds + 2)}
 
@@ -70,7 +70,7 @@ def run_loop(config: MosaicConfig, *, planner: Planner | None = None,
     rounds = config.loop.rounds
     with open_checkpointer(run_dir) as saver:
         graph = build_graph(ctx, checkpointer=saver)
-        gcfg = _graph_config(rounds)
+        gcfg = graph_config(rounds)
         snapshot = graph.get_state(gcfg)
         values: dict[str, Any] = dict(snapshot.values or {})
         if not values:

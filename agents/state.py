@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import Any, TypedDict
 
 
-class HistoryEntry(TypedDict):
+class HistoryEntry(TypedDict, total=False):
     round: int
     action: dict[str, Any] | None  # the executed DataAction (None for the baseline)
     author: str  # planner | fallback | human | system
     eval: dict[str, float]
     heldout: dict[str, float] | None
     skipped: bool
+    accepted: bool  # False: a person's acceptance guard refused the round (kept out of the archive)
 
 
 class LoopState(TypedDict, total=False):
@@ -32,4 +33,8 @@ class LoopState(TypedDict, total=False):
     # What a person set in chat; it persists for later rounds and binds the planner too.
     human_limits: dict[str, Any]  # floors, ceilings, max_change, guards (see agents/context.py)
     notes: list[str]  # standing guidance shown to the planner
+    # At a pause (mosaic chat): what the person decided, and what to tell them next time.
+    decision: str | None  # "execute" | "plan" | "review"
+    review_message: str | None
+    human_seq: int  # human events in this round (makes their audit ids unique and stable)
     finished: bool

@@ -524,6 +524,55 @@ def _base_model(cfg) -> None:
         _fail(e)
 
 
+@app.command("chat")
+def chat_cmd(
+    target: Path = typer.Argument(DEFAULT_CONFIG, help="A run folder (resume or extend it) or a "
+                                                       "config YAML (start its run)."),
+    rounds: int = typer.Option(None, "--rounds", min=0, help="Rounds in all (raise it to extend "
+                                                             "a finished run)."),
+) -> None:
+    """Steer the loop between rounds: before each action runs, see the failures and the proposal,
+    then approve, reject with a reason, edit focus/buckets/mixture/threshold, or set standing
+    floors, ceilings, change limits and acceptance guards. /quit pauses; running this again
+    continues at the same pause. Reads commands from stdin when it is not a terminal."""
+    import sys
+
+    from mosaic.agents.chat_session import ChatSession
+
+    if target.is_dir():
+        from mosaic.config import ConfigError
+        from mosaic.run_store import saved_config
+
+        try:
+            cfg = saved_config(target).model_copy(update={"run_dir": str(target)})
+        except ConfigError as e:
+            _fail(e)
+    else:
+        cfg = _load(target)
+    if rounds is not None:
+        cfg = cfg.model_copy(update={"loop": cfg.loop.model_copy(update={"rounds": rounds})})
+    interactive = sys.stdin.isatty()
+
+    def read_line(prompt: str) -> str | None:
+        if interactive:
+            try:
+                return console.input(prompt)
+            except EOFError:
+                return None
+        line = sys.stdin.readline()
+        return None if line == "" else line
+
+    if cfg.world.kind == "sandbox":
+        _sandbox_world(cfg)
+    if cfg.inference.backend != "openai" or cfg.model.base == "sandbox":
+        _base_model(cfg)
+    session = ChatSession(cfg, read_line=read_line, console=console, echo=not interactive)
+    try:
+        session.run()
+    except _user_errors() as e:
+        _fail(e)
+
+
 # ---- models: `mosaic base-model` ----------------------------------------------------------------
 
 

@@ -139,6 +139,12 @@ class PlannerConfig(Section):
         return self
 
 
+class ChatConfig(Section):
+    """`mosaic chat`: slash commands always work; free text needs a chat model endpoint."""
+
+    endpoint: EndpointConfig | None = None
+
+
 class LimitsConfig(Section):
     """Human limits on mixture weights (set in config or chat); the check enforces them."""
 
@@ -163,6 +169,7 @@ class MosaicConfig(Section):
     inference: InferenceConfig = InferenceConfig()
     judge: JudgeConfig = JudgeConfig()
     planner: PlannerConfig = PlannerConfig()
+    chat: ChatConfig = ChatConfig()
     limits: LimitsConfig = LimitsConfig()
     loop: LoopConfig = LoopConfig()
 

@@ -327,6 +327,46 @@ class PoolCapacity(Strict):
     dropped: dict[str, int] = Field(default_factory=dict)
 
 
+ChatOp = Literal["approve", "reject", "mix", "buckets", "focus", "exclude", "ratio", "threshold",
+                 "method", "floor", "ceiling", "max_change", "guard", "clear_limits", "note"]
+
+
+class ChatEdit(Strict):
+    """One thing a person does at a pause (from a slash command or from free text through the
+    chat model): typed, shown, then checked like any planner proposal before it applies."""
+
+    op: ChatOp
+    objective: str | None = None
+    key: str | None = None  # focus key (focus/exclude)
+    values: list[str | int] | None = None  # focus values
+    weights: dict[str, float] | None = None  # mixture or bucket weights
+    value: float | None = None  # threshold, ratio, floor, ceiling, max_change, guard
+    text: str | None = None  # a rejection's reason, a note, the method
+
+    def command(self) -> str:
+        """The edit as the slash command that does the same (shown before it applies)."""
+        o = self.objective or ""
+        if self.op in ("mix", "buckets"):
+            ws = " ".join(f"{k}={v:g}" for k, v in (self.weights or {}).items())
+            return f"/{self.op} {o + ' ' if self.op == 'buckets' else ''}{ws}".strip()
+        if self.op in ("focus", "exclude"):
+            vals = ",".join(str(v) for v in self.values or [])
+            return f"/{self.op} {o} {self.key}={vals}"
+        if self.op in ("reject", "note", "method"):
+            return f"/{self.op} {self.text or ''}".strip()
+        if self.op in ("approve", "clear_limits"):
+            return f"/{self.op}"
+        value = "none" if self.value is None else f"{self.value:g}"
+        return f"/{self.op.replace('_', '')} {o} {value}".replace("  ", " ")
+
+
+class ChatEdits(Strict):
+    """What the chat model turns a person's free text into."""
+
+    edits: list[ChatEdit]
+    explanation: str = ""
+
+
 class ArchivePoint(Strict):
     """One evaluated round in the Pareto archive (round 0 is the base model)."""
 

@@ -26,6 +26,7 @@ class RoundRecord:
     author: str
     eval: dict[str, float]
     heldout: dict[str, float] | None = None
+    accepted: bool = True  # False: a person's acceptance guard refused it
 
 
 @dataclass
