@@ -604,6 +604,12 @@ def base_model_cmd(
                             len(curve) - 1})
             _say("  loss (assistant tokens): " + "  ".join(
                 f"{curve[i][1] / 1e3:.0f}k tok {curve[i][2]:.2f}" for i in marks))
+            # Weights are repeatable only on the same machine kind and versions (base_model.py).
+            m = info.machine
+            if m:
+                console.print(f"  built on {m['cpu']} ({m['torch_cpu_capability']}), torch "
+                              f"{m['torch']}, transformers {m['transformers']}, {m['threads']} "
+                              f"thread(s)" + (f", {m['env']}" if m["env"] else ""))
         else:
             path = ensure_base_model(cfg)
             _say(f"local base model: {path}")

@@ -5,6 +5,28 @@ assistant tokens only) with a plain torch loop: at 3.4M parameters on two CPU co
 faster than Trainer and has nothing to tune. The result is a normal `save_pretrained` directory
 (model + tokenizer with chat template) that loads offline, named by the hash of everything that
 determines it, so a changed corpus, tokenizer, spec or seed builds a new one.
+
+Reproducibility. On one machine kind and software stack a build is bit-for-bit repeatable: the
+data order comes from `random.Random(seed)`, initialisation from a seeded torch generator
+(forked, so the caller's random state neither feeds nor sees the build), nothing draws random
+numbers during training (the Llama config has no dropout), and the build pins its intra-op
+thread count (BUILD_THREADS) instead of following the runtime thread policy, because the
+summation order of some CPU kernels depends on it (on the sandbox machine 1, 2 and 4 threads
+agree, 8 give other weights). The world and its BPE tokenizer are byte-identical across
+processes, PYTHONHASHSEED values and tokenizer thread counts.
+
+What still varies is the machine: torch dispatches its vectorised CPU kernels by instruction set
+(`torch.backends.cpu.get_cpu_capability()`: AVX512, AVX2, ...) and MKL picks its sgemm kernels by
+CPU, so the same inputs give weights that differ in the last bits, and 1,625 training steps turn
+that into different greedy answers. On the sandbox's AMD EPYC (AVX512), forcing
+ATEN_CPU_CAPABILITY=avx2 gives other weights and an eval baseline of safety 2.442 / boundary
+4.921 / instruction 1.688 instead of 2.442 / 4.934 / 1.708, while evaluating one model under
+either setting scores the same. Other torch, MKL or transformers versions can do the same. Each
+build therefore records the CPU, the instruction set torch used, the versions and any
+kernel-selecting environment variables in `mosaic_base_model.json` (`machine`), so a differing
+baseline can be traced to the machine that built the model. Setting ATEN_CPU_CAPABILITY and
+MKL_CBWR to the same values on two machines before starting mosaic narrows the difference but
+has not been verified to remove it.
 """
 
 from __future__ import annotations
@@ -13,10 +35,14 @@ import fcntl
 import hashlib
 import json
 import math
+import os
+import platform
 import random
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +52,12 @@ from mosaic.io import atomic_write_json
 # Bump when the training procedure changes in a way the spec does not capture.
 BUILDER_VERSION = 2
 INFO_FILE = "mosaic_base_model.json"
+# Intra-op threads of every build, whatever the runtime policy (models.cpu_threads) says: the
+# thread count is part of the recipe, since it changes the summation order of some CPU kernels.
+# One thread is also the fastest for this model size on a shared 2-core machine.
+BUILD_THREADS = 1
+# Environment variables that change which CPU kernels torch and MKL run (recorded per build).
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 
 @dataclass(frozen=True)
@@ -65,6 +97,7 @@ class BaseModelInfo:
     final_loss: float
     loss_curve: list[list[float]] = field(default_factory=list)  # [step, tokens, mean loss]
     skipped: dict[str, int] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)  # see machine_identity()
 
 
 class BaseModelError(ValueError):
@@ -111,6 +144,53 @@ def _read_info(path: Path) -> BaseModelInfo:
                             "cached": True})
 
 
+def machine_identity() -> dict[str, Any]:
+    """What, besides the inputs, decides the float results of a build: the CPU and the
+    instruction set torch dispatches to, the library versions and the kernel settings."""
+    import tokenizers
+    import torch
+    import transformers
+
+    cpuinfo: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            cpuinfo.setdefault(name.strip(), value.strip())
+    except OSError:  # not Linux
+        pass
+    flags = set(cpuinfo.get("flags", "").split())
+    return {
+        "cpu": cpuinfo.get("model name") or platform.processor() or platform.machine(),
+        "cpu_vendor": cpuinfo.get("vendor_id", ""),
+        "cpu_family_model": f"{cpuinfo.get('cpu family', '?')}/{cpuinfo.get('model', '?')}",
+        "cpu_isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags],
+        "arch": platform.machine(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "blas": "mkl" if torch.backends.mkl.is_available() else "other",
+        "threads": BUILD_THREADS,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ},
+    }
+
+
+@contextmanager
+def _pinned() -> Iterator[None]:
+    """BUILD_THREADS intra-op threads and a forked torch generator for the build; the caller's
+    thread count and random state are restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------------------------
 # Building
 # --------------------------------------------------------------------------------------------
@@ -148,8 +228,9 @@ def build_base_model(corpus: str | Path | list[dict[str, Any]], tokenizer_dir: s
             return _read_info(final)
         work = Path(tempfile.mkdtemp(prefix=f".{final.name}.build-", dir=final.parent))
         try:
-            info = _train(conversations, tokenizer_dir, work, spec=spec, seed=seed, key=key,
-                          progress=progress, source=source, hashes=hashes)
+            with _pinned():
+                info = _train(conversations, tokenizer_dir, work, spec=spec, seed=seed, key=key,
+                              progress=progress, source=source, hashes=hashes)
             from mosaic.training.train import publish_dir
 
             publish_dir(work, final)
@@ -270,10 +351,7 @@ def _train(conversations, tokenizer_dir: Path, out_dir: Path, *, spec: BaseModel
     curve: list[list[float]] = []
     window_loss, window_n, tokens = 0.0, 0, 0
     pad = tokenizer.pad_token_id
-    from mosaic.training.models import cpu_threads
-
-    with _Bar(progress, total_steps, "building sandbox base model") as bar, \
-            cpu_threads(sum(p.numel() for p in model.parameters()), "cpu"):
+    with _Bar(progress, total_steps, "building sandbox base model") as bar:
         for step, batch in enumerate(batches):
             width = max(lengths[i] for i in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -310,7 +388,8 @@ def _train(conversations, tokenizer_dir: Path, out_dir: Path, *, spec: BaseModel
         path=out_dir, key=key, cached=False, params=params,
         size_bytes=sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file()),
         seconds=round(time.perf_counter() - start, 2), train_tokens=tokens, steps=total_steps,
-        rows=len(samples), final_loss=curve[-1][2], loss_curve=curve, skipped=skipped)
+        rows=len(samples), final_loss=curve[-1][2], loss_curve=curve, skipped=skipped,
+        machine=machine_identity())
     record = {k: v for k, v in asdict(info).items() if k not in ("path", "cached")}
     record.update(spec=asdict(spec), seed=seed, builder_version=BUILDER_VERSION, source=source,
                   **hashes)
