@@ -607,9 +607,9 @@ def base_model_cmd(
             # Weights are repeatable only on the same machine kind and versions (base_model.py).
             m = info.machine
             if m:
-                console.print(f"  built on {m['cpu']} ({m['torch_cpu_capability']}), torch "
-                              f"{m['torch']}, transformers {m['transformers']}, {m['threads']} "
-                              f"thread(s)" + (f", {m['env']}" if m["env"] else ""))
+                _say(f"  built on {m['cpu']} ({m['torch_cpu_capability']}), torch {m['torch']}, "
+                     f"transformers {m['transformers']}, {m['threads']} thread(s)"
+                     + (f", {m['env']}" if m["env"] else ""))
         else:
             path = ensure_base_model(cfg)
             _say(f"local base model: {path}")
