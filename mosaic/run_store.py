@@ -29,6 +29,7 @@ SAFE_TO_CHANGE = (
     "inference.batch_size",  # evaluate's markers do not key on it: greedy replies are the same
     "judge.cache_dir",
     "runtime.",  # threads and other machine settings
+    "cache.",  # where reusable stage outputs are kept: results are the same either way
 )
 _ENDPOINT_SAFE = ("timeout_s", "max_retries", "concurrency")
 
