@@ -31,7 +31,6 @@ content across runs (`cache.stages_dir`), so an action already trained is not tr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
