@@ -104,7 +104,7 @@ class LoopContext:
                              check=lambda raw: self.check(state, raw))
         records = [RoundRecord(round=h["round"],
                                action=DataAction.model_validate(h["action"]) if h["action"] else None,
-                               author=h["author"], eval=h["eval"], heldout=h.get("heldout"),
+                               author=h["author"], eval=h["eval"],
                                accepted=h.get("accepted", True))
                    for h in history]
         baseline = next((h["eval"] for h in history if h["round"] == 0), {})

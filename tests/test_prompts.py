@@ -55,9 +55,9 @@ def _planner_user() -> dict[str, Any]:
     from mosaic.eval.report import render_failure_report
 
     history = [RoundRecord(round=0, action=None, author="system",
-                           eval={"safety": 2.4, "boundary": 4.9}, heldout={"safety": 2.1}),
+                           eval={"safety": 2.4, "boundary": 4.9}),
                RoundRecord(round=1, action=None, author="planner",
-                           eval={"safety": 3.2, "boundary": 4.7}, heldout=None)]
+                           eval={"safety": 3.2, "boundary": 4.7}, accepted=False)]
     return {"round": 2, "rounds": 5, "budget": 300_000,
             "targets": {"safety": 4.5, "boundary": 4.5}, "history": history,
             "front": [1], "reports": [render_failure_report(_failure_report()["report"])],

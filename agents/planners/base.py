@@ -19,13 +19,14 @@ from mosaic.schemas import (ActionVerdict, DataAction, ExampleView, FailureRepor
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """One finished round as planners see it."""
+    """One finished round as planners see it: eval scores only. Held-out scores are kept from
+    planners on purpose: a planner that steered by them would make them one more eval set, and
+    they exist to catch what fits the eval templates."""
 
     round: int
     action: DataAction | None  # None for the baseline
     author: str
     eval: dict[str, float]
-    heldout: dict[str, float] | None = None
     accepted: bool = True  # False: a person's acceptance guard refused it
 
 
