@@ -85,6 +85,12 @@ SAMPLES: dict[str, dict[str, Any] | Callable[[], dict[str, Any]]] = {
                                                     "focus_keys": ["pc_patterns", "leak_types"]}},
                           "budget": 300_000, "max_tool_rounds": 6},
     "planner/user.j2": lambda: _planner_user(),
+    # agents/chat_session.py
+    "chat/translate.j2": {"objectives": {"boundary": {"type": "overrefusal",
+                                                      "slices": ["boundary_1", "boundary_2"],
+                                                      "focus_keys": ["friction", "refusal_type"]}},
+                          "action": '{"mixture": {"boundary": 1.0}}',
+                          "limits": {"floors": {"boundary": 0.3}}},
 }
 # mosaic/sandbox/text.py: the sandbox world's wording templates
 SAMPLES.update(sandbox_template_samples())
