@@ -337,6 +337,23 @@ def test_verify_names_an_executed_action_that_differs_from_the_round_folder(copy
     _fails(copy, "round_2/action.json: differs from the executed action in audit.jsonl line")
 
 
+def test_verify_passes_on_a_run_stopped_between_deciding_and_building(copy):
+    # As a run killed right after logging round 3's executed action leaves it.
+    from mosaic.audit import line_hash
+
+    n = _seq_of(copy, "executed", 3)
+    lines = _lines(copy)[:n]
+    _write_lines(copy, lines)
+    (copy / "audit.head.json").write_text(json.dumps({"count": n, "last": line_hash(lines[-1])}))
+    for name in ("dataset", "adapter", "eval", "heldout"):
+        shutil.rmtree(copy / "round_3" / name)
+    result = verify_run(copy)
+    assert result.ok, result.problem
+    assert "round 3: executed but not built yet (the run stopped here)" in result.checked
+    report = build_audit_report(copy)
+    assert report.rounds[-1].status == "incomplete" and report.rounds[-1].executed is not None
+
+
 # ---- the HTML report -----------------------------------------------------------------------------
 
 

@@ -126,11 +126,16 @@ def _verify(run_dir: Path, checked: list[str]) -> int:
         elif e["event"] == "executed":
             k = e["round"]
             action = _check_action(run_dir, config, e, previous, human_limits, checked)
-            manifest = _check_manifest(run_dir, config, k, action, first.get((k, "manifest")),
-                                       checked)
+            previous, executed = action, executed + 1
+            logged = first.get((k, "manifest"))
+            if logged is None and not (run_dir / f"round_{k}" / "dataset" /
+                                       "manifest.json").is_file():
+                # The run stopped between deciding and building (resume it): nothing to check.
+                checked.append(f"round {k}: executed but not built yet (the run stopped here)")
+                continue
+            manifest = _check_manifest(run_dir, config, k, action, logged, checked)
             if (k, "trained") in first:
                 _check_training(run_dir, k, manifest, first[(k, "trained")], checked)
-            previous, executed = action, executed + 1
     if not executed:
         checked.append("no executed actions to re-check")
     return chain.entries
@@ -211,15 +216,15 @@ def _check_manifest(run_dir: Path, config: Any, k: int, action: DataAction,
     if changed:
         raise _Bad(f"{rel}: pool_hashes differ from the pools the run reads now: "
                    f"{', '.join(changed)}")
-    if logged is None:
-        raise _Bad(f"{rel}: the audit log has no manifest entry for round {k}")
-    ld = logged.get("data") or {}
-    for field in ("output_hash", "total_tokens", "total_rows", "budget"):
+    # A crash between building and logging leaves a manifest the log does not name yet: it is
+    # still checked against itself, its marker and its training file.
+    ld = (logged.get("data") or {}) if logged is not None else {}
+    for field in ("output_hash", "total_tokens", "total_rows", "budget") if logged else ():
         if ld.get(field) != getattr(m, field):
             raise _Bad(f"{rel}: {field} {getattr(m, field)!r} differs from {_entry(logged)} "
                        f"({ld.get(field)!r})")
     buckets = {f"{b.objective}/{b.bucket}": b.tokens_used for b in m.buckets}
-    if "buckets" in ld and ld["buckets"] != buckets:
+    if logged is not None and "buckets" in ld and ld["buckets"] != buckets:
         raise _Bad(f"{rel}: bucket tokens differ from {_entry(logged)}")
     train = run_dir / f"round_{k}" / "dataset" / "train.parquet"
     trel = train.relative_to(run_dir).as_posix()
@@ -236,7 +241,8 @@ def _check_manifest(run_dir: Path, config: Any, k: int, action: DataAction,
             raise _Bad(f"round_{k}/{name}: differs from the fingerprint {DATASET_MARKER} "
                        f"recorded when it was built")
     checked.append(f"round {k}: manifest {m.total_tokens:,} tokens <= budget {m.budget:,}, "
-                   f"buckets sum, matches the log; train.parquet sha256 = output_hash")
+                   f"buckets sum, {'matches the log' if logged else 'not yet logged'}; "
+                   f"train.parquet sha256 = output_hash")
     return m
 
 
