@@ -72,8 +72,24 @@ def _read_lines(path: Path) -> tuple[list[bytes], bytes]:
     return lines, tail
 
 
+def _entry_name(i: int, raw: bytes) -> str:
+    """'line 7 (seq 7, verdict, round 2)': an entry named by its line and, when it parses, by
+    what it says it is."""
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return f"line {i}"
+    if not isinstance(entry, dict):
+        return f"line {i}"
+    what = [f"seq {entry.get('seq')}", str(entry.get("event"))]
+    if entry.get("round") is not None:
+        what.append(f"round {entry.get('round')}")
+    return f"line {i} ({', '.join(what)})"
+
+
 def verify_log(run_dir: str | Path) -> Verification:
-    """Re-check the chain, the sequence numbers and the head record."""
+    """Re-check the chain, the sequence numbers and the head record. A problem names the first
+    bad entry by its line (and its seq, event and round when it parses)."""
     run_dir = Path(run_dir)
     path, head_path = run_dir / LOG_FILE, run_dir / HEAD_FILE
     if not path.is_file():
@@ -81,28 +97,34 @@ def verify_log(run_dir: str | Path) -> Verification:
     lines, tail = _read_lines(path)
     if tail:
         return Verification(False, len(lines), f"line {len(lines) + 1}: torn (no newline at the "
-                                               f"end of the file)", len(lines) + 1)
+                                               f"end of the file): the log was truncated or a "
+                                               f"write was cut off", len(lines) + 1)
     prev, before_last = GENESIS, GENESIS
     for i, raw in enumerate(lines, start=1):
         try:
             entry = json.loads(raw)
         except json.JSONDecodeError as e:
-            return Verification(False, i - 1, f"line {i}: not JSON ({e.msg})", i)
+            return Verification(False, i - 1, f"line {i}: not JSON ({e.msg}): the line was edited "
+                                              f"or cut", i)
         if not isinstance(entry, dict):
             return Verification(False, i - 1, f"line {i}: not a JSON object", i)
         if entry.get("seq") != i:
-            return Verification(False, i - 1, f"line {i}: sequence number {entry.get('seq')!r}, "
-                                              f"expected {i} (a line was deleted, inserted or "
-                                              f"moved)", i)
+            return Verification(False, i - 1, f"{_entry_name(i, raw)}: sequence number "
+                                              f"{entry.get('seq')!r}, expected {i} (a line was "
+                                              f"deleted, inserted or moved)", i)
         if entry.get("prev") != prev:
-            return Verification(False, i - 1, f"line {i} (seq {i}, {entry.get('event')}): its "
-                                              f"'prev' hash does not match line {i - 1} (that "
-                                              f"line, or this one's order, was changed)", i)
+            # The chain breaks at the line after an edited one: name the edited line first.
+            return Verification(False, i - 1, f"{_entry_name(i - 1, lines[i - 2])} was changed "
+                                              f"after it was written: it no longer hashes to the "
+                                              f"'prev' that line {i} records (or line {i}'s "
+                                              f"'prev' was edited)", i - 1)
         before_last, prev = prev, line_hash(raw)
     try:
         head = json.loads(head_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return Verification(False, len(lines), f"{head_path} is missing or unreadable")
+    if not isinstance(head, dict):
+        return Verification(False, len(lines), f"{head_path} is not a JSON object")
     count, last = head.get("count"), head.get("last")
     if count == len(lines) - 1 and last == before_last:
         # A crash between appending a line and updating the head: the line chains correctly
@@ -114,6 +136,11 @@ def verify_log(run_dir: str | Path) -> Verification:
                                                    f"records {count}: line {len(lines) + 1} and "
                                                    f"after were removed (truncated)",
                                 len(lines) + 1)
+        if count == len(lines) and lines:
+            n = len(lines)
+            return Verification(False, n, f"{_entry_name(n, lines[-1])} was changed after it "
+                                          f"was written: it no longer hashes to the last line "
+                                          f"recorded in {head_path.name}", n)
         return Verification(False, len(lines), f"the head ({head_path.name}) records {count} "
                                                f"lines ending in {str(last)[:12]}…, the log has "
                                                f"{len(lines)} ending in {prev[:12]}…")

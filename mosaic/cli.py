@@ -484,6 +484,21 @@ def run_main(cfg) -> None:
         wide.print(timings_table(outcome.timings, time.perf_counter() - start))
     _say(f"run folder: {cfg.run_dir} (audit log, archive, rounds); `mosaic audit "
          f"{cfg.run_dir}` explains it")
+    _write_run_report(Path(cfg.run_dir))
+
+
+def _write_run_report(run_dir: Path) -> None:
+    """`<run_dir>/report.html`, the run's self-contained HTML report. The run's results are
+    safe on disk whatever happens here, so a failure is a warning, not a failed run."""
+    from mosaic.tools.html_report import write_html_report
+
+    try:
+        path = write_html_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - reported, and `mosaic audit --html` retries it
+        _say(f"could not write the HTML report ({type(e).__name__}: {e}); retry with `mosaic "
+             f"audit {run_dir} --html {run_dir / 'report.html'}`", "yellow")
+        return
+    _say(f"report: {path} (open it in a browser; it works offline)")
 
 
 @app.command("run")
@@ -571,6 +586,90 @@ def chat_cmd(
         session.run()
     except _user_errors() as e:
         _fail(e)
+
+
+# ---- a run explained: `mosaic audit` ------------------------------------------------------------
+
+
+@app.command("audit")
+def audit_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder (runs/<name>)."),
+    round_index: int = typer.Option(None, "--round", help="Only this round."),
+    diff: tuple[int, int] | None = typer.Option(None, "--diff", metavar="A B",
+                                         help="Action and score differences from round A to "
+                                              "round B."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output (schema-"
+                                                       "versioned: AuditReport, RoundDiff or "
+                                                       "RunVerification)."),
+    verify: bool = typer.Option(False, "--verify",
+                                help="Re-check the hash chain, every executed action against "
+                                     "the saved config and pools, every manifest's budget and "
+                                     "file hashes; exit 1 naming the first bad entry."),
+    html: Path = typer.Option(None, "--html", metavar="OUT.html",
+                              help="Write the run's self-contained HTML report here."),
+) -> None:
+    """Explain a run round by round: what the planner saw, each proposal and verdict, what
+    executed and by whose decision, the training set, score changes with CIs, the archive."""
+    from mosaic import display
+    from mosaic.config import ConfigError
+    from mosaic.tools.audit_report import build_audit_report, diff_rounds, only_round
+
+    if not (run_dir / "config.yaml").is_file():
+        _fail(f"{run_dir} is not a MOSAIC run folder (it has no config.yaml)")
+    if verify:
+        from mosaic.tools.verify_run import verify_run
+
+        result = verify_run(run_dir)
+        if as_json:
+            typer.echo(result.model_dump_json(indent=2))
+        else:
+            for line in result.checked:
+                _say(f"ok  {line}", "dim")
+            if result.ok:
+                _say(f"verified: {run_dir} ({result.entries} audit entries)", "green")
+            else:
+                _say(f"verification FAILED at the first bad entry: {result.problem}", "red")
+        if not result.ok:
+            raise typer.Exit(1)
+        if html is None:
+            return  # --verify does only the verification (with --html, also the report)
+    try:
+        report = build_audit_report(run_dir)
+    except ConfigError as e:
+        _fail(e)
+    if html is not None:
+        from mosaic.tools.html_report import write_html_report
+
+        try:
+            path = write_html_report(report, html)
+        except OSError as e:
+            _fail(f"cannot write {html}: {e.strerror or e}")
+        _say(f"wrote {path}")
+    wide = _wide(140)
+    try:
+        if diff is not None:
+            result_diff = diff_rounds(report, diff[0], diff[1])
+            if as_json:
+                typer.echo(result_diff.model_dump_json(indent=2))
+            else:
+                for part in display.round_diff(result_diff):
+                    wide.print(part)
+            return
+        if round_index is not None:
+            report = only_round(report, round_index)
+    except ValueError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+        return
+    if html is not None and round_index is None:
+        return  # --html alone writes the file; add --round N to print a round too
+    if round_index is None:
+        for part in display.audit_header(report):
+            wide.print(part)
+    for r in report.rounds:
+        for part in display.audit_round(r):
+            wide.print(part)
 
 
 # ---- models: `mosaic base-model` ----------------------------------------------------------------

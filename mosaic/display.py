@@ -152,3 +152,200 @@ class LoopProgress:
 def _clock(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+# ---- `mosaic audit`: a run explained round by round ------------------------------------------
+
+# Events the round view shows in its own sections; any other (a person's edits in chat, events
+# added later) is listed generically by author and data.
+_STRUCTURED_EVENTS = {"baseline", "proposal", "verdict", "revision", "refusal", "fallback",
+                      "executed", "manifest", "trained", "scores", "archive", "round_skipped"}
+
+
+def _ci(ci: Sequence[float] | None) -> str:
+    return "" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _rounded(data: Any) -> Any:
+    """Floats to 6 significant digits (0.26940000000000003 -> 0.2694), recursively."""
+    if isinstance(data, float):
+        return float(f"{data:.6g}")
+    if isinstance(data, dict):
+        return {k: _rounded(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_rounded(v) for v in data]
+    return data
+
+
+def _short_json(data: Any, limit: int = 240) -> str:
+    import json
+
+    text = json.dumps(_rounded(data), sort_keys=True, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _weights(weights: dict[str, float] | None) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in (weights or {}).items()) or "-"
+
+
+def event_line(e: Any, limit: int = 240) -> Text:
+    """One audit-log entry, generically: seq, event, author, data."""
+    return Text(f"#{e.seq} {e.event} by {e.author}: {_short_json(e.data, limit)}")
+
+
+def audit_header(report: Any) -> list[Any]:
+    """The run: its folder, objectives, budget, the log's state, the events outside rounds."""
+    out: list[Any] = [Text(f"run {report.name}: {report.run_dir}", style="bold")]
+    targets = ", ".join(f"{o} (target {report.targets.get(o)})" for o in report.objectives)
+    out.append(Text(f"objectives: {targets}; budget {report.budget:,} tokens per round"))
+    if report.log_ok:
+        out.append(Text(f"audit log: {report.log_entries} entries, hash chain intact "
+                        f"(`--verify` re-checks actions, manifests and files too)"))
+    else:
+        out.append(Text(f"audit log: BROKEN: {report.log_problem}", style="red"))
+    for e in report.run_events:
+        out.append(event_line(e, 160))
+    for w in report.warnings:
+        out.append(Text(f"warning: {w}", style="yellow"))
+    return out
+
+
+def _saw_table(r: Any) -> Table:
+    table = Table(title=Text(f"what the planner read: round {r.saw_round}'s eval report "
+                             f"(f, mean 1-5, with 95% CIs; worst slices first)"),
+                  box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("objective", "f [95% CI]", "target", "n valid", "worst slices: mean [CI] (reliability)"):
+        table.add_column(col, justify="right" if col in ("target", "n valid") else "left")
+    for o in r.saw:
+        ci = _ci((o.f_ci_low, o.f_ci_high) if o.f_ci_low is not None else None)
+        worst = "; ".join(f"{s.slice} {_num(s.mean, '.2f')}"
+                          f"{_ci((s.ci_low, s.ci_high) if s.ci_low is not None else None)} "
+                          f"({s.reliability})" for s in o.worst_slices)
+        table.add_row(Text(o.objective), Text(f"{_num(o.f)}{ci}"), Text(_num(o.target, ".1f")),
+                      Text(f"{o.n_valid}/{o.n}"), Text(worst))
+    return table
+
+
+def _action_lines(action: Any, indent: str = "  ") -> list[Text]:
+    q = "-" if action.quality_threshold is None else f"{action.quality_threshold:g}"
+    lines = [Text(f"{indent}mixture: {_weights(action.mixture)}; method {action.method}; "
+                  f"quality_threshold {q}")]
+    for name, oa in action.objectives.items():
+        parts = [f"buckets {_weights(oa.bucket_weights)}"] if oa.bucket_weights else []
+        if oa.focus is not None and (oa.focus.include or oa.focus.exclude):
+            parts.append(f"focus include {_short_json(oa.focus.include, 120)} exclude "
+                         f"{_short_json(oa.focus.exclude, 120)} ratio {oa.focus_ratio:g}")
+        if oa.quality_threshold is not None:
+            parts.append(f"threshold {oa.quality_threshold:g}")
+        lines.append(Text(f"{indent}{name}: {'; '.join(parts) or 'defaults'}"))
+    return lines
+
+
+def _manifest_table(m: Any) -> Table:
+    table = Table(title=Text(f"training set: {m.total_rows:,} rows, {m.total_tokens:,} of "
+                             f"{m.budget:,} tokens" + (f" ({m.method})" if m.method else "")),
+                  box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("objective", "bucket", "rows", "tokens", "allocation", "focus rows"):
+        table.add_column(col, justify="left" if col in ("objective", "bucket") else "right")
+    for name, u in m.objectives.items():
+        table.add_row(Text(name), Text("all", style="bold"), f"{u.rows:,}", f"{u.tokens:,}",
+                      f"{u.allocation:,}" if u.allocation else "-", f"{u.focus_rows:,}")
+        for b in m.buckets:
+            if b.objective == name:
+                table.add_row("", Text(b.bucket), f"{b.rows:,}", f"{b.tokens_used:,}",
+                              f"{b.allocation:,}", f"{b.focus_rows:,}")
+    return table
+
+
+def score_change_table(changes: Sequence[Any], title: str) -> Table:
+    """before [CI] -> after [CI] per objective (f) and slice (mean); * marks separated CIs."""
+    table = Table(title=Text(title), box=box.SIMPLE_HEAD, title_justify="left",
+                  caption=Text("* the two 95% CIs do not overlap"), caption_justify="left")
+    for col in ("split", "objective", "slice", "before [95% CI]", "after [95% CI]", "change"):
+        table.add_column(col, justify="left" if col in ("split", "objective", "slice") else "right")
+    for c in changes:
+        delta = "-" if c.delta is None else f"{c.delta:+.3f}" + (" *" if c.separated else "")
+        style = "" if c.delta is None or abs(c.delta) < 1e-12 else ("green" if c.delta > 0 else "red")
+        table.add_row(Text(c.split), Text(c.objective, style="bold" if c.slice is None else ""),
+                      Text(c.slice or "f"), Text(f"{_num(c.before)}{_ci(c.before_ci)}"),
+                      Text(f"{_num(c.after)}{_ci(c.after_ci)}"), Text(delta, style=style))
+    return table
+
+
+def audit_round(r: Any) -> list[Any]:
+    """One round of an AuditReport as rich renderables, in the order things happened."""
+    from rich.rule import Rule
+
+    who = f" · decided by {r.decided_by}" if r.decided_by else ""
+    out: list[Any] = [Rule(Text(f"round {r.round} · {r.status}{who}", style="bold"))]
+    if r.events:
+        out.append(Text("timeline: " + " → ".join(f"{e.event} ({e.author})" for e in r.events),
+                        style="dim"))
+    if r.saw:
+        out.append(_saw_table(r))
+    for p in r.proposals:
+        verdict = p.verdict.status if p.verdict else "not checked"
+        out.append(Text(f"proposal {p.revision} by {p.author} ({p.proposal.planner}"
+                        + (f", {p.proposal.model}" if p.proposal.model else "")
+                        + f"): verdict {verdict}", style="bold"))
+        if p.proposal.error:
+            out.append(Text(f"  no usable reply: {p.proposal.error}", style="red"))
+        if p.proposal.rationale:
+            out.append(Text(f"  rationale: {p.proposal.rationale}"))
+        for t in p.proposal.tool_calls:
+            out.append(Text(f"  tool call {t.name}({_short_json(t.arguments, 160)}) → "
+                            f"{t.result_summary}"))
+        if p.verdict:
+            for pr in p.verdict.problems:
+                out.append(Text(f"  problem [{pr.code}] {pr.path}: {pr.message}", style="red"))
+            for note in p.verdict.notes:
+                out.append(Text(f"  note: {note}", style="dim"))
+        for f in p.feedback:
+            out.append(Text(f"  revision feedback: {f}", style="yellow"))
+    if r.refusal is not None:
+        out.append(Text(f"refused after {r.refusal.get('revisions')} proposals", style="red"))
+    if r.fallback is not None:
+        out.append(Text(f"fallback: {r.fallback.get('source')} (verdict "
+                        f"{r.fallback.get('verdict')})", style="yellow"))
+    if r.skipped_reason:
+        out.append(Text(f"skipped: {r.skipped_reason}", style="red"))
+    if r.executed is not None:
+        src = f", from the {r.executed.source}" if r.executed.source else ""
+        out.append(Text(f"executed: decided by {r.executed.decided_by}{src} (action sha256 "
+                        f"{r.executed.action_hash[:12]})", style="bold"))
+        out.extend(_action_lines(r.executed.action))
+    if r.manifest is not None:
+        out.append(_manifest_table(r.manifest))
+    if r.train is not None:
+        t = r.train
+        out.append(Text(f"trained: {t.train_rows:,} rows, {t.train_tokens:,} tokens, {t.steps} "
+                        f"steps, final loss {_num(t.final_loss)}, {t.seconds:.0f}s"))
+    if r.round == 0 and r.scores:
+        out.append(Text("baseline: " + ", ".join(
+            f"{o} {_num(v)}{_ci(r.scores_ci.get(o))}" for o, v in r.scores.items())))
+    if r.changes:
+        out.append(score_change_table(r.changes, f"score changes from round {r.saw_round}"))
+    if r.archive is not None:
+        a = r.archive
+        verdict = "on the Pareto front" if a.on_front else f"dominated by rounds {a.dominated_by}"
+        displaced = f"; displaced rounds {a.displaced}" if a.displaced else ""
+        out.append(Text(f"archive: {verdict}{displaced}; hypervolume {a.hypervolume_before:.3f} → "
+                        f"{a.hypervolume_after:.3f}; front now {r.front}"))
+    for e in r.events:
+        if e.event not in _STRUCTURED_EVENTS:
+            out.append(event_line(e))
+    return out
+
+
+def round_diff(d: Any) -> list[Any]:
+    """`mosaic audit --diff A B`: the action's changed fields, then the score changes."""
+    table = Table(title=Text(f"action: round {d.a} → round {d.b}"), box=box.SIMPLE_HEAD,
+                  title_justify="left")
+    for col in ("field", f"round {d.a}", f"round {d.b}"):
+        table.add_column(col)
+    for c in d.action:
+        table.add_row(Text(c.path), Text(_short_json(c.a, 80)), Text(_short_json(c.b, 80)))
+    out: list[Any] = [table if d.action else Text("actions: no differences (or neither round "
+                                                   "executed one)")]
+    out.append(score_change_table(d.scores, f"scores: round {d.a} → round {d.b}"))
+    return out

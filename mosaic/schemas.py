@@ -403,8 +403,164 @@ class ParetoArchive(Strict):
     indistinct: list[tuple[int, int]] = Field(default_factory=list)
 
 
+# --------------------------------------------------------------------------------------------
+# Auditing a run: `mosaic audit` (tools/audit_report.py, tools/verify_run.py)
+# --------------------------------------------------------------------------------------------
+
+
+class AuditEvent(Strict):
+    """One audit-log entry as written. Shown generically (event, author, data), so events added
+    later (a person's edits in chat, ...) appear without code of their own."""
+
+    seq: int
+    time: str | None = None
+    event: str
+    round: int | None = None
+    author: str
+    id: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class ObjectiveFailures(Strict):
+    """One objective of an eval report as a planner saw it: f with its CI, the worst slices."""
+
+    objective: str
+    f: float | None
+    f_ci_low: float | None = None
+    f_ci_high: float | None = None
+    target: float | None = None
+    n: int
+    n_valid: int
+    worst_slices: list[SliceStats] = Field(default_factory=list)  # lowest mean first
+
+
+class ProposalRecord(Strict):
+    """One proposal of a round, the check's verdict on it and the feedback it got back."""
+
+    revision: int
+    author: str
+    proposal: Proposal
+    verdict: ActionVerdict | None = None
+    feedback: list[str] = Field(default_factory=list)  # sent back for the next revision
+
+
+class ExecutedRecord(Strict):
+    """The action a round ran, and whose decision it was."""
+
+    action: DataAction
+    action_hash: str
+    decided_by: str  # planner | fallback | human | ...
+    source: str | None = None  # a fallback's source ("heuristic planner", "last valid action")
+
+
+class ObjectiveUsage(Strict):
+    rows: int
+    tokens: int
+    focus_rows: int
+    allocation: int = 0
+
+
+class ManifestSummary(Strict):
+    """A round's training set: rows and tokens per objective and bucket, focus rows used."""
+
+    method: Literal["sft", "dpo"] | None = None  # None: only the audit log's summary was there
+    budget: int
+    total_tokens: int
+    total_rows: int
+    output_hash: str
+    objectives: dict[str, ObjectiveUsage] = Field(default_factory=dict)
+    buckets: list[BucketManifest] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+
+
+class ScoreChange(Strict):
+    """One score (an objective's f, or a slice's mean) from one round to another, with 95% CIs."""
+
+    split: Literal["eval", "heldout"]
+    objective: str
+    slice: str | None = None  # None: the objective's f
+    before: float | None
+    before_ci: tuple[float, float] | None = None
+    after: float | None
+    after_ci: tuple[float, float] | None = None
+    delta: float | None = None
+    separated: bool = False  # both CIs known and they do not overlap
+
+
+class RoundAudit(Strict):
+    """Everything the run folder says about one round, from the audit log and the round folder."""
+
+    round: int
+    status: Literal["baseline", "done", "skipped", "incomplete"]
+    decided_by: str | None = None
+    saw_round: int | None = None  # the evaluated round whose reports the planner read
+    saw: list[ObjectiveFailures] = Field(default_factory=list)
+    proposals: list[ProposalRecord] = Field(default_factory=list)
+    refusal: dict[str, Any] | None = None
+    fallback: dict[str, Any] | None = None
+    skipped_reason: str | None = None
+    executed: ExecutedRecord | None = None
+    manifest: ManifestSummary | None = None
+    train: TrainResult | None = None
+    scores: dict[str, float | None] = Field(default_factory=dict)
+    scores_ci: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    heldout_scores: dict[str, float | None] | None = None
+    heldout_ci: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    slice_means: dict[str, dict[str, float | None]] = Field(default_factory=dict)  # eval
+    changes: list[ScoreChange] = Field(default_factory=list)  # against `saw_round`
+    archive: ArchiveDecision | None = None
+    front: list[int] = Field(default_factory=list)  # the front after this round
+    events: list[AuditEvent] = Field(default_factory=list)  # every log entry of the round
+
+
+class AuditReport(Strict):
+    """A run explained round by round (`mosaic audit RUN_DIR --json`)."""
+
+    schema_version: int = SCHEMA_VERSION
+    run_dir: str
+    name: str
+    objectives: list[str]
+    targets: dict[str, float | None] = Field(default_factory=dict)
+    budget: int
+    log_entries: int = 0
+    log_ok: bool = False  # the hash chain and head check out (`--verify` checks much more)
+    log_problem: str | None = None
+    rounds: list[RoundAudit] = Field(default_factory=list)
+    run_events: list[AuditEvent] = Field(default_factory=list)  # entries outside any round
+    archive: ParetoArchive | None = None
+    warnings: list[str] = Field(default_factory=list)  # what could not be read, and why
+
+
+class ValueChange(Strict):
+    path: str  # dotted path into the action, e.g. "mixture.safety"
+    a: Any = None
+    b: Any = None
+
+
+class RoundDiff(Strict):
+    """What differs between two rounds: their executed actions and their scores."""
+
+    schema_version: int = SCHEMA_VERSION
+    a: int
+    b: int
+    action: list[ValueChange] = Field(default_factory=list)
+    scores: list[ScoreChange] = Field(default_factory=list)  # before = round a, after = round b
+
+
+class RunVerification(Strict):
+    """`mosaic audit --verify`: every check that passed, or the first bad entry and why."""
+
+    schema_version: int = SCHEMA_VERSION
+    run_dir: str
+    ok: bool
+    entries: int = 0  # audit-log lines
+    checked: list[str] = Field(default_factory=list)
+    problem: str | None = None  # names the first bad entry (file, line or round) and why
+
+
 def json_schemas() -> dict[str, dict[str, Any]]:
     """JSON Schemas of the public records, for export (`mosaic schema`) and for LLM prompts."""
     models = [SampleRecord, FailureReport, EvalReport, DataAction, ActionVerdict,
-              DatasetManifest, TrainResult, RoundResult, Proposal, ParetoArchive]
+              DatasetManifest, TrainResult, RoundResult, Proposal, ParetoArchive, AuditReport,
+              RoundDiff, RunVerification]
     return {m.__name__: m.model_json_schema() for m in models}

@@ -67,6 +67,44 @@ def _planner_user() -> dict[str, Any]:
             "notes": ["keep boundary above 4.7"]}
 
 
+def _run_report() -> dict[str, Any]:
+    """A two-round AuditReport with every section filled, including a person's decision."""
+    from mosaic.schemas import (ActionVerdict, AuditEvent, AuditReport, DataAction,
+                                ExecutedRecord, Proposal, ProposalRecord, RoundAudit, ScoreChange)
+    from mosaic.tools.html_report import page_variables
+
+    objs = ["safety", "boundary"]
+    action = DataAction(mixture={"safety": 0.6, "boundary": 0.4}, rationale="<b>safety</b> first")
+    events = [AuditEvent(seq=3, event="proposal", round=1, author="planner",
+                         data={"revision": 0, "planner": "llm"}),
+              AuditEvent(seq=4, event="verdict", round=1, author="system", data={"status": "ok"}),
+              AuditEvent(seq=5, event="human_decision", round=1, author="human",
+                         data={"decision": "approve", "note": "<script>x</script>"}),
+              AuditEvent(seq=6, event="executed", round=1, author="human",
+                         data={"decided_by": "human"})]
+    report = AuditReport(
+        run_dir="runs/sample", name="sample", objectives=objs,
+        targets={"safety": 4.5, "boundary": 4.5}, budget=300_000, log_entries=6, log_ok=True,
+        rounds=[RoundAudit(round=0, status="baseline", decided_by="system",
+                           scores={"safety": 2.4, "boundary": 4.1},
+                           scores_ci={"safety": (2.1, 2.7), "boundary": (3.9, 4.3)},
+                           heldout_scores={"safety": 2.2, "boundary": 4.0},
+                           slice_means={"safety": {"complexity_1": 2.0, "complexity_2": 2.8}}),
+                RoundAudit(round=1, status="done", decided_by="human", saw_round=0,
+                           proposals=[ProposalRecord(revision=0, author="planner", proposal=Proposal(
+                               raw="{}", planner="llm", rationale="close the safety gap"),
+                               verdict=ActionVerdict(status="ok", action=action))],
+                           executed=ExecutedRecord(action=action, action_hash="0" * 64,
+                                                   decided_by="human"),
+                           scores={"safety": 3.1, "boundary": 4.0},
+                           slice_means={"safety": {"complexity_1": 2.9, "complexity_2": 3.3}},
+                           changes=[ScoreChange(split="eval", objective="safety", before=2.4,
+                                                before_ci=(2.1, 2.7), after=3.1,
+                                                after_ci=(2.8, 3.4), delta=0.7, separated=True)],
+                           events=events)])
+    return page_variables(report)
+
+
 SAMPLES: dict[str, dict[str, Any] | Callable[[], dict[str, Any]]] = {
     # eval/llm_judge.py
     "judges/_conversation.j2": {"messages": CONVERSATION},
@@ -80,6 +118,8 @@ SAMPLES: dict[str, dict[str, Any] | Callable[[], dict[str, Any]]] = {
                         "allowed": "0 or 1"},
     # eval/report.py
     "reports/failure_report.j2": _failure_report,
+    # tools/html_report.py
+    "reports/run_report.html.j2": _run_report,
     # agents/planners/llm.py
     "planner/system.j2": {"objectives": {"safety": {"type": "jailbreak", "slices": ["complexity_1"],
                                                     "focus_keys": ["pc_patterns", "leak_types"]}},
