@@ -48,15 +48,7 @@ class LoopContext:
 
     def limits(self, state: LoopState) -> LimitsConfig:
         """The run's limits with the person's standing limits applied (tighter wins)."""
-        base = self.config.limits
-        human = state.get("human_limits") or {}
-        floors = {**base.floors, **{k: max(v, base.floors.get(k, 0.0))
-                                    for k, v in (human.get("floors") or {}).items()}}
-        ceilings = {**base.ceilings, **{k: min(v, base.ceilings.get(k, 1.0))
-                                        for k, v in (human.get("ceilings") or {}).items()}}
-        changes = [c for c in (base.max_change, human.get("max_change")) if c is not None]
-        return LimitsConfig(floors=floors, ceilings=ceilings,
-                            max_change=min(changes) if changes else None)
+        return self.config.limits.tightened(state.get("human_limits"))
 
     def previous_action(self, state: LoopState) -> DataAction | None:
         for entry in reversed(state.get("history") or []):

@@ -185,7 +185,9 @@ def review(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
 def decide(state: LoopState, ctx: LoopContext, answer: dict[str, Any]) -> dict[str, Any]:
     """A person's edits at a pause, all or nothing: notes, standing limits (re-checking the
     action under them), action edits (checked like a planner's proposal), then approve or
-    reject. An edit that fails changes nothing and the message says why."""
+    reject. An edit that fails changes nothing and the message says why. Each part is logged
+    with author human: human_limits carries the whole new set of limits, so an audit can
+    re-check later actions against what bound them."""
     from mosaic.agents.chat import ACTION_OPS, LIMIT_OPS, apply_action_edit, apply_limit_edit
     from mosaic.schemas import ChatEdit
     from mosaic.tools.validate_action import format_problems
@@ -194,66 +196,64 @@ def decide(state: LoopState, ctx: LoopContext, answer: dict[str, Any]) -> dict[s
     edits = [ChatEdit.model_validate(e) for e in answer.get("edits") or []]
     command = answer.get("text") or "; ".join(e.command() for e in edits)
 
-    def log(event: str, data: dict[str, Any]) -> None:
+    def log(event: str, part: str, data: dict[str, Any]) -> None:
         ctx.audit.append(event, {**data, "command": command}, round=k, author="human",
-                         event_id=f"r{k}/human/{seq}")
+                         event_id=f"r{k}/human/{seq}/{part}")
 
     def stay(message: str) -> dict[str, Any]:
         return {"decision": "review", "review_message": message, "human_seq": seq + 1}
 
-    limits = dict(state.get("human_limits") or {})
-    notes = list(state.get("notes") or [])
-    action = state.get("action") or {}
-    names = list(ctx.config.objectives)
+    old_limits = dict(state.get("human_limits") or {})
+    limits, notes = dict(old_limits), list(state.get("notes") or [])
     for e in edits:
         if e.op in LIMIT_OPS:
-            limits, problems = apply_limit_edit(limits, e, names)
+            limits, problems = apply_limit_edit(limits, e, list(ctx.config.objectives))
             if problems:
-                log("human_limits", {"accepted": False, "edit": e.model_dump(), "problems": problems})
+                log("human_limits", "limits", {"accepted": False, "edit": e.model_dump(),
+                                               "problems": problems})
                 return stay(f"{e.command()} refused, nothing changed: " + "; ".join(problems))
         elif e.op == "note":
             notes.append(e.text or "")
+    action = state.get("action") or {}
     action_edits = [e for e in edits if e.op in ACTION_OPS]
-    trial = {**state, "human_limits": limits}
+    for e in action_edits:
+        action = apply_action_edit(action, e)
+    verdict = ctx.check({**state, "human_limits": limits}, _action_json(action)) if action else None
+    if action_edits and (verdict is None or not verdict.ok or verdict.action is None):
+        text = format_problems(verdict) if verdict else "no action to edit"
+        log("human_edit", "edit", {"accepted": False, "edits": [e.model_dump() for e in action_edits],
+                                   "problems": text})
+        return stay("the edit was refused by the check, nothing changed:\n" + text)
+
+    update: dict[str, Any] = {"human_limits": limits, "notes": notes, "human_seq": seq + 1,
+                              "review_message": None}
+    if limits != old_limits:
+        log("human_limits", "limits", {"accepted": True, "limits": limits,
+                                       "edits": [e.model_dump() for e in edits if e.op in LIMIT_OPS]})
+    if notes != (state.get("notes") or []):
+        log("human_edit", "note", {"accepted": True, "notes": notes})
     if action_edits:
-        for e in action_edits:
-            action = apply_action_edit(action, e)
-    verdict = ctx.check(trial, _action_json(action)) if action else None
-    changed_limits = limits != (state.get("human_limits") or {})
-    base = {"human_limits": limits, "notes": notes, "human_seq": seq + 1, "review_message": None}
-    if action_edits:
-        if verdict is None or not verdict.ok or verdict.action is None:
-            text = format_problems(verdict) if verdict else "no action to edit"
-            log("human_edit", {"accepted": False, "edits": [e.model_dump() for e in action_edits],
-                               "problems": text})
-            return stay("the edit was refused by the check, nothing changed:\n" + text)
-        log("human_edit", {"accepted": True, "edits": [e.model_dump() for e in edits],
-                           "action": verdict.action.model_dump(mode="json"),
-                           "verdict": verdict.status})
-        base.update(action=verdict.action.model_dump(mode="json"), author="human",
-                    verdict=verdict.model_dump(mode="json"))
-    elif changed_limits or notes != (state.get("notes") or []):
-        log("human_limits" if changed_limits else "human_edit",
-            {"accepted": True, "edits": [e.model_dump() for e in edits], "limits": limits,
-             "notes": notes})
-        if changed_limits and verdict is not None and not verdict.ok:
-            # The proposal breaks the new limits: the planner proposes again under them.
-            return {**base, "decision": "plan", "action": None, "revision": 0,
-                    "feedback": ["a person set new limits and the proposal breaks them:",
-                                 format_problems(verdict)]}
-    if any(e.op == "reject" for e in edits):
-        reason = next(e.text for e in edits if e.op == "reject")
-        ctx.audit.append("human_decision", {"decision": "reject", "reason": reason,
-                                            "command": command},
-                         round=k, author="human", event_id=f"r{k}/human/{seq}/decision")
-        return {**base, "decision": "plan", "action": None, "revision": 0,
-                "feedback": [f"a person rejected the proposal: {reason}"]}
+        assert verdict is not None and verdict.action is not None
+        log("human_edit", "edit", {"accepted": True, "edits": [e.model_dump() for e in action_edits],
+                                   "action": verdict.action.model_dump(mode="json"),
+                                   "verdict": verdict.status})
+        update.update(action=verdict.action.model_dump(mode="json"), author="human",
+                      verdict=verdict.model_dump(mode="json"))
+    elif limits != old_limits and verdict is not None and not verdict.ok:
+        # The proposal breaks the new limits: the planner proposes again under them.
+        return {**update, "decision": "plan", "action": None, "revision": 0,
+                "feedback": ["a person set new limits and the proposal breaks them:",
+                             format_problems(verdict)]}
+    reject = next((e for e in edits if e.op == "reject"), None)
+    if reject is not None:
+        log("human_decision", "decision", {"decision": "reject", "reason": reject.text})
+        return {**update, "decision": "plan", "action": None, "revision": 0,
+                "feedback": [f"a person rejected the proposal: {reject.text}"]}
     if any(e.op == "approve" for e in edits):
-        ctx.audit.append("human_decision", {"decision": "approve", "command": command},
-                         round=k, author="human", event_id=f"r{k}/human/{seq}/decision")
-        return {**base, "decision": "execute"}
-    return {**base, "decision": "review",
-            "review_message": "applied: " + command if edits else "nothing to apply"}
+        log("human_decision", "decision", {"decision": "approve"})
+        return {**update, "decision": "execute"}
+    return {**update, "decision": "review",
+            "review_message": ("applied: " + command) if edits else "nothing to apply"}
 
 
 def after_review(state: LoopState, ctx: LoopContext) -> Literal["execute", "plan", "review"]:

@@ -152,6 +152,18 @@ class LimitsConfig(Section):
     ceilings: dict[str, float] = Field(default_factory=dict)
     max_change: float | None = Field(None, gt=0, le=1)  # per-round change of a mixture weight
 
+    def tightened(self, human: dict[str, Any] | None) -> "LimitsConfig":
+        """These limits with a person's standing limits (set in chat) applied; the tighter of
+        the two wins everywhere. Acceptance guards are not mixture limits and are ignored."""
+        human = human or {}
+        floors = {**self.floors, **{k: max(float(v), self.floors.get(k, 0.0))
+                                    for k, v in (human.get("floors") or {}).items()}}
+        ceilings = {**self.ceilings, **{k: min(float(v), self.ceilings.get(k, 1.0))
+                                        for k, v in (human.get("ceilings") or {}).items()}}
+        changes = [c for c in (self.max_change, human.get("max_change")) if c is not None]
+        return LimitsConfig(floors=floors, ceilings=ceilings,
+                            max_change=min(changes) if changes else None)
+
 
 class CacheConfig(Section):
     """Content-addressed stage cache shared across runs: a round whose dataset, base model and

@@ -132,6 +132,17 @@ def test_a_scripted_chat_session_steers_pauses_and_resumes(tiny_run_config, tmp_
     assert executed2["author"] == "planner"
     assert executed2["data"]["action"]["mixture"]["boundary"] >= 0.45
     assert verify_log(run_dir).ok
+    # the audit re-checks the human-edited action under the limits the person had set
+    from mosaic.tools.verify_run import verify_run
+
+    result = verify_run(run_dir)
+    assert result.ok, result.problem
+    tightened = run_dir / "config.yaml"
+    text = tightened.read_text()
+    assert "ceilings: {}" in text
+    tightened.write_text(text.replace("ceilings: {}", "ceilings: {boundary: 0.4}"))
+    bad = verify_run(run_dir)
+    assert not bad.ok and "round 1" in bad.problem
 
 
 @pytest.mark.slow

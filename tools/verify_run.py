@@ -64,22 +64,11 @@ def _read_json(path: Path, run_dir: Path) -> Any:
 
 
 def _limits(config: Any, human: dict[str, Any] | None) -> Any:
-    """The run's limits with a person's standing limits applied (tighter wins), as the loop
-    applies them (agents/context.py::LoopContext.limits)."""
-    from mosaic.config import LimitsConfig
-
-    base = config.limits
-    human = human or {}
+    """The run's limits with a person's standing limits applied, as the loop applies them."""
     try:
-        floors = {**base.floors, **{k: max(float(v), base.floors.get(k, 0.0))
-                                    for k, v in (human.get("floors") or {}).items()}}
-        ceilings = {**base.ceilings, **{k: min(float(v), base.ceilings.get(k, 1.0))
-                                        for k, v in (human.get("ceilings") or {}).items()}}
-        changes = [c for c in (base.max_change, human.get("max_change")) if c is not None]
-        return LimitsConfig(floors=floors, ceilings=ceilings,
-                            max_change=min(changes) if changes else None)
+        return config.limits.tightened(human)
     except (TypeError, ValueError, AttributeError, ValidationError):
-        return base  # a limits entry of another shape: the run's own limits still bind
+        return config.limits  # a limits entry of another shape: the run's own limits still bind
 
 
 def verify_run(run_dir: str | Path) -> RunVerification:
@@ -120,7 +109,9 @@ def _verify(run_dir: Path, checked: list[str]) -> int:
     executed = 0
     for e in entries:  # in log order, so the first problem found is the earliest entry's
         if e["event"] == "human_limits" and isinstance(e.get("data"), dict):
-            human_limits = e["data"]
+            # The limits a person set in chat (agents/nodes.py::decide logs the whole set).
+            if e["data"].get("accepted", True) and isinstance(e["data"].get("limits"), dict):
+                human_limits = e["data"]["limits"]
         elif e["event"] in ("scores", "baseline"):
             _check_scores(run_dir, e, checked)
         elif e["event"] == "executed":
