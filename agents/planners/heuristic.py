@@ -2,10 +2,15 @@
 
 Policy, rule by rule (each pinned by a test on hand-built reports, tests/test_heuristic_planner.py):
 
-R1 Mixture from gaps. The reference score of an objective is its f in the latest evaluated
-   round (the baseline in round 1); gap = max(0, target - f). Weights are a floor `min_weight`
-   for every objective (so none drops out of training and is forgotten) plus the rest shared in
-   proportion to gap. No gap anywhere: the previous mixture (or uniform).
+R1 Mixture from gaps. An objective's goal is its target, or the baseline's score when the base
+   model already does better (what the base can do must not be given away); its gap is
+   max(0, goal - f) with f from the latest evaluated round (the baseline in round 1). Weights
+   are a floor `min_weight` for every objective (none drops out of training and is forgotten;
+   data for one objective protects it against another's) plus the rest shared in proportion to
+   gap x responsiveness. Responsiveness is what the history shows an objective gains per unit of
+   mixture weight, relative to the most responsive one and clipped to [0.25, 1] (1 before any
+   round has run): budget goes where data has moved scores, not into a gap data does not close.
+   No gap anywhere: the previous mixture (or uniform).
 R2 Recovery. If the latest round fell below the best archived score of an objective by more
    than that score's CI half-width (a regression, not noise), the mixture steps back halfway
    toward the action of the archive's anchor point (the front member with the best worst-case
@@ -45,7 +50,8 @@ THRESHOLD_STEPS = (5.0, 4.0, None)
 
 @dataclass(frozen=True)
 class HeuristicSettings:
-    min_weight: float = 0.1  # R1: every objective keeps at least this share
+    min_weight: float = 0.25  # R1: every objective keeps at least this share (or 0.75 / n)
+    min_responsiveness: float = 0.25  # R1: the least share of its gap an objective gets
     max_step: float = 0.25  # R3: trust region on mixture weights
     need_share: float = 0.5  # R5: weight of need vs supply in bucket weights
     focus_ratio: float = 0.5  # R6
@@ -111,14 +117,37 @@ class HeuristicPlanner:
 
     # ---- R1, R2, R3: the mixture ---------------------------------------------------------------
 
+    def goals(self, ctx: PlanContext) -> dict[str, float]:
+        return {n: max(ctx.targets[n], ctx.baseline.get(n, ctx.targets[n])) for n in ctx.objectives}
+
+    def responsiveness(self, ctx: PlanContext) -> dict[str, float]:
+        """Score gained over the baseline per unit of mixture weight, averaged over the rounds
+        that gave the objective at least 0.1, relative to the most responsive objective."""
+        gain: dict[str, list[float]] = {n: [] for n in ctx.objectives}
+        for h in ctx.history:
+            if h.action is None or not h.accepted:
+                continue
+            for n in ctx.objectives:
+                w = h.action.mixture.get(n, 0.0)
+                if w >= 0.1 and n in h.eval and n in ctx.baseline:
+                    gain[n].append((h.eval[n] - ctx.baseline[n]) / w)
+        per = {n: max(0.0, sum(v) / len(v)) for n, v in gain.items() if v}
+        top = max(per.values(), default=0.0)
+        if top <= 0:
+            return {n: 1.0 for n in ctx.objectives}
+        return {n: min(1.0, max(self.s.min_responsiveness, per[n] / top)) if n in per else 1.0
+                for n in ctx.objectives}
+
     def gap_mixture(self, ctx: PlanContext, scores: Mapping[str, float]) -> dict[str, float]:
         names = list(ctx.objectives)
-        gaps = {n: max(0.0, ctx.targets[n] - scores.get(n, ctx.targets[n])) for n in names}
+        goals = self.goals(ctx)
+        resp = self.responsiveness(ctx)
+        gaps = {n: max(0.0, goals[n] - scores.get(n, goals[n])) * resp[n] for n in names}
         total = sum(gaps.values())
         if total <= 0:
             prev = ctx.previous_action.mixture if ctx.previous_action else {}
             return _normalise({n: prev.get(n, 1.0) for n in names})
-        floor = min(self.s.min_weight, 1.0 / len(names))
+        floor = min(self.s.min_weight, 0.75 / len(names))
         rest = 1.0 - floor * len(names)
         return {n: floor + rest * gaps[n] / total for n in names}
 
@@ -157,8 +186,9 @@ class HeuristicPlanner:
     def mixture(self, ctx: PlanContext, notes: list[str]) -> dict[str, float]:
         latest = ctx.history[-1].eval if ctx.history else ctx.baseline
         w = self.gap_mixture(ctx, latest)
-        notes.append("gaps to target: " + ", ".join(
-            f"{n} {max(0.0, ctx.targets[n] - latest.get(n, ctx.targets[n])):.2f}"
+        goals, resp = self.goals(ctx), self.responsiveness(ctx)
+        notes.append("gaps to goal (x responsiveness): " + ", ".join(
+            f"{n} {max(0.0, goals[n] - latest.get(n, goals[n])):.2f} (x{resp[n]:.2f})"
             for n in ctx.objectives))
         regressed = self.regressions(ctx)
         anchor = self.anchor(ctx)
