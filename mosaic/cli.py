@@ -511,20 +511,22 @@ def run_cmd(
     """The main job: baseline + loop.rounds planner rounds on a config (default
     configs/sandbox.yaml). Resumable: rerunning continues a killed run where it stopped, reprints
     a finished run without recomputing, and extends it when loop.rounds was raised."""
-    if resume is not None:
-        from mosaic.config import ConfigError
-        from mosaic.run_store import saved_config
-
-        try:
-            # The folder may have moved since the run started: it is where the run is now.
-            cfg = saved_config(resume).model_copy(update={"run_dir": str(resume)})
-        except ConfigError as e:
-            _fail(e)
-    else:
-        cfg = _load(config)
+    cfg = _saved_run(resume) if resume is not None else _load(config)
     try:
         run_main(cfg)
     except _user_errors() as e:
+        _fail(e)
+
+
+def _saved_run(run_dir: Path):
+    """The settings a run folder was started with (MOSAIC__ overrides applied)."""
+    from mosaic.config import ConfigError
+    from mosaic.run_store import saved_config
+
+    try:
+        # The folder may have moved since the run started: it is where the run is now.
+        return saved_config(run_dir).model_copy(update={"run_dir": str(run_dir)})
+    except ConfigError as e:
         _fail(e)
 
 
@@ -554,16 +556,7 @@ def chat_cmd(
 
     from mosaic.agents.chat_session import ChatSession
 
-    if target.is_dir():
-        from mosaic.config import ConfigError
-        from mosaic.run_store import saved_config
-
-        try:
-            cfg = saved_config(target).model_copy(update={"run_dir": str(target)})
-        except ConfigError as e:
-            _fail(e)
-    else:
-        cfg = _load(target)
+    cfg = _saved_run(target) if target.is_dir() else _load(target)
     if rounds is not None:
         cfg = cfg.model_copy(update={"loop": cfg.loop.model_copy(update={"rounds": rounds})})
     interactive = sys.stdin.isatty()

@@ -75,11 +75,12 @@ class MarkerCheck:
         return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
 
 
-def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as {"a.b.c": leaf}; an empty mapping is a leaf."""
     if isinstance(obj, Mapping) and obj:
         out: dict[str, Any] = {}
         for k, v in obj.items():
-            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: obj}
 
@@ -94,7 +95,7 @@ def _short(v: Any) -> str:
 
 def changed_inputs(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Dotted paths whose values differ, as 'path: old -> new'."""
-    a, b = _flat(json.loads(json.dumps(old, default=str))), _flat(json.loads(json.dumps(new, default=str)))
+    a, b = flatten(json.loads(json.dumps(old, default=str))), flatten(json.loads(json.dumps(new, default=str)))
     out = []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<unset>") != b.get(key, "<unset>"):

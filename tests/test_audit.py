@@ -12,17 +12,16 @@ import json
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
+from scripted import ScriptedPlanner
 from typer.testing import CliRunner
 
-from mosaic.agents.planners.base import PlanContext
 from mosaic.audit import AuditLog
 from mosaic.cli import app
-from mosaic.schemas import AuditReport, Proposal, RoundDiff, RunVerification
+from mosaic.schemas import AuditReport, RoundDiff, RunVerification
 from mosaic.tools.audit_report import build_audit_report, diff_rounds
 from mosaic.tools.html_report import PLOT_IDS, TIMELINE_ID, render_html_report, write_html_report
 from mosaic.tools.verify_run import verify_run
@@ -36,18 +35,6 @@ SECOND = {**GOOD, "mixture": {"safety": 0.2, "boundary": 0.4, "instruction": 0.4
 BAD = {**GOOD, "mixture": {"safety": 0.7, "boundary": 0.7}}
 
 
-@dataclass
-class ScriptedPlanner:
-    script: list[str]
-    name: str = "scripted"
-    seen: list[PlanContext] = field(default_factory=list)
-
-    def propose(self, context: PlanContext) -> Proposal:
-        self.seen.append(context)
-        raw = self.script.pop(0) if self.script else json.dumps(GOOD)
-        return Proposal(raw=raw, planner=self.name, rationale="from the script")
-
-
 @pytest.fixture(scope="module")
 def run_dir(tiny_run_config, tmp_path_factory) -> Path:
     from mosaic.agents.runner import run_loop
@@ -58,7 +45,8 @@ def run_dir(tiny_run_config, tmp_path_factory) -> Path:
         "loop": tiny_run_config.loop.model_copy(update={"rounds": 3}),
         "planner": tiny_run_config.planner.model_copy(update={"max_revisions": 1})})
     planner = ScriptedPlanner([json.dumps(BAD), json.dumps(GOOD), json.dumps(SECOND),
-                               json.dumps(BAD), "not json"])
+                               json.dumps(BAD), "not json"], fallback=GOOD,
+                              rationale="from the script")
     run_loop(cfg, planner=planner)
     return Path(cfg.run_dir)
 

@@ -4,35 +4,17 @@ Pareto archive, hash-chained audit log, checkpoints, resume and extension."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-
 import pytest
 
+from scripted import GOOD, ScriptedPlanner
+
 from mosaic.agents.context import StageEvent
-from mosaic.agents.planners.base import PlanContext
 from mosaic.agents.runner import run_loop
 from mosaic.audit import read_log, verify_log
-from mosaic.schemas import Proposal
 from mosaic.tools.archive import load_archive
 
 pytestmark = pytest.mark.slow
 
-GOOD = {"mixture": {"safety": 0.5, "boundary": 0.3, "instruction": 0.2}, "method": "sft",
-        "rationale": "scripted"}
-
-
-@dataclass
-class ScriptedPlanner:
-    """Proposes the scripted raw texts in order, and remembers what it was shown."""
-
-    script: list[str]
-    name: str = "scripted"
-    seen: list[PlanContext] = field(default_factory=list)
-
-    def propose(self, context: PlanContext) -> Proposal:
-        self.seen.append(context)
-        raw = self.script.pop(0) if self.script else json.dumps(GOOD)
-        return Proposal(raw=raw, planner=self.name)
 
 
 def _config(tiny_run_config, tmp_path, rounds=2, **over):

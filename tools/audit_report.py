@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from mosaic.audit import LOG_FILE, verify_log
 from mosaic.io import read_record
+from mosaic.markers import flatten
 from mosaic.schemas import (ActionVerdict, ArchiveDecision, AuditEvent, AuditReport, DataAction,
                             DatasetManifest, EvalReport, ExecutedRecord, FailureReport,
                             ManifestSummary, ObjectiveFailures, ObjectiveUsage, Proposal,
@@ -322,15 +323,6 @@ def only_round(report: AuditReport, k: int) -> AuditReport:
     return report.model_copy(update={"rounds": match})
 
 
-def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict) and obj:
-        out: dict[str, Any] = {}
-        for key, v in obj.items():
-            out.update(_flat(v, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: obj}
-
-
 def diff_rounds(report: AuditReport, a: int, b: int) -> RoundDiff:
     """Action differences (dotted paths; the rationale left out) and score differences (f and
     slice means, eval and held-out, with CIs) from round `a` to round `b`."""
@@ -340,7 +332,7 @@ def diff_rounds(report: AuditReport, a: int, b: int) -> RoundDiff:
         if r.executed is None:
             return {}
         data = r.executed.action.model_dump(mode="json", exclude={"rationale", "schema_version"})
-        return _flat(data)
+        return flatten(data)
 
     fa, fb = action_fields(ra), action_fields(rb)
     action = [ValueChange(path=p, a=fa.get(p), b=fb.get(p)) for p in sorted(set(fa) | set(fb))
