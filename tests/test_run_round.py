@@ -176,3 +176,24 @@ def test_check_first_a_bad_action_is_rejected_before_any_model_is_built(tiny_run
     assert "[unknown_objective] $.mixture.nonsense" in result.output
     assert not (tmp_path / "run" / "manual" / "baseline").exists()
     assert not (tmp_path / "models").exists()
+
+
+def test_the_stage_cache_reuses_an_adapter_trained_on_the_same_content(tiny_run_config, tmp_path):
+    cfg = tiny_run_config.model_copy(update={"cache": tiny_run_config.cache.model_copy(
+        update={"stages_dir": str(tmp_path / "cache")})})
+    first = run_round(cfg, json.dumps(ACTION), tmp_path / "a" / "round_1", round_index=1,
+                      heldout=False)
+    said: list[str] = []
+    again = run_round(cfg, json.dumps(ACTION), tmp_path / "b" / "round_1", round_index=1,
+                      heldout=False, progress=said.append)
+    assert any("reusing an adapter trained before" in m for m in said), said
+    assert not any("training a LoRA adapter" in m for m in said)
+    weights = "adapter/adapter_model.safetensors"
+    assert ((tmp_path / "a" / "round_1" / weights).read_bytes()
+            == (tmp_path / "b" / "round_1" / weights).read_bytes())
+    assert again.train == first.train and again.scores == first.scores
+    # another seed is other content: trained, not reused
+    said.clear()
+    run_round(cfg, json.dumps(ACTION), tmp_path / "c" / "round_1", round_index=1, seed=5,
+              heldout=False, progress=said.append)
+    assert any("training a LoRA adapter" in m for m in said)

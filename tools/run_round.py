@@ -185,16 +185,26 @@ def train_stage(config: MosaicConfig, round_dir: str | Path, manifest: DatasetMa
     check = check_marker(marker, inputs, outputs)
     if check.ok:
         return read_record(adapter_dir / "train_result.json", TrainResult)
+    from mosaic import stage_cache
     from mosaic.training.train import train_adapter
 
-    why = f" (retraining: {check.describe()})" if marker.exists() else ""
+    marker.unlink(missing_ok=True)
+    files = [p.name for p in outputs]
+    cache = config.cache.stages_dir
+    if stage_cache.restore(cache, "adapter", inputs, adapter_dir, files):
+        say(f"round {round_index}: reusing an adapter trained before on the same dataset, base "
+            f"model and settings (stage cache {cache})")
+        train = read_record(adapter_dir / "train_result.json", TrainResult)
+        write_marker(marker, inputs, outputs)
+        return train
+    why = f" (retraining: {check.describe()})" if check.reasons != ["not done yet"] else ""
     say(f"round {round_index}: training a LoRA adapter ({manifest.method}, "
         f"{manifest.total_tokens:,} tokens, {manifest.total_rows:,} rows){why}")
-    marker.unlink(missing_ok=True)
     train = train_adapter(round_dir / "dataset" / TRAIN_FILE, base_model=base_model,
                           adapter_dir=adapter_dir, training=config.training,
                           max_length=config.model.max_length, method=manifest.method,
                           dtype=config.model.dtype)
+    stage_cache.store(cache, "adapter", inputs, adapter_dir, files)
     write_marker(marker, inputs, outputs)
     return train
 

@@ -231,7 +231,7 @@ def build_base_model(corpus: str | Path | list[dict[str, Any]], tokenizer_dir: s
             with _pinned():
                 info = _train(conversations, tokenizer_dir, work, spec=spec, seed=seed, key=key,
                               progress=progress, source=source, hashes=hashes)
-            from mosaic.training.train import publish_dir
+            from mosaic.io import publish_dir
 
             publish_dir(work, final)
             info.path = final

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mosaic.io import atomic_write_json
+from mosaic.io import atomic_write_json, publish_dir
 from mosaic.schemas import TrainResult
 
 log = logging.getLogger("mosaic.training")
@@ -302,37 +302,3 @@ def remove_stale_staging(adapter_dir: str | Path) -> list[Path]:
     return removed
 
 
-def publish_dir(staged: str | Path, final: str | Path) -> None:
-    """Move a fully written directory into place so readers see all of it or none of it.
-
-    Files are fsynced first; an existing `final` is swapped out and removed afterwards (Linux
-    has no atomic directory exchange through the standard library).
-    """
-    import os
-    import uuid
-
-    staged, final = Path(staged), Path(final)
-    # mkdtemp makes 0700 directories; give the published one the usual permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    staged.chmod(0o777 & ~umask)
-    for p in staged.rglob("*"):
-        if p.is_file():
-            with open(p, "rb+") as f:
-                os.fsync(f.fileno())
-    final.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-    os.replace(staged, final)
-    try:
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
