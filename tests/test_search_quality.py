@@ -1,0 +1,41 @@
+"""The search-quality benchmark's --quick mode runs every method's rounds within budget and
+writes its results in the documented shape (who wins is not asserted: that is the benchmark's)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_quick_benchmark_runs_every_method_within_budget(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import search_quality
+
+    summary = search_quality.main(["--quick", "--out", str(tmp_path), "--jobs", "2"])
+    out = tmp_path / "quick"
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "hv_by_round.svg").read_text().lstrip().startswith("<?xml")
+    methods = ["uniform", "random", "tpe", "nsga2", "mosaic-heuristic"]
+    assert results["methods"] == methods and results["seeds"] == [0] and results["rounds"] == 2
+    assert results["quick"] and results["budget"] == 4000
+    for m in methods:
+        row = results["table"][m]
+        for key in ("hv_vs_baseline", "hv_vs_ones", "rounds_to_target", "wall_s"):
+            assert {"mean", "std", "n"} <= set(row[key])
+        for o in ("safety", "boundary", "instruction"):
+            assert f"best:{o}" in row and f"final_heldout_delta:{o}" in row
+    assert set(results["comparisons"]) == {"mosaic-heuristic"}
+    assert "sign_p" in results["comparisons"]["mosaic-heuristic"]["hv_vs_baseline"]
+    runs = {r["method"]: r for r in results["runs"]}
+    assert set(runs) == set(methods)
+    for m, r in runs.items():
+        assert r["over_budget_rounds"] == [], m  # every manifest within the round budget
+        assert len(r["authors"]) == 2 and all(a == "planner" for a in r["authors"]), (m, r["authors"])
+        assert r["score"]["rounds"] == 2
+    assert summary["wall_s"] > 0
