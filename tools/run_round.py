@@ -194,7 +194,7 @@ def train_stage(config: MosaicConfig, round_dir: str | Path, manifest: DatasetMa
     train = train_adapter(round_dir / "dataset" / TRAIN_FILE, base_model=base_model,
                           adapter_dir=adapter_dir, training=config.training,
                           max_length=config.model.max_length, method=manifest.method,
-                          dtype=config.model.dtype)
+                          dtype=config.model.dtype, threads=config.runtime.threads)
     write_marker(marker, inputs, outputs)
     return train
 

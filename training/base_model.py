@@ -272,8 +272,10 @@ def _train(conversations, tokenizer_dir: Path, out_dir: Path, *, spec: BaseModel
     pad = tokenizer.pad_token_id
     from mosaic.training.models import cpu_threads
 
+    # One thread whatever the policy: the cached base model is keyed by its recipe, so its
+    # numerics must not depend on the machine's thread setting.
     with _Bar(progress, total_steps, "building sandbox base model") as bar, \
-            cpu_threads(sum(p.numel() for p in model.parameters()), "cpu"):
+            cpu_threads(sum(p.numel() for p in model.parameters()), "cpu", threads=1):
         for step, batch in enumerate(batches):
             width = max(lengths[i] for i in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)

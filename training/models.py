@@ -15,8 +15,10 @@ if TYPE_CHECKING:  # torch stays out of module import time (`mosaic --help` must
     import torch
 
 
-# Below this size a CPU model runs on one intra-op thread (see `cpu_threads`).
+# Below this size a CPU model runs on SMALL_MODEL_THREADS intra-op threads (see `cpu_threads`).
 SMALL_MODEL_PARAMS = 100_000_000
+# Measured on the 2-core sandbox machine with the 3.4M-parameter model: TODO (figures below).
+SMALL_MODEL_THREADS = 1
 
 
 class ModelLoadError(ValueError):
@@ -120,21 +122,26 @@ def count_parameters(model: Any) -> int:
 
 
 @contextmanager
-def cpu_threads(n_params: int, device: str) -> Iterator[None]:
-    """Run a small CPU model on one intra-op thread, restoring the setting afterwards.
+def cpu_threads(n_params: int, device: str, threads: int | None = None) -> Iterator[None]:
+    """Run a CPU model on `threads` intra-op threads (the config's `runtime.threads`), or by
+    the policy when None: `SMALL_MODEL_THREADS` for models below `SMALL_MODEL_PARAMS`, torch's
+    default for larger ones. The setting is restored afterwards; GPUs are left alone.
 
-    Measured on the 2-core sandbox machine with the 3.4M-parameter model: with other jobs
-    running, two OpenMP threads that wait on each other made training steps 4-8x and greedy
-    generation 5x slower than one thread; an idle machine can gain at most 2x from the second
-    core on matmuls this small. Large models and GPUs keep torch's default.
+    The policy's figures (bench/train_generate_bench.py, --threads): see
+    `SMALL_MODEL_THREADS`.
     """
     import torch
 
-    if device != "cpu" or n_params >= SMALL_MODEL_PARAMS:
+    if device != "cpu":
         yield
         return
+    if threads is None:
+        if n_params >= SMALL_MODEL_PARAMS:
+            yield
+            return
+        threads = SMALL_MODEL_THREADS
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:

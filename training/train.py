@@ -215,12 +215,13 @@ def build_trainer(prepared: PreparedData, *, base_model: str | Path, tokenizer: 
 def train_adapter(data: str | Path | Rows, *, base_model: str | Path, adapter_dir: str | Path,
                   training: Any, max_length: int, method: Literal["sft", "dpo"] | None = None,
                   device: str | None = None, dtype: str = "auto",
-                  progress: bool = True) -> TrainResult:
+                  progress: bool = True, threads: int | None = None) -> TrainResult:
     """Train a fresh LoRA adapter on `data` from the base weights and save it to `adapter_dir`.
 
     `training` is the run's `TrainingConfig`; `method` overrides its method (a data action picks
-    it per round). The adapter directory appears complete or not at all, with
-    `train_result.json` beside the standard PEFT files.
+    it per round). `threads` (the config's runtime.threads) sets the CPU intra-op threads, None
+    the policy (`models.cpu_threads`). The adapter directory appears complete or not at all,
+    with `train_result.json` beside the standard PEFT files.
     """
     from mosaic.training.models import (check_model_dir, count_parameters, cpu_threads,
                                         load_tokenizer)
@@ -239,7 +240,7 @@ def train_adapter(data: str | Path | Rows, *, base_model: str | Path, adapter_di
                                 training=training, max_length=max_length, method=method,
                                 output_dir=work / "trainer", device=device, dtype=dtype,
                                 progress=progress)
-        with cpu_threads(count_parameters(trainer.model), str(trainer.args.device)):
+        with cpu_threads(count_parameters(trainer.model), str(trainer.args.device), threads):
             out = trainer.train()
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         final_loss = losses[-1] if losses else out.training_loss
