@@ -203,32 +203,29 @@ def test_supported_says_why_not(tiny_trained_model_dir, tiny_adapter):
     assert supported(merge_adapter(model)) is None
 
 
-def test_cpu_threads_policy_and_override():
-    import torch
+def test_batch_plan_is_balanced_and_does_not_depend_on_workers():
+    from mosaic.training.decoding import plan_batches
 
-    from mosaic.training.models import SMALL_MODEL_PARAMS, SMALL_MODEL_THREADS, cpu_threads
-
-    before = torch.get_num_threads()
-    with cpu_threads(3_000_000, "cpu"):
-        assert torch.get_num_threads() == SMALL_MODEL_THREADS
-    with cpu_threads(3_000_000, "cpu", threads=2):
-        assert torch.get_num_threads() == 2
-    with cpu_threads(SMALL_MODEL_PARAMS, "cpu"):
-        assert torch.get_num_threads() == before  # large models keep torch's default
-    with cpu_threads(3_000_000, "cuda", threads=1):
-        assert torch.get_num_threads() == before  # GPUs are left alone
-    assert torch.get_num_threads() == before
+    assert plan_batches(0, 64) == []
+    assert plan_batches(10, 64) == [(0, 10)]
+    assert plan_batches(40, 64) == [(0, 20), (20, 40)]  # two halves for two workers
+    assert plan_batches(240, 64) == [(0, 60), (60, 120), (120, 180), (180, 240)]
+    assert [b - a for a, b in plan_batches(182, 64)] == [46, 45, 45, 46]
+    assert [b - a for a, b in plan_batches(130, 64)] == [32, 33, 33, 32]
 
 
-def test_runtime_threads_is_validated_and_overridable(tmp_path):
-    from mosaic.config import ConfigError, load_config
+@pytest.mark.slow
+def test_decode_workers_give_the_same_replies(tiny_trained_model_dir):
+    from mosaic.training.transformers_backend import TransformersBackend
 
-    path = tmp_path / "c.yaml"
-    path.write_text("objectives: {safety: {type: jailbreak}}\n")
-    assert load_config(path).runtime.threads is None
-    assert load_config(path, environ={"MOSAIC__runtime__threads": "2"}).runtime.threads == 2
-    with pytest.raises(ConfigError, match="runtime.threads"):
-        load_config(path, environ={"MOSAIC__runtime__threads": "0"})
+    one = TransformersBackend(tiny_trained_model_dir, batch_size=2, threads=1)
+    two = TransformersBackend(tiny_trained_model_dir, batch_size=2, threads=2)
+    assert (one.decoder.workers, two.decoder.workers) == (1, 2)
+    assert two.generate(PROMPTS * 3, max_new_tokens=16) == one.generate(PROMPTS * 3,
+                                                                         max_new_tokens=16)
+    assert replay(two, TURNS * 3, max_new_tokens=10) == replay(one, TURNS * 3, max_new_tokens=10)
+    sample = one.generate(PROMPTS * 3, max_new_tokens=16, temperature=1.5)
+    assert two.generate(PROMPTS * 3, max_new_tokens=16, temperature=1.5) == sample
 
 
 @pytest.mark.slow
@@ -307,8 +304,8 @@ def test_evaluate_gives_the_same_conversations_on_both_paths_and_times_its_stage
     new = evaluate(cfg, cfg.model.base, tiny_adapter, tmp_path / "new", timings=times)
     old = evaluate(ref_cfg, cfg.model.base, tiny_adapter, tmp_path / "old")
     assert new.scores() == old.scores()
-    a, b = _responses(tmp_path / "new", cfg.objectives), _responses(tmp_path / "old", cfg.objectives)
-    assert a == b
+    a = _responses(tmp_path / "new", cfg.objectives)
+    assert a == _responses(tmp_path / "old", cfg.objectives)
     assert max(len(r["messages"]) for r in a["safety"]) > 2  # multi-turn rows were replayed
     assert list(times.wall) == ["report", "load", "generate", "judge"]
     assert all(times.wall[s] > 0 and times.cpu[s] >= 0 for s in times.wall)

@@ -50,6 +50,8 @@ COMPACT_FRACTION = 0.25
 # own longest prompt.
 PREFILL_ROWS = 64
 PREFILL_PAD = 0.15
+# Rows per batch below which a batch is not split in two for a second worker.
+MIN_SPLIT_ROWS = 16
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 
 
@@ -129,7 +131,8 @@ def _llama_like(model: Any) -> bool:
             return False
         if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
             return False
-        if not all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm", "mlp")):
+        parts = ("input_layernorm", "post_attention_layernorm", "mlp")
+        if not all(hasattr(layer, n) for n in parts):
             return False
     module = sys.modules.get(type(inner.layers[0].self_attn).__module__)
     return hasattr(module, "apply_rotary_pos_emb")
@@ -344,6 +347,20 @@ class _LlamaStep:
 # ---- the loop ------------------------------------------------------------------------------------
 
 
+def plan_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """Row ranges of the batches of n length-sorted rows: ceil(n / batch_size) batches of
+    near-equal size, made an even number once there are rows enough for two (>= 32), so two
+    workers share them evenly. The plan depends on n and batch_size only, never on the
+    workers: a row's batch, hence its float rounding, is the same whatever the thread setting."""
+    if n == 0:
+        return []
+    k = -(-n // batch_size)
+    if k % 2 and n >= 2 * MIN_SPLIT_ROWS:
+        k += 1
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(k) if bounds[i + 1] > bounds[i]]
+
+
 @dataclass
 class _Row:
     index: int  # position in the caller's request list
@@ -358,7 +375,7 @@ class Decoder:
     adapter (`merge_adapter`)."""
 
     def __init__(self, model: Any, *, eos_ids: Sequence[int], pad_id: int, batch_size: int,
-                 device: str, step: str = "auto") -> None:
+                 device: str, step: str = "auto", workers: int = 1) -> None:
         why = supported(model)
         if why is not None:
             raise ValueError(f"the fast decode loop cannot drive this model: {why}")
@@ -373,14 +390,16 @@ class Decoder:
         self.pad_id = pad_id
         self.batch_size = batch_size
         self.device = device
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
         self.stats = DecodeStats()
 
     def run(self, requests: Sequence[Request], *, max_new_tokens: int, temperature: float = 0.0,
-            generator: torch.Generator | None = None,
-            on_batch: Callable[[int], None] | None = None) -> list[Result]:
+            seed: int = 0, on_batch: Callable[[int], None] | None = None) -> list[Result]:
         """Generate for every request; results in request order. `on_batch(n)` reports each
-        finished batch of n requests."""
-        self.stats = DecodeStats()
+        finished batch of n requests. Sampling (temperature > 0) draws from one generator per
+        batch seeded by (`seed`, batch), so it does not depend on `workers`."""
         rows = []
         for i, req in enumerate(requests):
             if not req.prompt:
@@ -393,18 +412,42 @@ class Decoder:
         # Longest prompt first, so a batch's rows attend over similar lengths; within a batch
         # the rows are encoded in groups of similar feed length (`_batch`).
         order = sorted(rows, key=lambda r: (len(r.request.prompt), -r.reuse), reverse=True)
+        batches = [order[a:b] for a, b in plan_batches(len(order), self.batch_size)]
+        stats = [DecodeStats() for _ in batches]
         results: list[Result | None] = [None] * len(requests)
-        for k in range(0, len(order), self.batch_size):
-            for row, result in self._batch(order[k:k + self.batch_size], max_new_tokens,
-                                           temperature, generator):
-                results[row.index] = result
+
+        def work(k: int) -> list[tuple[_Row, Result]]:
+            generator = None
+            if temperature > 0:
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
+            out = self._batch(batches[k], max_new_tokens, temperature, generator, stats[k])
             if on_batch is not None:
-                on_batch(len(order[k:k + self.batch_size]))
+                on_batch(len(batches[k]))
+            return out
+
+        if self.workers > 1 and len(batches) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            # One intra-op thread per worker: the batches run side by side, each computed as
+            # it would be alone (no thread waits on another inside an op).
+            with ThreadPoolExecutor(max_workers=min(self.workers, len(batches)),
+                                    initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                done = list(pool.map(work, range(len(batches))))
+        else:
+            done = [work(k) for k in range(len(batches))]
+        for part in done:
+            for row, result in part:
+                results[row.index] = result
+        self.stats = DecodeStats()
+        for st in stats:
+            for f, v in vars(st).items():
+                setattr(self.stats, f, getattr(self.stats, f) + v)
         return results  # type: ignore[return-value]
 
+    @torch.inference_mode()
     def _batch(self, rows: list[_Row], max_new_tokens: int, temperature: float,
-               generator: torch.Generator | None) -> list[tuple[_Row, Result]]:
-        st, dev = self.stats, self.device
+               generator: torch.Generator | None, st: DecodeStats) -> list[tuple[_Row, Result]]:
+        dev = self.device
         st.batches += 1
         b = len(rows)
         rows = sorted(rows, key=lambda r: len(r.request.prompt) - r.reuse, reverse=True)

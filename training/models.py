@@ -15,10 +15,9 @@ if TYPE_CHECKING:  # torch stays out of module import time (`mosaic --help` must
     import torch
 
 
-# Below this size a CPU model runs on SMALL_MODEL_THREADS intra-op threads (see `cpu_threads`).
-SMALL_MODEL_PARAMS = 100_000_000
-# Measured on the 2-core sandbox machine with the 3.4M-parameter model: TODO (figures below).
-SMALL_MODEL_THREADS = 1
+from mosaic.training.threads import SMALL_MODEL_PARAMS, ThreadPolicy
+
+__all__ = ["SMALL_MODEL_PARAMS", "ModelLoadError", "cpu_threads", "load_model", "load_tokenizer"]
 
 
 class ModelLoadError(ValueError):
@@ -122,27 +121,21 @@ def count_parameters(model: Any) -> int:
 
 
 @contextmanager
-def cpu_threads(n_params: int, device: str, threads: int | None = None) -> Iterator[None]:
+def cpu_threads(n_params: int, device: str, threads: int | None = None
+                ) -> Iterator[ThreadPolicy | None]:
     """Run a CPU model on `threads` intra-op threads (the config's `runtime.threads`), or by
-    the policy when None: `SMALL_MODEL_THREADS` for models below `SMALL_MODEL_PARAMS`, torch's
-    default for larger ones. The setting is restored afterwards; GPUs are left alone.
-
-    The policy's figures (bench/train_generate_bench.py, --threads): see
-    `SMALL_MODEL_THREADS`.
-    """
+    the measured policy when None (`mosaic.training.threads`: every core while the machine is
+    otherwise idle, one thread once other processes use it) for models below
+    `SMALL_MODEL_PARAMS`; larger models with `threads` None, and GPUs, keep torch's default.
+    Yields the policy (None when nothing is set), whose `recheck()` a long stage calls to
+    follow the machine; the previous setting is restored afterwards."""
     import torch
 
-    if device != "cpu":
-        yield
+    if device != "cpu" or (threads is None and n_params >= SMALL_MODEL_PARAMS):
+        yield None
         return
-    if threads is None:
-        if n_params >= SMALL_MODEL_PARAMS:
-            yield
-            return
-        threads = SMALL_MODEL_THREADS
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
-        yield
+        yield ThreadPolicy(threads)
     finally:
         torch.set_num_threads(before)

@@ -110,10 +110,14 @@ class TransformersBackend:
         if decode == "fast":
             from mosaic.training.decoding import Decoder, supported
 
+            from mosaic.training.threads import decode_workers
+
             why = supported(self.model)
             if why is None:
                 self.decoder = Decoder(self.model, eos_ids=self.eos_ids, pad_id=self.pad_id,
-                                       batch_size=batch_size, device=self.device)
+                                       batch_size=batch_size, device=self.device,
+                                       workers=decode_workers(self.n_params, self.device,
+                                                              threads))
             else:
                 log.info("fast decode loop unavailable (%s); using generate on merged weights", why)
 
@@ -191,13 +195,18 @@ class TransformersBackend:
         prompts = self._prompts(conversations, max_new_tokens, stats)
         from mosaic.training.models import cpu_threads
 
-        with cpu_threads(self.n_params, self.device, self.threads):
-            if self.decoder is not None:
-                replies, kept = self._generate_fast(prompts, max_new_tokens, temperature, stats,
-                                                    carried, keep)
-            else:
-                replies, kept = self._generate_hf(prompts, max_new_tokens, temperature,
-                                                  stats), None
+        if self.decoder is not None and self.decoder.workers > 1:
+            # Each decode worker runs on one intra-op thread (mosaic.training.threads).
+            replies, kept = self._generate_fast(prompts, max_new_tokens, temperature, stats,
+                                                carried, keep)
+        else:
+            with cpu_threads(self.n_params, self.device, self.threads):
+                if self.decoder is not None:
+                    replies, kept = self._generate_fast(prompts, max_new_tokens, temperature,
+                                                        stats, carried, keep)
+                else:
+                    replies, kept = self._generate_hf(prompts, max_new_tokens, temperature,
+                                                      stats), None
         stats.seconds = time.perf_counter() - start
         self.stats = stats
         return replies if carried is None else (replies, kept)
@@ -215,12 +224,9 @@ class TransformersBackend:
         requests = [Request(p, carried=carried[i] if carried else None,
                             keep=bool(keep[i]) if keep is not None else False)
                     for i, p in enumerate(prompts)]
-        generator = None
-        if temperature > 0:
-            generator = torch.Generator().manual_seed(self.seed)
         with _progress(self.progress, len(prompts)) as advance, torch.inference_mode():
             results = self.decoder.run(requests, max_new_tokens=max_new_tokens,
-                                       temperature=temperature, generator=generator,
+                                       temperature=temperature, seed=self.seed,
                                        on_batch=advance)
         ds = self.decoder.stats
         stats.padded_tokens += ds.padded_tokens
@@ -276,7 +282,8 @@ class ReplaySession:
     the tokens after the common prefix are computed) and carries the new prompt + reply for the
     rows that will be continued (`keep`), up to `SESSION_CARRY_BYTES`."""
 
-    def __init__(self, backend: TransformersBackend, limit_bytes: int = SESSION_CARRY_BYTES) -> None:
+    def __init__(self, backend: TransformersBackend,
+                 limit_bytes: int = SESSION_CARRY_BYTES) -> None:
         self.backend = backend
         self.limit_bytes = limit_bytes
         self.carried: dict[Hashable, Carried] = {}
