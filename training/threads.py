@@ -2,19 +2,20 @@
 what the other processes on it are doing, overridable with the config's `runtime.threads`.
 
 Measured with bench/train_generate_bench.py --pairs on the sandbox machine (2 cores, AMD EPYC,
-the 3.4M-parameter model; load 0.7-1.2 while it ran, i.e. otherwise quiet):
+the 3.4M-parameter model), otherwise quiet (1-minute load 0.64-0.87 for generation, 1.2-1.8
+for training, our own threads included); the full table is in that bench's module doc:
 
-    LoRA SFT, 60k tokens          1 thread 2,402 tok/s | 2 threads 4,279 (1.78x) |
-                                  2 processes x 1 thread 4,262 together (1.77x)
-    greedy generation, 256        generate 1 thread 888 new tok/s | 2 threads 1,171 (1.32x)
-    prompts, batch 64             fast 1 thread 1,782 (2.01x) | 2 threads 2,285 (2.57x) |
-                                  2 processes x 1 thread 3,537 together (3.98x)
+    LoRA SFT, 100k tokens         1 thread 2,959 tok/s | 2 threads 5,302 (1.79x) |
+                                  2 processes x 1 thread 5,047 together (1.71x)
+    greedy generation, 256        generate 1 thread 832 new tok/s | 2 threads 1,353 (1.63x)
+    prompts, batch 64             fast 1 thread 1,993 (2.40x) | 2 workers 3,586 (4.31x) |
+                                  2 processes x 1 thread 3,413 together (4.10x)
 
-and earlier on the same machine with other jobs running: two OpenMP threads that wait on each
-other made training steps 4-8x and generation 3-5x slower than one thread (a thread that
-shares its core with another process stalls every parallel region). Intra-op threads pay off
-for training's large matmuls; generation's small per-step ops gain little from them and much
-from independent work side by side. Hence the policy when `runtime.threads` is unset:
+and with another job holding a core (load 2.7): training on 2 threads 1,923 tok/s against
+2,791 on one; at load 4.3, generation 3-6x slower on 2 intra-op threads than on one (a thread
+that shares its core with another process stalls every parallel region). Intra-op threads pay
+off for training's large matmuls; generation's small per-step ops gain less from them than
+from independent batches side by side. Hence the policy when `runtime.threads` is unset:
 
 * intra-op threads (training, transformers' `generate`): all usable cores while other processes
   use under a third of a core, one once they use more than 0.6 (in between: unchanged), taken
@@ -23,8 +24,14 @@ from independent work side by side. Hence the policy when `runtime.threads` is u
 * the fast decode loop: one worker thread per usable core, each running whole batches on one
   intra-op thread, so a busy machine costs it no more than the cores it loses.
 
-`runtime.threads = N` fixes both (N intra-op threads, N decode workers). On this machine the
-adapter trained with 1 and with 2 threads is bit-for-bit the same, and so are greedy replies.
+`runtime.threads = N` fixes both (N intra-op threads, N decode workers). Greedy replies do not
+depend on the setting: the decode loop computes each batch, planned independently of the
+workers, on one thread. Training does, in float rounding only: a few backward reductions sum in
+another order on 2 threads, so adapters trained on 1 and 2 threads differ by ~2e-10 (largest
+weight difference) after 100k tokens (bench/train_generate_bench.py reports "same adapter" or
+not). Where the policy may
+switch, a retrained round can differ from the first by that much; set `runtime.threads` for
+bit-for-bit repeatable adapters whatever else runs on the machine.
 Models of `SMALL_MODEL_PARAMS` and more, and GPUs, keep torch's default and one worker.
 """
 
