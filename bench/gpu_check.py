@@ -1,4 +1,4 @@
-"""GPU check: the round bench on CUDA, and LoRA SFT throughput of an 8B-shaped Llama (tokens/s, MFU).
+"""GPU check: the round bench on CUDA, LoRA SFT throughput of an 8B-shaped Llama (tokens/s, MFU).
 
 Not run on the 2-core sandbox machine (it has no GPU); prepared for one NVIDIA GPU (an H200 in
 this workplace), as one command that fits the device tool's 10-minute limit:
