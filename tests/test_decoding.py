@@ -225,7 +225,12 @@ def test_decode_workers_give_the_same_replies(tiny_trained_model_dir):
                                                                          max_new_tokens=16)
     assert replay(two, TURNS * 3, max_new_tokens=10) == replay(one, TURNS * 3, max_new_tokens=10)
     sample = one.generate(PROMPTS * 3, max_new_tokens=16, temperature=1.5)
+    import torch
+
+    torch.set_num_threads(3)
     assert two.generate(PROMPTS * 3, max_new_tokens=16, temperature=1.5) == sample
+    assert torch.get_num_threads() == 3  # the caller's setting is given back
+    torch.set_num_threads(1)
 
 
 @pytest.mark.slow

@@ -429,10 +429,16 @@ class Decoder:
             from concurrent.futures import ThreadPoolExecutor
 
             # One intra-op thread per worker: the batches run side by side, each computed as
-            # it would be alone (no thread waits on another inside an op).
-            with ThreadPoolExecutor(max_workers=min(self.workers, len(batches)),
-                                    initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                done = list(pool.map(work, range(len(batches))))
+            # it would be alone (no thread waits on another inside an op). Setting it also sets
+            # MKL's process-wide count, which the caller's setting is given back afterwards.
+            before = torch.get_num_threads()
+            try:
+                with ThreadPoolExecutor(max_workers=min(self.workers, len(batches)),
+                                        initializer=torch.set_num_threads,
+                                        initargs=(1,)) as pool:
+                    done = list(pool.map(work, range(len(batches))))
+            finally:
+                torch.set_num_threads(before)
         else:
             done = [work(k) for k in range(len(batches))]
         for part in done:
