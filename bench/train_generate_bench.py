@@ -1,23 +1,62 @@
-"""Training and generation throughput of the sandbox-sized model on this machine.
-
-Prints tokens/s for LoRA SFT through MOSAIC's trainer (trl SFTTrainer with our settings), for a
-plain torch loop doing the same LoRA updates (the baseline DESIGN.md measured), optionally for
-trl with its own defaults (what made it ~2x slower), and for batched vs. one-at-a-time greedy
-generation. Machines shared with other jobs make wall time noisy, so CPU time is shown too.
+"""Training and generation throughput of the sandbox-sized model on this machine, and the
+measured thread policy.
 
     .venv/bin/python bench/train_generate_bench.py [--config configs/sandbox.yaml]
-        [--train-tokens 100000] [--prompts 256] [--variants trl-defaults,no-grouping]
+        [--train-tokens 100000] [--prompts 256] [--single-prompts 64]
+        [--threads 1,2,policy] [--pairs] [--variants trl-defaults,no-grouping]
+        [--skip train|generate]
 
-Every variant runs under the library's CPU thread policy (`models.cpu_threads`: one intra-op
-thread for small models), so the rows differ only in what they name.
+Generation: greedy replies to `--prompts` first user turns of the eval sets at batch 64 (and
+`--single-prompts` at batch 1), on the current path (`decode="generate"`: transformers'
+`generate`) and the new one (`decode="fast"`: training/decoding.py), for each thread count in
+`--threads` (`policy`: runtime.threads unset, the measured policy of training/threads.py; on the
+fast path N threads means N decode workers of one intra-op thread each); every row says its new
+tokens/s, its ratio to the current path on one thread, and whether its replies equal that
+path's. Training: LoRA SFT through MOSAIC's trainer for each
+thread setting (and whether its adapter is bit-for-bit the first setting's), a plain torch
+loop doing the same updates (the baseline DESIGN.md measured) and
+trl variants with some of our settings put back to trl's defaults. `--pairs` adds process-level
+parallelism: two trainings (and two generations) at once in two processes, one thread each,
+reported as the aggregate tokens/s of the pair. Machines shared with other jobs make wall time
+noisy: every figure carries the 1-minute load average when it was taken, and CPU time.
+
+Figures on the sandbox machine (2 cores, AMD EPYC, 3.4M-parameter model; otherwise quiet: the
+load column includes this bench's own threads), `--train-tokens 100000 --pairs --variants ''`,
+2026-11-29 08:42:
+
+    generation (256 prompts, batch 64)       new tok/s   ratio   load   replies
+    current (generate), 1 thread                   832   1.00x   0.67
+    current (generate), 2 threads                1,353   1.63x   0.77   same
+    current (generate), policy                   1,341   1.61x   0.87   same
+    new (fast), 1 thread                         1,993   2.40x   0.87   same
+    new (fast), 2 threads (2 decode workers)     3,586   4.31x   0.87   same
+    new (fast), policy                           3,397   4.08x   0.87   same
+    generate, 2 processes x 1 thread             1,784   2.14x   1.05   (together)
+    fast, 2 processes x 1 thread                 3,413   4.10x   1.12   (together)
+    batch 1, 64 prompts: generate 308, fast 371 (1.20x), load 1.19
+
+    training (LoRA SFT, 100k tokens)           tok/s   ratio   load   adapter
+    mosaic trainer, 1 thread                     2,959   1.00x   1.18
+    mosaic trainer, 2 threads                    5,302   1.79x   1.37   differs (float rounding)
+    mosaic trainer, policy                       5,059   1.71x   1.48   differs (float rounding)
+    mosaic trainer, 2 processes x 1 thread       5,047   1.71x   1.80   (together)
+    plain torch loop, 1 thread                   1,771   0.60x   1.82
+
+With another job holding one core (load 2.7), training the 300k-token round on 2 threads ran at
+1,923 tok/s against 2,791 on one. The policy chosen from these figures (every core for training
+while the machine is otherwise idle, one thread once it is not; one decode worker per core) is
+in training/threads.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,14 +73,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def load() -> str:
+    return f"load {os.getloadavg()[0]:.2f}"
+
+
 class Timer:
     def __enter__(self) -> "Timer":
         self.wall, self.cpu = time.perf_counter(), time.process_time()
+        self.load_before = os.getloadavg()[0]
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.wall = time.perf_counter() - self.wall
         self.cpu = time.process_time() - self.cpu
+        # The 1-minute average lags: report the higher of before and after.
+        self.load = max(self.load_before, os.getloadavg()[0])
 
 
 def training_rows(config: Any, n_tokens: int, tokenizer: Any, seed: int) -> list[dict]:
@@ -67,6 +113,20 @@ def training_rows(config: Any, n_tokens: int, tokenizer: Any, seed: int) -> list
             out.append(row)
             total += len(ids)
     return out
+
+
+def eval_prompts(config: Any, n: int) -> list[list[dict]]:
+    """The first user turn of every eval row (all objectives), cycled to `n` prompts."""
+    import pyarrow.parquet as pq
+
+    prompts = []
+    for o in config.objectives.values():
+        if o.eval and Path(o.eval).is_file():
+            for msgs in pq.read_table(o.eval, columns=["messages"])["messages"].to_pylist():
+                prompts.append([m for m in msgs if m["role"] == "user"][:1])
+    if not prompts:
+        sys.exit("no eval sets found; build the world first (mosaic world)")
+    return (prompts * math.ceil(n / len(prompts)))[:n]
 
 
 def plain_loop_lora(model_dir: Path, rows: list[dict], training: Any,
@@ -139,6 +199,72 @@ def trl_variant(model_dir: Path, rows: list[dict], training: Any, max_length: in
         return sum(map(len, trainer.train_dataset["input_ids"])), trainer.state.global_step
 
 
+# ---- one measurement, in this process or in a worker process ------------------------------------
+
+
+def measure(kind: str, opts: argparse.Namespace, threads: int | None, decode: str = "fast",
+            batch_size: int = 64, n: int | None = None) -> dict[str, Any]:
+    """Train (`kind` 'train') or generate ('generate'); returns figures and timestamps."""
+    from mosaic.config import load_config
+    from mosaic.sandbox.base_model import ensure_base_model
+
+    config = load_config(opts.config)
+    model_dir = ensure_base_model(config)
+    if kind == "train":
+        from mosaic.training.models import load_tokenizer
+        from mosaic.training.train import train_adapter
+
+        import hashlib
+
+        rows = training_rows(config, opts.train_tokens, load_tokenizer(model_dir), config.seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.time()
+            with Timer() as t:
+                result = train_adapter(rows, base_model=model_dir,
+                                       adapter_dir=Path(tmp) / "adapter", training=config.training,
+                                       max_length=config.model.max_length, progress=False,
+                                       threads=threads)
+            end = time.time()
+            weights = hashlib.sha256((Path(tmp) / "adapter" / "adapter_model.safetensors")
+                                     .read_bytes()).hexdigest()
+        return {"tokens": result.train_tokens, "steps": result.steps, "wall": t.wall,
+                "cpu": t.cpu, "load": t.load, "start": start, "end": end, "adapter": weights}
+    from mosaic.training.transformers_backend import TransformersBackend
+
+    prompts = eval_prompts(config, n or opts.prompts)
+    backend = TransformersBackend(model_dir, batch_size=batch_size, config=config, decode=decode,
+                                  threads=threads)
+    backend.generate(prompts[:4], max_new_tokens=config.inference.max_new_tokens)  # warm-up
+    start = time.time()
+    with Timer() as t:
+        replies = backend.generate(prompts, max_new_tokens=config.inference.max_new_tokens)
+    end = time.time()
+    return {"tokens": backend.stats.new_tokens, "prompts": len(prompts), "wall": t.wall,
+            "cpu": t.cpu, "load": t.load, "start": start, "end": end, "replies": replies}
+
+
+def pair(kind: str, opts: argparse.Namespace, **kw: Any) -> dict[str, Any]:
+    """Two identical measurements at once in two worker processes (one thread each): the
+    aggregate throughput is both tokens over the span from the first start to the last end."""
+    args = [sys.executable, __file__, "--config", opts.config, "--train-tokens",
+            str(opts.train_tokens), "--prompts", str(opts.prompts), "--worker",
+            json.dumps({"kind": kind, **kw})]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = []
+    for p in procs:
+        out, _ = p.communicate()
+        if p.returncode:
+            sys.exit(f"worker failed ({p.returncode})")
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    span = max(o["end"] for o in outs) - min(o["start"] for o in outs)
+    return {"tokens": sum(o["tokens"] for o in outs), "wall": span,
+            "cpu": sum(o["cpu"] for o in outs), "load": max(o["load"] for o in outs),
+            "each": [o["wall"] for o in outs]}
+
+
+# ---- the bench --------------------------------------------------------------------------------
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/sandbox.yaml")
@@ -146,64 +272,97 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=256, help="prompts for the generation bench")
     ap.add_argument("--single-prompts", type=int, default=64,
                     help="prompts generated one at a time (batch size 1)")
+    ap.add_argument("--threads", default="1,2,policy",
+                    help="thread settings to measure: counts, and/or 'policy' (unset)")
+    ap.add_argument("--pairs", action="store_true",
+                    help="also two trainings / generations at once, one thread each")
     ap.add_argument("--variants", default="trl-defaults,no-grouping",
                     help=f"comma list of trl variants to time too, from {sorted(VARIANTS)}, or ''")
+    ap.add_argument("--skip", default="", help="train and/or generate")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     opts = ap.parse_args()
-
+    if opts.worker:
+        spec = json.loads(opts.worker)
+        out = measure(spec.pop("kind"), opts, **spec)
+        out.pop("replies", None)
+        print(json.dumps(out))
+        return
 
     from mosaic.config import load_config
     from mosaic.sandbox.base_model import ensure_base_model
     from mosaic.training.models import load_tokenizer
-    from mosaic.training.train import train_adapter
-    from mosaic.training.transformers_backend import TransformersBackend
 
     config = load_config(opts.config)
     model_dir = ensure_base_model(config)
-    tok = load_tokenizer(model_dir)
-    rows = training_rows(config, opts.train_tokens, tok, config.seed)
-    training, max_length = config.training, config.model.max_length
-    print(f"model {model_dir}  rows {len(rows)}  "
-          f"LoRA r={training.lora_r} batch {training.batch_size}")
+    threads = [None if t == "policy" else int(t) for t in opts.threads.split(",") if t]
+    skip = set(filter(None, opts.skip.split(",")))
+    print(f"model {model_dir}  cores {os.cpu_count()}  {load()}")
 
-    def report(name: str, tokens: int, steps: int, t: Timer) -> None:
-        print(f"  {name:<28} {tokens:>8} tok {steps:>4} steps  {t.wall:6.1f} s wall "
-              f"{tokens / t.wall:7.0f} tok/s   (cpu {t.cpu:6.1f} s, {tokens / t.cpu:7.0f} tok/cpu-s)")
+    def label(t: int | None) -> str:
+        return "policy" if t is None else f"{t} thread{'s' if t > 1 else ''}"
 
-    print("training (LoRA SFT, one epoch):")
-    with tempfile.TemporaryDirectory() as tmp, Timer() as t:
-        result = train_adapter(rows, base_model=model_dir, adapter_dir=Path(tmp) / "adapter",
-                               training=training, max_length=max_length, progress=False)
-    report("mosaic trainer (trl, tuned)", result.train_tokens, result.steps, t)
-    from mosaic.training.models import cpu_threads
+    def row(name: str, r: dict[str, Any], base: float | None = None, extra: str = "") -> None:
+        rate = r["tokens"] / r["wall"]
+        ratio = f"{rate / base:5.2f}x" if base else "   --"
+        print(f"  {name:<34} {r['tokens']:>8} tok {r['wall']:7.1f} s wall {rate:7.0f} tok/s "
+              f"{ratio}  (cpu {r['cpu']:6.1f} s)  load {r['load']:.2f}{extra}", flush=True)
 
-    small = 3_500_000  # the sandbox model: below models.SMALL_MODEL_PARAMS
-    with Timer() as t, cpu_threads(small, "cpu"):
-        tokens, steps = plain_loop_lora(model_dir, rows, training, max_length)
-    report("plain torch loop", tokens, steps, t)
-    for name in filter(None, opts.variants.split(",")):
-        with Timer() as t, cpu_threads(small, "cpu"):
-            tokens, steps = trl_variant(model_dir, rows, training, max_length, VARIANTS[name])
-        report(f"trl, {name}", tokens, steps, t)
+    if "generate" not in skip:
+        new = config.inference.max_new_tokens
+        print(f"generation (greedy, max {new} new tokens, {opts.prompts} prompts at batch "
+              f"{config.inference.batch_size}; ratio: new tokens/s over the current path, "
+              f"1 thread):")
+        ref = measure("generate", opts, 1, decode="generate")
+        row("current (generate), 1 thread", ref, ref["tokens"] / ref["wall"])
+        base = ref["tokens"] / ref["wall"]
+        for decode in ("generate", "fast"):
+            for t in threads:
+                if (decode, t) == ("generate", 1):
+                    continue
+                r = measure("generate", opts, t, decode=decode)
+                same = "  same replies" if r["replies"] == ref["replies"] else "  REPLIES DIFFER"
+                row(f"{'current (generate)' if decode == 'generate' else 'new (fast)'}, "
+                    f"{label(t)}", r, base, same)
+        if opts.pairs:
+            for decode in ("generate", "fast"):
+                r = pair("generate", opts, threads=1, decode=decode)
+                row(f"{decode}: 2 processes x 1 thread", r, base,
+                    f"  (each {r['each'][0]:.1f} / {r['each'][1]:.1f} s)")
+        print(f"  batch size 1, {opts.single_prompts} prompts:")
+        one = {d: measure("generate", opts, 1, decode=d, batch_size=1, n=opts.single_prompts)
+               for d in ("generate", "fast")}
+        b1 = one["generate"]["tokens"] / one["generate"]["wall"]
+        for d, r in one.items():
+            row(f"{d}, batch 1, 1 thread", r, b1)
 
-    print(f"generation (greedy, max {config.inference.max_new_tokens} new tokens):")
-    eval_rows = []
-    for o in config.objectives.values():
-        if o.eval and Path(o.eval).is_file():
-            import pyarrow.parquet as pq
+    if "train" not in skip:
+        training, max_length = config.training, config.model.max_length
+        rows = training_rows(config, opts.train_tokens, load_tokenizer(model_dir), config.seed)
+        print(f"training (LoRA SFT r={training.lora_r}, batch {training.batch_size}, one epoch of "
+              f"{len(rows)} rows; ratio over 1 thread):")
+        runs = {t: measure("train", opts, t) for t in threads}
+        first = runs[threads[0]]
+        base = first["tokens"] / first["wall"]
+        for t, r in runs.items():
+            same = ("  same adapter" if r["adapter"] == first["adapter"]
+                    else "  adapter differs (float rounding)")
+            row(f"mosaic trainer, {label(t)}", r, base, same)
+        if opts.pairs:
+            r = pair("train", opts, threads=1)
+            row("mosaic trainer: 2 processes x 1", r, base,
+                f"  (each {r['each'][0]:.1f} / {r['each'][1]:.1f} s)")
+        from mosaic.training.models import cpu_threads
 
-            for msgs in pq.read_table(o.eval, columns=["messages"])["messages"].to_pylist():
-                eval_rows.append([m for m in msgs if m["role"] == "user"][:1])
-    if not eval_rows:
-        eval_rows = [[r["messages"][0]] for r in rows]
-    prompts = (eval_rows * math.ceil(opts.prompts / len(eval_rows)))[:opts.prompts]
-    for bs, n in ((config.inference.batch_size, len(prompts)), (1, opts.single_prompts)):
-        backend = TransformersBackend(model_dir, batch_size=bs, config=config)
-        with Timer() as t:
-            backend.generate(prompts[:n], max_new_tokens=config.inference.max_new_tokens)
-        s = backend.stats
-        print(f"  batch size {bs:<3} {n:>5} prompts {s.new_tokens:>7} new tok  {t.wall:6.1f} s wall "
-              f"{s.new_tokens / t.wall:7.0f} tok/s  {n / t.wall:6.1f} prompts/s   "
-              f"(cpu {t.cpu:6.1f} s)")
+        small = 3_500_000  # the sandbox model: below models.SMALL_MODEL_PARAMS
+        with Timer() as t, cpu_threads(small, "cpu", 1):
+            tokens, steps = plain_loop_lora(model_dir, rows, training, max_length)
+        row("plain torch loop, 1 thread", {"tokens": tokens, "wall": t.wall, "cpu": t.cpu,
+                                           "load": t.load}, base)
+        for name in filter(None, opts.variants.split(",")):
+            with Timer() as t, cpu_threads(small, "cpu", 1):
+                tokens, steps = trl_variant(model_dir, rows, training, max_length, VARIANTS[name])
+            row(f"trl, {name}, 1 thread", {"tokens": tokens, "wall": t.wall, "cpu": t.cpu,
+                                           "load": t.load}, base)
 
 
 if __name__ == "__main__":

@@ -136,8 +136,13 @@ def _from_frame(df: pd.DataFrame, otype: ObjectiveType, objective: str) -> _Samp
         if absent:
             raise ValueError(f"samples of objective {objective!r} lack L2 columns {absent} "
                              f"(type {otype.type_name!r}); annotate them first")
-        values = {f: df[f"l2_{f}"].tolist() for f in otype.l2_columns}
-        l2 = [{f: _py(values[f][i]) for f in otype.l2_columns} for i in range(len(df))]
+        # Column by column: numeric and string columns come out of `tolist` as plain Python
+        # already; only object cells (arrays, lists) need `_py` (a 1M-row pool in seconds).
+        columns = [df[f"l2_{f}"] for f in otype.l2_columns]
+        values = [c.tolist() if c.dtype != object else [_py(v) for v in c.tolist()]
+                  for c in columns]
+        l2 = [dict(zip(otype.l2_columns, row)) for row in zip(*values)] if values else \
+            [{} for _ in range(len(df))]
     ids = df["id"].astype(str).tolist() if "id" in df.columns else [str(i) for i in range(len(df))]
     msgs = df["messages"] if "messages" in df.columns else None
     return _Samples(
@@ -237,9 +242,9 @@ def build_failure_report(objective_name: str, objective_type: str | ObjectiveTyp
     for value, count in zip(*np.unique(valid_scores, return_counts=True)):
         distribution[_score_key(value)] = int(count)
 
-    l1_rows = [L1(slice=str(s.slice[i]), score=float(s.score[i]), valid=bool(s.valid[i]),
-                  weight=float(s.weight[i]), failure=bool(s.failure[i]))
-               for i in range(len(s.ids))]
+    l1_rows = [L1(slice=str(sl), score=sc, valid=v, weight=w, failure=fl)
+               for sl, sc, v, w, fl in zip(s.slice.tolist(), s.score.tolist(), s.valid.tolist(),
+                                           s.weight.tolist(), s.failure.tolist())]
     breakdowns = _py(otype.breakdowns(s.l2, l1_rows))
 
     need = {st.slice: st.need for st in stats}

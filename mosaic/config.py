@@ -106,6 +106,9 @@ class InferenceConfig(Section):
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(48, ge=1)
     temperature: float = Field(0.0, ge=0)
+    # transformers backend: "fast" (merged adapter, own decode loop, KV carried across replayed
+    # turns) or "generate" (transformers' generate, the reference path); same greedy replies.
+    decode: Literal["fast", "generate"] = "fast"
     endpoint: EndpointConfig | None = None
 
     @model_validator(mode="after")
@@ -173,6 +176,14 @@ class CacheConfig(Section):
     stages_dir: str | None = None
 
 
+class RuntimeConfig(Section):
+    """How this machine runs the local models."""
+
+    # Intra-op CPU threads for training and local generation; None: the measured policy
+    # (`mosaic.training.models.cpu_threads`). GPUs and large models keep torch's default.
+    threads: int | None = Field(None, ge=1)
+
+
 class LoopConfig(Section):
     rounds: int = Field(5, ge=0)
 
@@ -193,6 +204,7 @@ class MosaicConfig(Section):
     limits: LimitsConfig = LimitsConfig()
     loop: LoopConfig = LoopConfig()
     cache: CacheConfig = CacheConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
     def _check_objectives(self) -> "MosaicConfig":

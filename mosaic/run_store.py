@@ -27,6 +27,7 @@ SAFE_TO_CHANGE = (
     "loop.rounds",  # more (or fewer) rounds: finished ones are kept
     "planner.max_revisions",
     "inference.batch_size",  # evaluate's markers do not key on it: greedy replies are the same
+    "inference.decode",  # fast or generate: the same greedy replies (tests/test_decoding.py)
     "judge.cache_dir",
     "runtime.",  # threads and other machine settings
     "cache.",  # where reusable stage outputs are kept: results are the same either way

@@ -31,6 +31,7 @@ from mosaic.eval.judge import Judge, JudgeError
 from mosaic.io import atomic_write_json, atomic_write_with
 from mosaic.markers import check_marker, dir_fingerprint, file_sha256, hash_obj, write_marker
 from mosaic.schemas import L1, EvalReport, FailureReport, Message, SampleRecord
+from mosaic.timing import StageTimes, stage_timer
 from mosaic.training.inference import InferenceBackend, replay
 
 log = logging.getLogger("mosaic.tools.evaluate")
@@ -162,12 +163,16 @@ def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: st
              round_dir: str | Path, split: Split = "eval", backend: InferenceBackend | None = None,
              judge: Judge | None = None, *, round: int = 0, limit: int | None = None,
              objectives: Sequence[str] | None = None,
-             progress: Callable[[str], None] | None = None) -> EvalReport:
+             progress: Callable[[str], None] | None = None,
+             timings: StageTimes | None = None) -> EvalReport:
     """Evaluate model (+ adapter) on every objective's eval (or held-out) set; see the module doc.
 
     `backend` / `judge` default to the ones the config names (built lazily: the backend only if
-    some responses are not cached). `limit` keeps N evenly spaced rows of each set.
+    some responses are not cached). `limit` keeps N evenly spaced rows of each set. `timings`
+    accumulates wall/CPU seconds per stage: load (building the backend: weights, adapter
+    merge), generate, judge, report (eval rows, records, reports and their files).
     """
+    timed = stage_timer(timings)
     if split not in ("eval", "heldout"):
         raise ValueError(f"split must be 'eval' or 'heldout', got {split!r}")
     if limit is not None and limit < 1:
@@ -200,7 +205,8 @@ def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: st
         if built["backend"] is None:
             say(f"loading {config.inference.backend} backend for {model or 'endpoint'}"
                 + (f" + adapter {adapter}" if adapter else ""))
-            built["backend"] = build_backend(config, model, adapter)
+            with timed("load"):
+                built["backend"] = build_backend(config, model, adapter)
         return built["backend"]
 
     def get_judge() -> Judge:
@@ -216,7 +222,8 @@ def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: st
         if path is None:
             raise ConfigError(f"objectives.{name}.{split} is not set; name the {split} set file")
         out = Path(round_dir) / split / name
-        rows = load_eval_rows(path, name, obj.type)
+        with timed("report"):
+            rows = load_eval_rows(path, name, obj.type)
         if limit is not None and limit < len(rows):
             # Evenly spaced rather than the first N: eval sets are often sorted by slice, and a
             # prefix would cover only the easiest ones.
@@ -231,9 +238,12 @@ def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: st
         else:
             n_turns = sum(len(r["turns"]) for r in rows)
             say(f"{name}: generating {len(rows)} conversations ({n_turns} user turns)")
-            conversations = replay_rows(get_backend(), rows, max_new_tokens=gen["max_new_tokens"],
-                                        temperature=gen["temperature"])
-            _write_responses(responses_file, name, rows, conversations)
+            backend_ = get_backend()
+            with timed("generate"):
+                conversations = replay_rows(backend_, rows, max_new_tokens=gen["max_new_tokens"],
+                                            temperature=gen["temperature"])
+            with timed("report"):
+                _write_responses(responses_file, name, rows, conversations)
             write_marker(out / "responses.done.json", responses_inputs, [responses_file], n=len(rows))
 
         samples_file = out / "samples.parquet"
@@ -245,8 +255,10 @@ def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: st
             scored = _read_samples(samples_file)
         else:
             say(f"{name}: judging {len(rows)} responses with {judge_obj.name}")
-            scored = _judge_and_score(name, obj.type, judge_obj, rows, conversations)
-            _write_samples(samples_file, name, scored)
+            with timed("judge"):
+                scored = _judge_and_score(name, obj.type, judge_obj, rows, conversations)
+            with timed("report"):
+                _write_samples(samples_file, name, scored)
             if any(s.judge_error for s in scored):
                 # No marker: a rerun asks the judge again for the failed samples only (the LLM
                 # judge's own cache answers the rest).
@@ -254,23 +266,10 @@ def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: st
             else:
                 write_marker(out / "samples.done.json", samples_inputs, [samples_file], n=len(scored))
 
-        records = [SampleRecord(id=s.id, objective=name,
-                                messages=[Message(**m) for m in conv], metadata=row["metadata"],
-                                l3_prompt=s.l3_prompt, l3_response=s.l3_response, l2=s.l2, l1=s.l1)
-                   for s, conv, row in zip(scored, conversations, rows) if not s.judge_error]
-        failed = len(scored) - len(records)
-        if failed:
-            judge_failures[name] = failed
-            log.warning("%s: %d of %d samples have no judge verdict and are left out of f "
-                        "(see %s, column judge_error)", name, failed, len(scored), samples_file)
-        if not records:
-            raise RuntimeError(f"{name}: the judge labelled none of the {len(scored)} samples; "
-                               f"see {samples_file} (column judge_error)")
-        from mosaic.eval.report import build_failure_report
-
-        report = build_failure_report(name, obj.type, round, records, target=obj.target,
-                                      seed=config.seed)
-        atomic_write_json(out / "report.json", report)
+        with timed("report"):
+            report = _objective_report(config, name, obj, round, scored, conversations, rows,
+                                       samples_file, judge_failures)
+            atomic_write_json(out / "report.json", report)
         reports[name] = report
         say(f"{name}: f = {report.f:.3f}" if report.f is not None else f"{name}: f = n/a (no valid samples)")
 
@@ -280,6 +279,30 @@ def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: st
                         split=split, reports=reports, judge_failures=judge_failures)
     atomic_write_json(report_path(round_dir, split), result)
     return result
+
+
+def _objective_report(config: MosaicConfig, name: str, obj: Any, round: int,
+                      scored: Sequence[JudgedSample], conversations: Sequence[list[dict[str, str]]],
+                      rows: Sequence[Mapping[str, Any]], samples_file: Path,
+                      judge_failures: dict[str, int]) -> FailureReport:
+    """The objective's FailureReport over the samples the judge labelled (the others are
+    counted in `judge_failures`)."""
+    from mosaic.eval.report import build_failure_report
+
+    records = [SampleRecord(id=s.id, objective=name,
+                            messages=[Message(**m) for m in conv], metadata=row["metadata"],
+                            l3_prompt=s.l3_prompt, l3_response=s.l3_response, l2=s.l2, l1=s.l1)
+               for s, conv, row in zip(scored, conversations, rows) if not s.judge_error]
+    failed = len(scored) - len(records)
+    if failed:
+        judge_failures[name] = failed
+        log.warning("%s: %d of %d samples have no judge verdict and are left out of f "
+                    "(see %s, column judge_error)", name, failed, len(scored), samples_file)
+    if not records:
+        raise RuntimeError(f"{name}: the judge labelled none of the {len(scored)} samples; "
+                           f"see {samples_file} (column judge_error)")
+    return build_failure_report(name, obj.type, round, records, target=obj.target,
+                                seed=config.seed)
 
 
 # ---- judging ------------------------------------------------------------------------------------

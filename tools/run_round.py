@@ -203,7 +203,7 @@ def train_stage(config: MosaicConfig, round_dir: str | Path, manifest: DatasetMa
     train = train_adapter(round_dir / "dataset" / TRAIN_FILE, base_model=base_model,
                           adapter_dir=adapter_dir, training=config.training,
                           max_length=config.model.max_length, method=manifest.method,
-                          dtype=config.model.dtype)
+                          dtype=config.model.dtype, threads=config.runtime.threads)
     stage_cache.store(cache, "adapter", inputs, adapter_dir, files)
     write_marker(marker, inputs, outputs)
     return train

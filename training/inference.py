@@ -8,6 +8,7 @@ user turn sees the model's own earlier answers (never the dataset's).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Protocol, runtime_checkable
 
 Conversation = list[dict[str, str]]  # [{"role": ..., "content": ...}, ...]
@@ -32,22 +33,35 @@ def replay(backend: InferenceBackend, user_turns: Sequence[Sequence[str]], *, ma
 
     All rows still active at turn t are generated in one batch call, so a 6-turn set costs six
     batched passes, not one pass per row per turn. `on_turn(t, n_active)` reports progress.
+
+    A backend with a `replay_session()` context manager (the transformers backend) is asked through
+    the session it yields, keyed by row: it may carry each conversation's state (keys and
+    values) from one turn to the next instead of re-encoding the conversation, and is told
+    which rows have a next turn. The replies must be the ones `backend.generate` would give.
     """
     conversations: list[Conversation] = [
         ([{"role": "system", "content": system}] if system else []) for _ in user_turns
     ]
     max_turns = max((len(t) for t in user_turns), default=0)
-    for t in range(max_turns):
-        active = [i for i, turns in enumerate(user_turns) if len(turns) > t]
-        if on_turn is not None:
-            on_turn(t, len(active))
-        for i in active:
-            conversations[i].append({"role": "user", "content": user_turns[i][t]})
-        replies = backend.generate([conversations[i] for i in active],
-                                   max_new_tokens=max_new_tokens, temperature=temperature)
-        if len(replies) != len(active):
-            raise RuntimeError(f"backend {backend.name!r} returned {len(replies)} replies "
-                               f"for {len(active)} conversations")
-        for i, reply in zip(active, replies):
-            conversations[i].append({"role": "assistant", "content": reply})
+    open_session = getattr(backend, "replay_session", None)
+    with (open_session() if callable(open_session) else nullcontext()) as session:
+        for t in range(max_turns):
+            active = [i for i, turns in enumerate(user_turns) if len(turns) > t]
+            if on_turn is not None:
+                on_turn(t, len(active))
+            for i in active:
+                conversations[i].append({"role": "user", "content": user_turns[i][t]})
+            batch = [conversations[i] for i in active]
+            if session is not None:
+                replies = session.generate(batch, keys=active,
+                                           keep=[len(user_turns[i]) > t + 1 for i in active],
+                                           max_new_tokens=max_new_tokens, temperature=temperature)
+            else:
+                replies = backend.generate(batch, max_new_tokens=max_new_tokens,
+                                           temperature=temperature)
+            if len(replies) != len(active):
+                raise RuntimeError(f"backend {backend.name!r} returned {len(replies)} replies "
+                                   f"for {len(active)} conversations")
+            for i, reply in zip(active, replies):
+                conversations[i].append({"role": "assistant", "content": reply})
     return conversations

@@ -15,8 +15,9 @@ if TYPE_CHECKING:  # torch stays out of module import time (`mosaic --help` must
     import torch
 
 
-# Below this size a CPU model runs on one intra-op thread (see `cpu_threads`).
-SMALL_MODEL_PARAMS = 100_000_000
+from mosaic.training.threads import SMALL_MODEL_PARAMS, ThreadPolicy
+
+__all__ = ["SMALL_MODEL_PARAMS", "ModelLoadError", "cpu_threads", "load_model", "load_tokenizer"]
 
 
 class ModelLoadError(ValueError):
@@ -120,22 +121,21 @@ def count_parameters(model: Any) -> int:
 
 
 @contextmanager
-def cpu_threads(n_params: int, device: str) -> Iterator[None]:
-    """Run a small CPU model on one intra-op thread, restoring the setting afterwards.
-
-    Measured on the 2-core sandbox machine with the 3.4M-parameter model: with other jobs
-    running, two OpenMP threads that wait on each other made training steps 4-8x and greedy
-    generation 5x slower than one thread; an idle machine can gain at most 2x from the second
-    core on matmuls this small. Large models and GPUs keep torch's default.
-    """
+def cpu_threads(n_params: int, device: str, threads: int | None = None
+                ) -> Iterator[ThreadPolicy | None]:
+    """Run a CPU model on `threads` intra-op threads (the config's `runtime.threads`), or by
+    the measured policy when None (`mosaic.training.threads`: every core while the machine is
+    otherwise idle, one thread once other processes use it) for models below
+    `SMALL_MODEL_PARAMS`; larger models with `threads` None, and GPUs, keep torch's default.
+    Yields the policy (None when nothing is set), whose `recheck()` a long stage calls to
+    follow the machine; the previous setting is restored afterwards."""
     import torch
 
-    if device != "cpu" or n_params >= SMALL_MODEL_PARAMS:
-        yield
+    if device != "cpu" or (threads is None and n_params >= SMALL_MODEL_PARAMS):
+        yield None
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        yield
+        yield ThreadPolicy(threads)
     finally:
         torch.set_num_threads(before)
