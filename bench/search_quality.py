@@ -31,6 +31,7 @@ content across runs (`cache.stages_dir`), so an action already trained is not tr
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import time
@@ -296,7 +297,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{len(jobs)} runs ({len(methods)} methods x {len(seeds)} seeds x {args.rounds} rounds), "
           f"{args.jobs} at a time; load average {os.getloadavg()[0]:.2f}", flush=True)
     results = []
-    with ProcessPoolExecutor(max_workers=args.jobs, initializer=_worker_init) as pool:
+    # Fresh interpreters, not forks: a fork of a process whose torch holds thread pools can hang
+    # or die (pytest, or a caller that trained before).
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, initializer=_worker_init,
+                             mp_context=ctx) as pool:
         for r in pool.map(run_one, jobs):
             print(f"  {r['method']} seed {r['seed']}: {len(r['history']) - 1} rounds in "
                   f"{r['wall_s']:.0f}s{' (cached)' if not r['computed'] else ''}", flush=True)

@@ -159,8 +159,9 @@ def ifeval_coverage_cmd(
         report = file_coverage(file)
     except (OSError, IFEvalDataError) as e:
         _fail(e)
-    table = Table(title=_text(f"IFEval checker coverage: {file} ({report.n_prompts:,} prompts)"),
-                  box=box.SIMPLE_HEAD)
+    title = f"IFEval checker coverage: {file} ({report.n_prompts:,} prompts)"
+    # As wide as the title: a long file path is not broken in the middle of a name.
+    table = Table(title=_text(title), box=box.SIMPLE_HEAD, min_width=len(title))
     for col, justify in (("instruction id", "left"), ("count", "right"),
                          ("underspecified", "right"), ("checkable", "right"), ("supported", "center")):
         table.add_column(col, justify=justify)
@@ -174,7 +175,7 @@ def ifeval_coverage_cmd(
                   f"{report.n_constraints:,}", f"{report.n_underspecified:,}",
                   f"{report.n_checkable:,}", no if report.unsupported_ids else yes)
     # Full instruction ids matter more than fitting an 80-column pipe.
-    _wide(100).print(table)
+    _wide(max(100, len(title) + 2)).print(table)
     if report.absent_supported_ids:
         _say(f"supported ids not in this file: {', '.join(report.absent_supported_ids)}")
     # Sentence counts (number_sentences) match IFEval's only with punkt; say which one is in use.

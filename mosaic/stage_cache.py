@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mosaic.io import publish_dir
+from mosaic.io import atomic_write_with
 from mosaic.markers import hash_obj
 
 COMPLETE = ".complete"
@@ -28,30 +28,25 @@ def entry_dir(root: str | Path, kind: str, inputs: Mapping[str, Any]) -> Path:
 
 def restore(root: str | Path | None, kind: str, inputs: Mapping[str, Any], dest: str | Path,
             files: Sequence[str]) -> bool:
-    """Copy a cached entry's `files` into `dest` (a folder, published whole); False on a miss."""
+    """Copy a cached entry into the folder `dest`: every file it holds, which must include
+    `files` (each written atomically; the caller's completion marker, written after, is what
+    says the stage is done); False on a miss."""
     if root is None:
         return False
     entry = entry_dir(root, kind, inputs)
     if not (entry / COMPLETE).is_file() or not all((entry / f).is_file() for f in files):
         return False
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.cached-", dir=dest.parent))
-    try:
-        staged = work / dest.name
-        staged.mkdir()
-        for f in files:
-            (staged / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(entry / f, staged / f)
-        publish_dir(staged, dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    held = sorted(p.relative_to(entry).as_posix() for p in entry.rglob("*")
+                  if p.is_file() and p.name != COMPLETE)
+    for f in held:
+        atomic_write_with(Path(dest) / f, lambda tmp, f=f: shutil.copyfile(entry / f, tmp))
     return True
 
 
 def store(root: str | Path | None, kind: str, inputs: Mapping[str, Any], src: str | Path,
-          files: Sequence[str]) -> None:
-    """Add `src`'s `files` as the entry for `inputs` (no-op when it exists or root is None)."""
+          files: Sequence[str] | None = None) -> None:
+    """Add `src`'s `files` (default: every file under `src`, so a restored folder is the same
+    folder, byte for byte) as the entry for `inputs`; a no-op when it exists or root is None."""
     if root is None:
         return
     entry = entry_dir(root, kind, inputs)
@@ -59,6 +54,8 @@ def store(root: str | Path | None, kind: str, inputs: Mapping[str, Any], src: st
         return
     entry.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    if files is None:
+        files = [p.relative_to(src).as_posix() for p in Path(src).rglob("*") if p.is_file()]
     try:
         for f in files:
             (work / f).parent.mkdir(parents=True, exist_ok=True)

@@ -188,6 +188,8 @@ def test_the_stage_cache_reuses_an_adapter_trained_on_the_same_content(tiny_run_
                       heldout=False, progress=said.append)
     assert any("reusing an adapter trained before" in m for m in said), said
     assert not any("training a LoRA adapter" in m for m in said)
+    assert any("responses reused from the stage cache" in m for m in said)
+    assert not any("generating" in m for m in said)
     weights = "adapter/adapter_model.safetensors"
     assert ((tmp_path / "a" / "round_1" / weights).read_bytes()
             == (tmp_path / "b" / "round_1" / weights).read_bytes())

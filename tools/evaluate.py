@@ -28,6 +28,7 @@ from mosaic.config import ConfigError, MosaicConfig
 from mosaic.eval.base import get_objective_type
 from mosaic.eval import build_judge
 from mosaic.eval.judge import Judge, JudgeError
+from mosaic import stage_cache
 from mosaic.io import atomic_write_json, atomic_write_with
 from mosaic.markers import check_marker, dir_fingerprint, file_sha256, hash_obj, write_marker
 from mosaic.schemas import L1, EvalReport, FailureReport, Message, SampleRecord
@@ -235,6 +236,12 @@ def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: st
         if check_marker(out / "responses.done.json", responses_inputs, [responses_file]).ok:
             say(f"{name}: responses cached ({len(rows)} rows)")
             conversations = _read_conversations(responses_file, rows)
+        elif stage_cache.restore(config.cache.stages_dir, "responses", responses_inputs, out,
+                                 [responses_file.name]):
+            # The same model already answered this set in another run (the stage cache).
+            say(f"{name}: responses reused from the stage cache ({len(rows)} rows)")
+            conversations = _read_conversations(responses_file, rows)
+            write_marker(out / "responses.done.json", responses_inputs, [responses_file], n=len(rows))
         else:
             n_turns = sum(len(r["turns"]) for r in rows)
             say(f"{name}: generating {len(rows)} conversations ({n_turns} user turns)")
@@ -245,6 +252,8 @@ def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: st
             with timed("report"):
                 _write_responses(responses_file, name, rows, conversations)
             write_marker(out / "responses.done.json", responses_inputs, [responses_file], n=len(rows))
+            stage_cache.store(config.cache.stages_dir, "responses", responses_inputs, out,
+                              [responses_file.name])
 
         samples_file = out / "samples.parquet"
         judge_obj = get_judge()

@@ -204,7 +204,7 @@ def train_stage(config: MosaicConfig, round_dir: str | Path, manifest: DatasetMa
                           adapter_dir=adapter_dir, training=config.training,
                           max_length=config.model.max_length, method=manifest.method,
                           dtype=config.model.dtype, threads=config.runtime.threads)
-    stage_cache.store(cache, "adapter", inputs, adapter_dir, files)
+    stage_cache.store(cache, "adapter", inputs, adapter_dir)  # the whole folder
     write_marker(marker, inputs, outputs)
     return train
 
