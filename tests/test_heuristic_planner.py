@@ -312,3 +312,39 @@ def test_r7_a_refused_dry_run_relaxes_the_thresholds_and_checks_again():
 def test_the_planner_is_deterministic():
     ctx = context(reports())
     assert HeuristicPlanner().propose(ctx).raw == HeuristicPlanner().propose(ctx).raw
+
+
+def test_r4_quality_before_quantity_caps_the_weight_instead_of_lowering_the_threshold():
+    # safety's score-5 answers hold 37.5k tokens; its gap asks for ~49k (they fill 74% of it):
+    # keep 5 and cap the weight
+    tools = FakeTools(per_bucket={("safety", 5.0): 7_500})
+    action = propose(context(reports(safety=1.5, instruction=4.4), tools=tools))
+    assert action["objectives"]["safety"]["quality_threshold"] == 5.0
+    assert action["mixture"]["safety"] <= 37_500 * 0.97 / BUDGET + 1e-3
+
+
+def test_r8_a_repeated_mixture_off_the_front_probes_another_objective():
+    base = {"safety": 2.4, "boundary": 4.9, "instruction": 1.7}
+    r1 = {"safety": 3.4, "boundary": 4.85, "instruction": 1.8}
+    r2 = {"safety": 3.3, "boundary": 4.84, "instruction": 1.78}  # dominated by round 1
+    planner = HeuristicPlanner()
+    history = [RoundRecord(0, None, "system", base)]
+    ctx1 = context(reports(**r1), history=history + [
+        RoundRecord(1, DataAction(mixture={"safety": 0.4, "boundary": 0.25, "instruction": 0.35}),
+                    "planner", r1)])
+    same = json.loads(planner.propose(ctx1).raw)["mixture"]
+    history += [RoundRecord(1, DataAction(mixture=same), "planner", r1),
+                RoundRecord(2, DataAction(mixture=same), "planner", r2)]
+    archive = ParetoArchive(objectives=list(TYPES), reference={n: 1.0 for n in TYPES},
+                            points=[_point(0, base), _point(1, r1), _point(2, r2)], front=[0, 1])
+    ctx = context(reports(**r2), history=history, archive=archive, previous=same)
+    ctx.round = 3
+    action = json.loads(planner.propose(ctx).raw)
+    moved = {n: action["mixture"][n] - same[n] for n in same}
+    probed = list(TYPES)[3 % 3]  # in turn by round: round 3 -> the first objective
+    assert moved[probed] == pytest.approx(0.1, abs=0.02)
+    assert "probing with more safety" in action["rationale"]
+    # on the front, the same mixture is kept
+    on_front = archive.model_copy(update={"front": [0, 1, 2]})
+    ctx.archive = on_front
+    assert "probing" not in json.loads(planner.propose(ctx).raw)["rationale"]

@@ -18,10 +18,12 @@ R2 Recovery. If the latest round fell below the best archived score of an object
 R3 Trust region. No mixture weight moves more than `max_step` from the previous action (a
    person's `max_change` is tighter when set); floors and ceilings are applied last.
 R4 Quality lever, per objective. Safety (jailbreak) takes only the best answers (a full refusal
-   with a safe alternative and an explanation) when the pool can fill its allocation that way;
-   boundary (overrefusal) drops disclaimer- and preaching-heavy answers (friction mid/high) and
-   takes strong help; instruction (ifeval) takes answers that pass every constraint. Each
-   threshold steps down (5 -> 4 -> none) until the pool can fill the allocation.
+   with a safe alternative and an explanation), boundary (overrefusal) drops disclaimer- and
+   preaching-heavy answers (friction mid/high) and takes strong help, instruction (ifeval)
+   takes answers that pass every constraint. Quality comes before quantity: a threshold is kept
+   while the pool fills at least 70% of the allocation (the weight is then capped at what it
+   holds, R7), and steps down (5 -> 4 -> none) only below that. Measured on the sandbox:
+   safety's score-5 answers at weight 0.34 gained more than score-4-and-up at 0.5.
 R5 Buckets from slice need. A slice's weight blends its share of the objective's need (damped
    where reliability is low: x0.5, medium: x0.75) with its share of the pool's supply, half and
    half, then is capped by what the bucket can supply after the filters.
@@ -31,6 +33,10 @@ R6 Focus from the breakdowns: jailbreak includes the worst pressure x concealmen
 R7 Capacity. A mixture weight never exceeds what its pool can fill under the chosen filters;
    the excess goes to the other objectives. The action is dry-run through the check; if it is
    still refused, the quality thresholds step down once more and it is checked again.
+R8 Probe. Every round trains from the same base, so repeating a mixture only re-draws the
+   sample. When the mixture would repeat the latest round's (every weight within 0.03) and that
+   round did not reach the Pareto front, `probe_step` of weight moves to one objective, in turn
+   by round, within the bounds: the next round measures the trade-off there.
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ class HeuristicSettings:
     focus_ratio: float = 0.5  # R6
     top_patterns: int = 3  # R6: jailbreak pc patterns / ifeval constraint ids to include
     capacity_margin: float = 0.97  # R7: use at most this share of a pool's supply
+    max_quality_cut: float = 0.3  # R4: the share of an allocation given up to keep a threshold
+    repeat_tol: float = 0.03  # R8: mixtures this close count as a repeat
+    probe_step: float = 0.1  # R8: weight moved to the probed objective
 
 
 def _normalise(w: Mapping[str, float]) -> dict[str, float]:
@@ -204,6 +213,30 @@ class HeuristicPlanner:
         lo, hi = self.bounds(ctx)
         return project(w, lo, hi)
 
+    def probe(self, ctx: PlanContext, mix: Mapping[str, float], lo: Mapping[str, float],
+              hi: Mapping[str, float], notes: list[str]) -> dict[str, float]:
+        """R8: a mixture that repeats the latest round's, after a round that added nothing to
+        the front, learns nothing new: move `probe_step` of weight to one objective (in turn
+        by round, skipping those at a bound) to measure the trade-off there instead."""
+        prev = ctx.previous_action.mixture if ctx.previous_action else None
+        if prev is None or any(abs(mix[n] - prev.get(n, 0.0)) > self.s.repeat_tol for n in mix):
+            return dict(mix)
+        latest = ctx.history[-1].round if ctx.history else 0
+        if ctx.archive is None or latest in ctx.archive.front:
+            return dict(mix)
+        names = list(ctx.objectives)
+        for i in range(len(names)):
+            target = names[(ctx.round + i) % len(names)]
+            if hi[target] - mix[target] >= self.s.probe_step / 2:
+                raised = dict(mix)
+                raised[target] = min(hi[target], mix[target] + self.s.probe_step)
+                moved = project(raised, {**lo, target: raised[target]}, hi)
+                notes.append(f"round {latest} repeated this mixture without reaching the front: "
+                             f"probing with more {target} ({mix[target]:.2f} -> "
+                             f"{moved[target]:.2f})")
+                return moved
+        return dict(mix)
+
     def bounds(self, ctx: PlanContext) -> tuple[dict[str, float], dict[str, float]]:
         """Per-objective mixture bounds: the person's floors and ceilings, and the trust region
         around the previous action (the tighter of max_step and the person's max_change)."""
@@ -230,7 +263,11 @@ class HeuristicPlanner:
             exclude = {"friction": ["mid", "high"]}
         for q in THRESHOLD_STEPS[level:]:
             cap = ctx.tools.pool_capacity(name, quality_threshold=q, exclude=exclude or None)
-            if cap.total_tokens * self.s.capacity_margin >= alloc or q is None:
+            # Quality before quantity: keep the threshold while the pool fills most of the
+            # allocation (the weight is then capped at what it holds, R7); step down only when
+            # it would lose more than `max_quality_cut` of it.
+            fill = cap.total_tokens * self.s.capacity_margin
+            if q is None or fill >= alloc * (1 - self.s.max_quality_cut):
                 return q, exclude, cap.max_mixture_weight * self.s.capacity_margin
         raise AssertionError("unreachable: the last step has no threshold")
 
@@ -311,7 +348,8 @@ class HeuristicPlanner:
         lo, hi = self.bounds(ctx)
         hi = {n: min(hi[n], plans[n][2]) for n in ctx.objectives}  # capacity wins
         lo = {n: min(lo[n], hi[n]) for n in ctx.objectives}
-        mix = _round_weights(project(mixture, lo, hi))
+        mix = project(mixture, lo, hi)
+        mix = _round_weights(self.probe(ctx, mix, lo, hi, notes))
         objectives: dict[str, Any] = {}
         for name, otype in ctx.objectives.items():
             w = mix.get(name, 0.0)
