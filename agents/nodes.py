@@ -301,7 +301,7 @@ def train(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
     k = _round(state)
     manifest = read_record(ctx.round_dir(k) / "dataset" / "manifest.json", DatasetManifest)
     result, seconds = ctx.timed("train", k, lambda: train_stage(
-        ctx.config, ctx.round_dir(k), manifest, round_index=k, progress=ctx.say))
+        ctx.config, ctx.round_dir(k), manifest, round_index=k, progress=ctx.say, bars=False))
     ctx.audit.append("trained", {"train_tokens": result.train_tokens, "rows": result.train_rows,
                                  "steps": result.steps, "final_loss": result.final_loss,
                                  "seconds": round(seconds, 2)},

@@ -167,8 +167,9 @@ def dataset_stage(config: MosaicConfig, raw_action: str | bytes | dict[str, Any]
 
 
 def train_stage(config: MosaicConfig, round_dir: str | Path, manifest: DatasetManifest, *,
-                round_index: int, progress: Say | None = None) -> TrainResult:
-    """LoRA-train a fresh adapter from the base model on the round's dataset."""
+                round_index: int, progress: Say | None = None, bars: bool = True) -> TrainResult:
+    """LoRA-train a fresh adapter from the base model on the round's dataset (`bars`: the
+    trainer's own progress bars; off under a display that shows progress itself)."""
     from mosaic.sandbox.base_model import ensure_base_model
     from mosaic.tools.build_dataset import TRAIN_FILE
 
@@ -203,7 +204,8 @@ def train_stage(config: MosaicConfig, round_dir: str | Path, manifest: DatasetMa
     train = train_adapter(round_dir / "dataset" / TRAIN_FILE, base_model=base_model,
                           adapter_dir=adapter_dir, training=config.training,
                           max_length=config.model.max_length, method=manifest.method,
-                          dtype=config.model.dtype, threads=config.runtime.threads)
+                          dtype=config.model.dtype, threads=config.runtime.threads,
+                          progress=bars)
     stage_cache.store(cache, "adapter", inputs, adapter_dir)  # the whole folder
     write_marker(marker, inputs, outputs)
     return train

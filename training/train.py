@@ -243,6 +243,19 @@ def build_trainer(prepared: PreparedData, *, base_model: str | Path, tokenizer: 
                       peft_config=lora)
 
 
+@contextmanager
+def _datasets_bars(show: bool) -> Iterator[None]:
+    """`datasets` progress bars (trl's tokenizing passes) on or off, restored afterwards."""
+    from datasets.utils import logging as ds_logging
+
+    before = ds_logging.is_progress_bar_enabled()
+    (ds_logging.enable_progress_bar if show else ds_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (ds_logging.enable_progress_bar if before else ds_logging.disable_progress_bar)()
+
+
 def train_adapter(data: str | Path | Rows, *, base_model: str | Path, adapter_dir: str | Path,
                   training: Any, max_length: int, method: Literal["sft", "dpo"] | None = None,
                   device: str | None = None, dtype: str = "auto",
@@ -270,10 +283,11 @@ def train_adapter(data: str | Path | Rows, *, base_model: str | Path, adapter_di
     work = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.train-{os.getpid()}-",
                                  dir=adapter_dir.parent))
     try:
-        trainer = build_trainer(prepared, base_model=base_model, tokenizer=tokenizer,
-                                training=training, max_length=max_length, method=method,
-                                output_dir=work / "trainer", device=device, dtype=dtype,
-                                progress=progress)
+        with _datasets_bars(progress):
+            trainer = build_trainer(prepared, base_model=base_model, tokenizer=tokenizer,
+                                    training=training, max_length=max_length, method=method,
+                                    output_dir=work / "trainer", device=device, dtype=dtype,
+                                    progress=progress)
         with cpu_threads(count_parameters(trainer.model), str(trainer.args.device),
                          threads) as policy:
             if policy is not None and policy.adaptive:
