@@ -315,7 +315,7 @@ def evaluate(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
     k = _round(state)
     (scores, heldout), seconds = ctx.timed("evaluate", k, lambda: evaluate_stage(
         ctx.config, ctx.round_dir(k), round_index=k, adapter_dir=ctx.round_dir(k) / "adapter",
-        heldout=True, progress=ctx.say))
+        heldout=ctx.config.loop.heldout_every_round, progress=ctx.say))
     ctx.audit.append("scores", {"eval": scores, "heldout": heldout,
                                 "seconds": round(seconds, 2)},
                      round=k, event_id=f"r{k}/scores")

@@ -95,13 +95,26 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from mosaic.config import MosaicConfig
     from mosaic.io import read_record
     from mosaic.schemas import DatasetManifest
+    from mosaic.tools.benchmark import final_point
+    from mosaic.tools.run_round import evaluate_stage
 
     cfg = MosaicConfig.model_validate(job["config"])
     planner = make_planner(job["method"], job["seed"], job["startup"], cfg)
     start = time.perf_counter()
     out = run_loop(cfg, planner=planner)
+    history = [dict(h) for h in out.state.get("history", [])]
+    # Rounds are evaluated on the eval sets only; the final point's generalisation is measured
+    # here, on the held-out sets, where it counts.
+    final = final_point([h for h in history if h["round"] > 0 and not h.get("skipped")
+                         and h.get("accepted", True)],
+                        next(h["eval"] for h in history if h["round"] == 0), list(cfg.objectives))
+    if final is not None and not final.get("heldout"):
+        _, heldout = evaluate_stage(cfg, Path(cfg.run_dir) / f"round_{final['round']}",
+                                    round_index=final["round"],
+                                    adapter_dir=Path(cfg.run_dir) / f"round_{final['round']}" / "adapter",
+                                    heldout=True)
+        final["heldout"] = heldout
     wall = time.perf_counter() - start
-    history = out.state.get("history", [])
     over_budget = []
     for h in history:
         if h["round"] == 0 or h.get("skipped"):
@@ -128,7 +141,8 @@ def build_jobs(cfg, methods, seeds, rounds, out: Path, startup: int) -> list[dic
             c = cfg.model_copy(update={
                 "run_dir": str(out / "runs" / method / f"seed-{seed}"), "seed": seed,
                 "training": cfg.training.model_copy(update={"seed": seed}),
-                "loop": cfg.loop.model_copy(update={"rounds": rounds}),
+                "loop": cfg.loop.model_copy(update={"rounds": rounds,
+                                                    "heldout_every_round": False}),
                 "cache": cfg.cache.model_copy(update={"stages_dir": str(out / "cache")}),
                 # A baseline's refused draws are drawn again inside the planner; the loop's own
                 # revisions stay as configured.

@@ -186,6 +186,10 @@ class RuntimeConfig(Section):
 
 class LoopConfig(Section):
     rounds: int = Field(5, ge=0)
+    # Evaluate every round on the held-out sets too (the baseline always is). Off, only the
+    # eval sets are generated each round; held-out scores are then measured where needed (the
+    # benchmark does it for each run's final point).
+    heldout_every_round: bool = True
 
 
 class MosaicConfig(Section):
