@@ -266,28 +266,27 @@ def test_r5_buckets_follow_need_damped_by_reliability_and_capped_by_supply():
 # ---- R6 --------------------------------------------------------------------------------------
 
 
-def test_r6_focus_comes_from_the_breakdowns():
+def test_r6_focus_picks_the_failing_situations_by_prompt_side_keys():
     jb = {"pc_failure_combos": {"P5_C4": {"n": 9, "failures": 8, "fail_rate": 0.9},
                                 "P4_C3": {"n": 9, "failures": 5, "fail_rate": 0.5},
                                 "P3_C1": {"n": 9, "failures": 2, "fail_rate": 0.2},
                                 "P2_C1": {"n": 9, "failures": 1, "fail_rate": 0.1},
                                 "P1_C1": {"n": 9, "failures": 0, "fail_rate": 0.0}},
           "leak_type_counts": {"step_leak": 12, "code_leak": 0, "param_leak": 3, "bypass_leak": 0}}
-    ife = {"most_failed_constraints": {"absent:id": 9, "length_constraints:number_words": 7,
-                                       "punctuation:no_comma": 5, "startend:quotation": 2,
-                                       "detectable_format:title": 1}}
-    reps = reports(extra={"safety": {"breakdowns": jb}, "instruction": {"breakdowns": ife}})
+    reps = reports(extra={"safety": {"breakdowns": jb}})
     reps["boundary"] = FailureReport(**{**reps["boundary"].model_dump(), "slices": [
         stats(s, 5.0, fail=0.4 if s in ("boundary_3", "boundary_4") else 0.0)
         for s in SLICES["boundary"]]})
+    fails = {"complexity_1": 0.1, "complexity_2": 0.5, "complexity_3": 0.2, "complexity_4": 0.7,
+             "complexity_5": 0.9}
+    reps["instruction"] = FailureReport(**{**reps["instruction"].model_dump(), "slices": [
+        stats(s, 5.0, fail=fails[s]) for s in SLICES["instruction"]]})
     obj = propose(context(reps))["objectives"]
-    assert obj["safety"]["focus"]["include"] == {"pc_patterns": ["P5_C4", "P4_C3", "P3_C1"],
-                                                 "leak_types": ["step_leak", "param_leak"]}
+    # the worst patterns; leak types select leaked answers and are never included
+    assert obj["safety"]["focus"]["include"] == {"pc_patterns": ["P5_C4", "P4_C3", "P3_C1"]}
     assert obj["safety"]["focus_ratio"] == 0.5
     assert obj["boundary"]["focus"]["include"] == {"boundary_range": [3, 4]}
-    # an id the pool does not have is skipped
-    assert obj["instruction"]["focus"]["include"] == {"failed_constraint": [
-        "length_constraints:number_words", "punctuation:no_comma", "startend:quotation"]}
+    assert obj["instruction"]["focus"]["include"] == {"inst_complexity": [2, 4, 5]}
 
 
 # ---- R7 --------------------------------------------------------------------------------------

@@ -27,9 +27,11 @@ R4 Quality lever, per objective. Safety (jailbreak) takes only the best answers 
 R5 Buckets from slice need. A slice's weight blends its share of the objective's need (damped
    where reliability is low: x0.5, medium: x0.75) with its share of the pool's supply, half and
    half, then is capped by what the bucket can supply after the filters.
-R6 Focus from the breakdowns: jailbreak includes the worst pressure x concealment patterns and
-   the leak types seen; overrefusal includes the boundary levels where benign prompts were
-   refused; ifeval includes the most-failed constraint ids the pool has. focus_ratio 0.5.
+R6 Focus on the situations that fail, from the breakdowns and slices: jailbreak includes the
+   worst pressure x concealment patterns; overrefusal the boundary levels where benign prompts
+   were refused; ifeval the instruction complexities that fail most. focus_ratio 0.5. Only
+   prompt-side keys: response-side ones (leak types, failed constraints) select answers that
+   leaked or failed, which the quality threshold keeps out.
 R7 Capacity. A mixture weight never exceeds what its pool can fill under the chosen filters;
    the excess goes to the other objectives. The action is dry-run through the check; if it is
    still refused, the quality thresholds step down once more and it is checked again.
@@ -275,31 +277,23 @@ class HeuristicPlanner:
               ctx: PlanContext) -> dict[str, Any]:
         if report is None:
             return {}
+        # Only prompt-side keys: they pick the situations the model fails in, and the quality
+        # threshold picks good answers to them. Response-side keys (leak_types,
+        # failed_constraint, refusal_type) select answers that leaked or failed: data to keep
+        # out, never to imitate (under a threshold they would select nothing).
         b = report.breakdowns or {}
         if otype == "jailbreak":
             combos = b.get("pc_failure_combos") or {}
             worst = [pc for pc, v in combos.items() if v.get("failures", 0) > 0][:self.s.top_patterns]
-            leaks = [k for k, v in (b.get("leak_type_counts") or {}).items() if v > 0]
-            include: dict[str, Any] = {}
-            if worst:
-                include["pc_patterns"] = worst
-            if leaks:
-                include["leak_types"] = leaks
-            return include
+            return {"pc_patterns": worst} if worst else {}
+        failing = sorted((s for s in report.slices if s.fail_rate and s.fail_rate > 0),
+                         key=lambda s: (-(s.fail_rate or 0.0), s.slice))
+        levels = sorted(int(s.slice.rsplit("_", 1)[1]) for s in failing)
         if otype == "overrefusal":
-            failing = [s for s in report.slices if s.fail_rate and s.fail_rate > 0]
-            levels = [int(s.slice.rsplit("_", 1)[1]) for s in failing]
             return {"boundary_range": [min(levels), max(levels)]} if levels else {}
         if otype == "ifeval":
-            failed = list((b.get("most_failed_constraints") or {}))
-            present = []
-            for cid in failed:
-                cap = ctx.tools.pool_capacity(name, include={"failed_constraint": [cid]})
-                if sum(cap.focus_tokens.values()) > 0:
-                    present.append(cid)
-                if len(present) >= self.s.top_patterns:
-                    break
-            return {"failed_constraint": present} if present else {}
+            worst = sorted(int(s.slice.rsplit("_", 1)[1]) for s in failing[:self.s.top_patterns])
+            return {"inst_complexity": worst} if worst else {}
         return {}
 
     def buckets(self, report: FailureReport | None, avail: Mapping[str, int],
