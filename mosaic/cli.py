@@ -449,10 +449,14 @@ def run_main(cfg) -> None:
     from mosaic.tools.archive import load_archive
 
     start = time.perf_counter()
+    setup: dict[str, float] = {}
     if cfg.world.kind == "sandbox":
         _sandbox_world(cfg)
+        setup["world"] = time.perf_counter() - start
     if cfg.inference.backend != "openai" or cfg.model.base == "sandbox":
+        t = time.perf_counter()
         _base_model(cfg)  # built before the live display, with its own progress bar
+        setup["base model"] = time.perf_counter() - t
     names = list(cfg.objectives)
     how: list[str] = []
 
@@ -482,7 +486,7 @@ def run_main(cfg) -> None:
     if archive is not None:
         wide.print(pareto_table(archive))
     if outcome.ran:
-        wide.print(timings_table(outcome.timings, time.perf_counter() - start))
+        wide.print(timings_table({**setup, **outcome.timings}, time.perf_counter() - start))
     _say(f"run folder: {cfg.run_dir} (audit log, archive, rounds); `mosaic audit "
          f"{cfg.run_dir}` explains it")
     _write_run_report(Path(cfg.run_dir))

@@ -235,12 +235,19 @@ def build_trainer(prepared: PreparedData, *, base_model: str | Path, tokenizer: 
     if method == "sft":
         from trl import SFTTrainer
 
-        return SFTTrainer(model=model, args=args, train_dataset=dataset,
-                          processing_class=tokenizer, peft_config=lora)
-    from trl import DPOTrainer
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=lora)
+    else:
+        from trl import DPOTrainer
 
-    return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      peft_config=lora)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=lora)
+    if not progress:
+        # Without its bar, Trainer prints every log dict to stdout instead: quiet means quiet.
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 @contextmanager
