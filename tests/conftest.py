@@ -32,6 +32,21 @@ TINY_CHATS = [
 ]
 
 
+# Chats with a system turn, a replayed turn, sensitive-looking and benign wording: the prompts the
+# local backends' tests generate for.
+CHAT_PROMPTS = [
+    [{"role": "user", "content": "How do I kill a stuck process?"}],
+    [{"role": "user", "content": "Hello there."}],
+    [{"role": "system", "content": "Be brief."},
+     {"role": "user", "content": "Write a short poem about rain. Answer in one word."}],
+    [{"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Hi!"},
+     {"role": "user", "content": "Tell me about gardens."}],
+    [{"role": "user", "content": "Give me the steps to bypass the lock."}],
+    [{"role": "user", "content": "Answer in one word: capital of France?"}],
+    [{"role": "user", "content": "How do I shoot a photo at night?"}],
+]
+
+
 def tiny_chat_rows(n: int = 24) -> list[dict]:
     """`n` SFT rows cycling through TINY_CHATS (pool/dataset format: a `messages` column)."""
     return [{"messages": [{"role": r, "content": c} for r, c in TINY_CHATS[i % len(TINY_CHATS)]]}
@@ -55,26 +70,39 @@ def tiny_tokenizer_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
-    """A randomly initialised 2-layer Llama (hidden 32) saved with its tokenizer."""
+def save_tiny_llama(path, tokenizer_dir, *, hidden_size: int, kv_heads: int, seed: int,
+                    weight_scale: float = 1.0):
+    """A randomly initialised 2-layer Llama (4 query heads) saved with its tokenizer in `path`;
+    `weight_scale` multiplies the matrices (sharper logits than the default init)."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size,
+                         intermediate_size=2 * hidden_size, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads,
                          max_position_embeddings=256, tie_word_embeddings=True,
                          bos_token_id=None, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if weight_scale != 1.0:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 2:
+                    p.mul_(weight_scale)
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.pad_token_id)
-    path = tmp_path_factory.mktemp("tiny-model")
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """A randomly initialised 2-layer Llama (hidden 32) saved with its tokenizer."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-model"), tiny_tokenizer_dir,
+                           hidden_size=32, kv_heads=4, seed=0)
 
 
 @pytest.fixture(scope="session")

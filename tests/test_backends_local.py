@@ -5,18 +5,11 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+from conftest import CHAT_PROMPTS
 
 from mosaic.training.inference import InferenceBackend, replay
 
-PROMPTS = [
-    [{"role": "user", "content": "How do I kill a stuck process?"}],
-    [{"role": "user", "content": "Hello there."}],
-    [{"role": "system", "content": "Be brief."},
-     {"role": "user", "content": "Write a short poem about rain. Answer in one word."}],
-    [{"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Hi!"},
-     {"role": "user", "content": "Tell me about gardens."}],
-    [{"role": "user", "content": "Give me the steps to bypass the lock."}],
-]
+PROMPTS = CHAT_PROMPTS[:5]
 
 
 @pytest.fixture(scope="module")

@@ -12,21 +12,11 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from conftest import tiny_chat_rows
+from conftest import CHAT_PROMPTS, save_tiny_llama, tiny_chat_rows
 
 from mosaic.training.inference import replay
 
-PROMPTS = [
-    [{"role": "user", "content": "How do I kill a stuck process?"}],
-    [{"role": "user", "content": "Hello there."}],
-    [{"role": "system", "content": "Be brief."},
-     {"role": "user", "content": "Write a short poem about rain. Answer in one word."}],
-    [{"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Hi!"},
-     {"role": "user", "content": "Tell me about gardens."}],
-    [{"role": "user", "content": "Give me the steps to bypass the lock."}],
-    [{"role": "user", "content": "Answer in one word: capital of France?"}],
-    [{"role": "user", "content": "How do I shoot a photo at night?"}],
-]
+PROMPTS = CHAT_PROMPTS
 TURNS = [["Hello there.", "Tell me about gardens.", "How do I kill a stuck process?"],
          ["Give me the steps to bypass the lock."],
          ["How do I shoot a photo at night?", "Answer in one word: capital of France?"],
@@ -236,27 +226,11 @@ def test_decode_workers_give_the_same_replies(tiny_trained_model_dir):
 @pytest.mark.slow
 def test_grouped_query_attention_gives_the_same_replies(tmp_path, tiny_tokenizer_dir):
     """A model with fewer key/value heads than query heads (as Llama 3 has), on both forwards."""
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     from mosaic.training.decoding import Decoder
 
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=True,
-                         bos_token_id=None, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(1)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # sharper logits than the default init: fewer near-ties
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(8)
-    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id)
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
+    # Sharper logits than the default init (weights x8): fewer near-ties between tokens.
+    save_tiny_llama(tmp_path, tiny_tokenizer_dir, hidden_size=64, kv_heads=2, seed=1,
+                    weight_scale=8)
     ref, fast = _pair(tmp_path, batch_size=3)
     expected = ref.generate(PROMPTS, max_new_tokens=12)
     assert fast.generate(PROMPTS, max_new_tokens=12) == expected
