@@ -76,7 +76,14 @@ class ChatSession:
     # ---- the run ------------------------------------------------------------------------------------
 
     def run(self) -> str:
-        """Drive the loop until it finishes ("finished") or the person pauses ("paused")."""
+        """Drive the loop until it finishes ("finished") or the person pauses ("paused").
+        Raises RunBusyError when another process is running this folder."""
+        from mosaic.run_store import run_lock
+
+        with run_lock(self.config.run_dir):
+            return self._run_locked()
+
+    def _run_locked(self) -> str:
         from langgraph.types import Command
 
         from mosaic.agents.planners import make_planner

@@ -50,15 +50,26 @@ def run_loop(config: MosaicConfig, *, planner: Planner | None = None,
     """Baseline + `config.loop.rounds` rounds in `config.run_dir`, resumable at any point.
 
     `on_start` is told how the run begins: "new", "resumed" or "extended" (or "finished").
+    Raises RunBusyError when another process is running this folder.
     """
+    from mosaic.eval import check_objective_types
+    from mosaic.run_store import run_lock
+
+    check_objective_types(config)
+    with run_lock(config.run_dir):
+        return _run_locked(config, planner, fallback, progress, say, on_start)
+
+
+def _run_locked(config: MosaicConfig, planner: Planner | None, fallback: Planner | None,
+                progress: Callable[[StageEvent], None] | None,
+                say: Callable[[str], None] | None,
+                on_start: Callable[[str], None] | None) -> LoopOutcome:
     from mosaic.agents.graph import build_graph
     from mosaic.agents.planners import make_planner
     from mosaic.agents.planners.heuristic import HeuristicPlanner
     from mosaic.audit import AuditLog
-    from mosaic.eval import check_objective_types
     from mosaic.run_store import open_run
 
-    check_objective_types(config)
     changes = open_run(config)
     run_dir = Path(config.run_dir)
     audit = AuditLog(run_dir)

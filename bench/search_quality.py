@@ -132,6 +132,14 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 def _worker_init() -> None:
     # Parallel loops each get one intra-op thread: two processes on two cores, not four threads.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # A worker dies with the benchmark (Linux): a killed benchmark must not leave loops running
+    # that a rerun's loops would meet in the same run folders (they would be refused as busy).
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def build_jobs(cfg, methods, seeds, rounds, out: Path, startup: int) -> list[dict[str, Any]]:

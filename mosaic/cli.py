@@ -73,6 +73,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mosaic.config import ConfigError
     from mosaic.data import DataFormatError
     from mosaic.llm import EndpointError
+    from mosaic.run_store import RunConfigError
     from mosaic.sandbox import WorldError
     from mosaic.tools.dataset.pools import PoolError
     from mosaic.training.base_model import BaseModelError
@@ -80,7 +81,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mosaic.training.train import TrainingDataError
 
     return (ConfigError, DataFormatError, FileNotFoundError, EndpointError, WorldError,
-            ModelLoadError, BaseModelError, PoolError, TrainingDataError)
+            ModelLoadError, BaseModelError, PoolError, TrainingDataError, RunConfigError)
 
 
 def _read_action_file(path: Path, what: str = "action") -> bytes:

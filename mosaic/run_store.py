@@ -5,10 +5,17 @@ environment variable of their key, never the key) into the run folder the first 
 refuses to continue a run with settings that would change what its finished stages computed,
 naming each differing field. Fields in `SAFE_TO_CHANGE` only decide how far a run goes or how
 it talks to a service; a resume may change them and the saved file is updated.
+
+`run_lock` keeps one process at a time in a run folder: two loops writing the same rounds,
+checkpoint and audit log would interleave their results. The lock is an OS file lock, so a killed
+process releases it and `--resume` after a crash is never blocked.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +26,7 @@ from mosaic.io import atomic_write_text
 from mosaic.markers import changed_inputs
 
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".run.lock"
 
 # Dotted field paths (or prefixes ending in ".") that a resumed run may change.
 SAFE_TO_CHANGE = (
@@ -37,6 +45,34 @@ _ENDPOINT_SAFE = ("timeout_s", "max_retries", "concurrency")
 
 class RunConfigError(ValueError):
     """A run folder was started with settings that differ from the ones given now."""
+
+
+class RunBusyError(RunConfigError):
+    """Another process is running the loop in this run folder."""
+
+
+@contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold the run folder for this process; RunBusyError (naming the holder's pid) if another
+    process holds it."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise RunBusyError(
+                f"{run_dir} is in use by another MOSAIC process (pid {holder}); wait for it to "
+                f"finish or stop it, then resume") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _safe(path: str) -> bool:

@@ -78,3 +78,63 @@ def test_a_current_record_reads_back(tmp_path):
     (tmp_path / "bad.json").write_text("{oops")
     with pytest.raises(RecordError, match="not a readable RoundResult"):
         read_record(tmp_path / "bad.json", RoundResult)
+
+
+# ---- one process per run folder ------------------------------------------------------------------
+
+_HOLD = """
+import sys, time
+from mosaic.run_store import run_lock
+with run_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_loop_on_a_busy_run_folder_is_refused_and_a_killed_holder_frees_it(tmp_path):
+    """Two loops writing the same rounds, checkpoint and audit log would mix their results; a
+    crashed one (SIGKILL) must not block `--resume`."""
+    import subprocess
+    import sys
+
+    from mosaic.agents.runner import run_loop
+    from mosaic.run_store import RunBusyError, run_lock
+
+    cfg = _config(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, cfg.run_dir], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunBusyError, match=rf"in use by another MOSAIC process \(pid {holder.pid}\)"):
+            run_loop(cfg)
+        assert not (tmp_path / "run" / CONFIG_FILE).exists()  # refused before anything was written
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(cfg.run_dir):  # the killed holder's lock went with it
+        with pytest.raises(RunBusyError):  # and this process's own hold is exclusive too
+            with run_lock(cfg.run_dir):
+                pass
+    with run_lock(cfg.run_dir):  # released on exit
+        pass
+
+
+def test_mosaic_run_on_a_busy_folder_exits_2_naming_the_holder(tmp_path):
+    import os
+
+    from typer.testing import CliRunner
+
+    from mosaic.cli import app
+    from mosaic.run_store import run_lock
+
+    run_dir = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"objectives: {{safety: {{type: jailbreak}}}}\nrun_dir: {run_dir}\n"
+                      f"world: {{kind: files, data_dir: {tmp_path / 'none'}}}\n"
+                      f"inference: {{backend: openai, endpoint: {{base_url: 'http://127.0.0.1:9/v1', "
+                      f"model: m}}}}\nmodel: {{base: {tmp_path / 'model'}}}\n")
+    with run_lock(run_dir):
+        result = CliRunner().invoke(app, ["run", str(config)], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert f"in use by another MOSAIC process (pid {os.getpid()})" in " ".join(
+        result.output.split())
