@@ -81,6 +81,24 @@ def test_optuna_learns_from_the_history_and_never_sends_a_refused_action(sampler
     assert OptunaPlanner(sampler, seed=0).propose(ctx).raw == OptunaPlanner(sampler, seed=0).propose(ctx).raw
 
 
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
+def test_a_rebuilt_study_goes_on_instead_of_repeating_its_first_point(sampler):
+    """The study is rebuilt from the history every round: before the fix, TPE's two start-up
+    rounds were the seed's first draw twice and NSGA-II (every rebuilt trial in generation 0)
+    proposed that draw in all five rounds of the benchmark."""
+    history = [RoundRecord(0, None, "system", {"safety": 2.4, "boundary": 4.9, "instruction": 1.7})]
+    planner = OptunaPlanner(sampler, seed=0, startup=2)
+    seen: list[str] = []
+    for k in range(1, 6):
+        action = _action(planner, context(reports(), tools=FakeTools(), history=list(history)))
+        point = json.dumps({k: v for k, v in action.items() if k != "rationale"}, sort_keys=True)
+        assert point not in seen, (k, action)
+        seen.append(point)
+        scores = {"safety": 2.4 + action["mixture"].get("safety", 0.0), "boundary": 4.9 - 0.1 * k,
+                  "instruction": 1.7 + action["mixture"].get("instruction", 0.0)}
+        history.append(RoundRecord(k, DataAction.model_validate(action), "planner", scores))
+
+
 def test_make_baseline_names():
     assert make_baseline("uniform").name == "uniform"
     assert make_baseline("tpe", 1).name == "tpe" and make_baseline("nsga2", 1).name == "nsga2"

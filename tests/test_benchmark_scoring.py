@@ -27,6 +27,11 @@ def test_score_run_measures_improvement_over_the_baseline():
     # vs (1, 1): the union of [1,3]x[1,3.9] and [1,2.5]x[1,4.2]
     assert s["hv_vs_ones"] == pytest.approx(2 * 2.9 + 1.5 * 0.3)
     assert s["best"] == {"a": 3.0, "b": 4.2}
+    assert s["hv_vs_baseline_ci"] is None  # no CI given
+    # vs the baseline's CI lower ends (1.9, 3.85): round 1's small dip in b now counts
+    tolerant = score_run(history, OBJ, baseline_ci_low={"a": 1.9, "b": 3.85})
+    # the union of [1.9,3]x[3.85,3.9] and [1.9,2.5]x[3.9,4.2]
+    assert tolerant["hv_vs_baseline_ci"] == pytest.approx(1.1 * 0.05 + 0.6 * 0.3)
     # max-min improvement: round 2 (min(0.5, 0.2) = 0.2) beats round 1 (min(1.0, -0.1))
     assert s["final_round"] == 2
     assert s["final_eval_delta"] == pytest.approx({"a": 0.5, "b": 0.2})

@@ -26,16 +26,24 @@ def test_quick_benchmark_runs_every_method_within_budget(tmp_path):
     assert results["quick"] and results["budget"] == 4000
     for m in methods:
         row = results["table"][m]
-        for key in ("hv_vs_baseline", "hv_vs_ones", "rounds_to_target", "wall_s"):
+        for key in ("hv_vs_baseline", "hv_vs_baseline_ci", "hv_vs_ones", "rounds_to_target",
+                    "wall_s"):
             assert {"mean", "std", "n"} <= set(row[key])
         for o in ("safety", "boundary", "instruction"):
             assert f"best:{o}" in row and f"final_heldout_delta:{o}" in row
     assert set(results["comparisons"]) == {"mosaic-heuristic"}
-    assert "sign_p" in results["comparisons"]["mosaic-heuristic"]["hv_vs_baseline"]
+    comparison = results["comparisons"]["mosaic-heuristic"]
+    for key in ("hv_vs_baseline", "hv_vs_baseline_ci", "hv_vs_ones", "final_heldout_delta:boundary"):
+        assert {"sign_p", "ci", "wins", "n", "against"} <= set(comparison[key]), key
     runs = {r["method"]: r for r in results["runs"]}
     assert set(runs) == set(methods)
     for m, r in runs.items():
         assert r["over_budget_rounds"] == [], m  # every manifest within the round budget
         assert len(r["authors"]) == 2 and all(a == "planner" for a in r["authors"]), (m, r["authors"])
         assert r["score"]["rounds"] == 2
+        assert r["score"]["hv_vs_baseline_ci"] is not None
     assert summary["wall_s"] > 0
+    # A rerun finds every run finished, computes nothing and reports the first wall times.
+    again = search_quality.main(["--quick", "--out", str(tmp_path), "--jobs", "2"])
+    for first, second in zip(results["runs"], again["runs"]):
+        assert not second["computed"] and second["wall_s"] == first["wall_s"]

@@ -116,7 +116,12 @@ class OptunaPlanner:
     """An Optuna sampler over the action space, one trial per round, maximising every eval score.
 
     The study is rebuilt from the run's history at every proposal (past actions and their scores
-    become completed trials), so a resumed run asks the sampler exactly where it left off.
+    become completed trials), so a resumed run asks the sampler exactly where it left off. Two
+    things make a rebuilt study go on as a kept one would: the sampler is seeded by (seed, number
+    of past trials), so a start-up draw is not the first draw of the same seed again (it was, and
+    TPE's two start-up rounds were one action twice); and each past trial carries its NSGA-II
+    generation (trial i is in generation i // population), without which NSGA-II saw every
+    trial as generation 0 and drew the same random individual every round.
     `startup` is TPE's number of random start-up trials / NSGA-II's population size: Optuna's
     defaults (10 and 50) would make a five-round search pure random sampling.
     """
@@ -134,24 +139,27 @@ class OptunaPlanner:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         names = list(ctx.objectives)
+        past = [h for h in ctx.history if h.action is not None and h.accepted
+                and all(n in h.eval for n in names)]
+        seed = int(np.random.SeedSequence([self.seed, len(past)]).generate_state(1)[0])
+        population = max(2, self.startup)
         if self.sampler == "tpe":
-            sampler = optuna.samplers.TPESampler(n_startup_trials=self.startup, seed=self.seed,
+            sampler = optuna.samplers.TPESampler(n_startup_trials=self.startup, seed=seed,
                                                  multivariate=True)
         else:
-            sampler = optuna.samplers.NSGAIISampler(population_size=max(2, self.startup),
-                                                    seed=self.seed)
+            sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
         study = optuna.create_study(directions=["maximize"] * len(names), sampler=sampler)
         dists: dict[str, Any] = {}
         for n in names:
             dists[f"w:{n}"] = FloatDistribution(0.0, 1.0)
             dists.update({f"b:{n}:{s}": FloatDistribution(0.0, 1.0) for s in slices[n]})
             dists[f"q:{n}"] = CategoricalDistribution(THRESHOLDS)
-        for h in ctx.history:
-            if h.action is None or not h.accepted or not all(n in h.eval for n in names):
-                continue
+        generation_key = optuna.samplers.NSGAIISampler._get_generation_key()
+        for i, h in enumerate(past):
             params = params_from_action(h.action, ctx, slices)
+            attrs = {generation_key: i // population} if self.sampler == "nsga2" else {}
             study.add_trial(create_trial(params=params, distributions=dists,
-                                         values=[h.eval[n] for n in names]))
+                                         values=[h.eval[n] for n in names], system_attrs=attrs))
         return study, dists
 
     def propose(self, ctx: PlanContext) -> Proposal:
