@@ -24,6 +24,8 @@ def test_score_run_measures_improvement_over_the_baseline():
     # vs the baseline (2, 4): round 1 adds nothing (b below base), round 2 adds 0.5 x 0.2
     assert s["hv_vs_baseline"] == pytest.approx(0.5 * 0.2)
     assert s["hv_by_round"] == pytest.approx([0.0, 0.1, 0.1])
+    assert s["hv_by_round_vs_ones"] == pytest.approx([2 * 2.9, 2 * 2.9 + 1.5 * 0.3,
+                                                      2 * 2.9 + 1.5 * 0.3])
     # vs (1, 1): the union of [1,3]x[1,3.9] and [1,2.5]x[1,4.2]
     assert s["hv_vs_ones"] == pytest.approx(2 * 2.9 + 1.5 * 0.3)
     assert s["best"] == {"a": 3.0, "b": 4.2}

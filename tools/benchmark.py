@@ -8,8 +8,9 @@ Per run (a method and a seed), over its accepted rounds (the baseline excluded):
   the base's own uncertainty still counts: where the base sits near an objective's ceiling, as
   the sandbox's boundary score does at 4.93 of 5, every round dips a few hundredths below it
   and the strict reference scores every method 0), and against all 1s;
-- hypervolume after each round (how fast the search finds good points) and the first round at
-  which it reaches a target;
+- hypervolume after each round (how fast the search finds good points), against the baseline
+  (`hv_by_round`) and against all 1s (`hv_by_round_vs_ones`), and the first round at which it
+  reaches a target;
 - the best eval score per objective;
 - the chosen final point: the round with the largest worst-case improvement over the baseline
   (max over rounds of min over objectives of eval - baseline; ties to the earlier round), and
@@ -51,10 +52,11 @@ def score_run(history: Sequence[Mapping[str, Any]], objectives: Sequence[str],
               and h.get("accepted", True) and all(o in h["eval"] for o in objectives)]
     ref_base = {o: base["eval"][o] for o in objectives}
     ones = {o: 1.0 for o in objectives}
-    by_round = []
+    by_round, by_round_ones = [], []
     for r in sorted({h["round"] for h in rounds}):
-        upto = [h["eval"] for h in rounds if h["round"] <= r]
-        by_round.append(hypervolume(_front(upto, objectives), objectives, ref_base))
+        upto = _front([h["eval"] for h in rounds if h["round"] <= r], objectives)
+        by_round.append(hypervolume(upto, objectives, ref_base))
+        by_round_ones.append(hypervolume(upto, objectives, ones))
     evals = [h["eval"] for h in rounds]
     final = final_point(rounds, ref_base, objectives)
     base_ho = base.get("heldout") or {}
@@ -66,6 +68,7 @@ def score_run(history: Sequence[Mapping[str, Any]], objectives: Sequence[str],
                               if baseline_ci_low is not None else None),
         "hv_vs_ones": hypervolume(_front(evals, objectives), objectives, ones),
         "hv_by_round": by_round,
+        "hv_by_round_vs_ones": by_round_ones,
         "best": {o: max((e[o] for e in evals), default=None) for o in objectives},
         "final_round": final["round"] if final else None,
         "final_eval": dict(final["eval"]) if final else None,
