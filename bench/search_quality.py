@@ -280,7 +280,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     methods = sorted({r["method"] for r in results}, key=METHODS.index)
     for i, m in enumerate(methods):
         curves = [r["score"]["hv_by_round_vs_ones"] for r in results if r["method"] == m]
@@ -290,10 +290,11 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         mean = [sum(c[k] for c in curves if len(c) > k) / max(1, sum(len(c) > k for c in curves))
                 for k in range(n)]
         ax.plot(range(1, n + 1), mean, marker="o", label=m, color=f"C{i}")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("round")
     ax.set_ylabel("hypervolume vs all 1s (eval)")
     ax.set_title("Pareto hypervolume by round (mean over seeds)")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves start high
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
