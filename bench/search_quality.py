@@ -105,7 +105,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from mosaic.io import atomic_write_json, read_record
     from mosaic.schemas import DatasetManifest
     from mosaic.tools.archive import load_archive
-    from mosaic.tools.benchmark import final_point
+    from mosaic.tools.benchmark import final_point, scored_rounds
     from mosaic.tools.run_round import evaluate_stage
 
     cfg = MosaicConfig.model_validate(job["config"])
@@ -116,8 +116,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     history = [dict(h) for h in out.state.get("history", [])]
     # Rounds are evaluated on the eval sets only; the final point's generalisation is measured
     # here, on the held-out sets, where it counts.
-    final = final_point([h for h in history if h["round"] > 0 and not h.get("skipped")
-                         and h.get("accepted", True)],
+    final = final_point(scored_rounds(history, list(cfg.objectives)),
                         next(h["eval"] for h in history if h["round"] == 0), list(cfg.objectives))
     if final is not None and not final.get("heldout"):
         _, heldout = evaluate_stage(cfg, run_dir / f"round_{final['round']}",

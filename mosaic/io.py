@@ -100,11 +100,15 @@ def _atomic(path: str | Path, write: Callable[[Any], Any]) -> None:
         raise
 
 
-def _umask_mode() -> int:
-    # mkstemp creates 0600 files; give the final file the mode a plain open() would have.
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _umask_mode() -> int:
+    # mkstemp creates 0600 files; give the final file the mode a plain open() would have.
+    return 0o666 & ~_umask()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -130,9 +134,7 @@ def publish_dir(staged: str | Path, final: str | Path) -> None:
 
     staged, final = Path(staged), Path(final)
     # mkdtemp makes 0700 directories; give the published one the usual permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    staged.chmod(0o777 & ~umask)
+    staged.chmod(0o777 & ~_umask())
     for p in staged.rglob("*"):
         if p.is_file():
             with open(p, "rb+") as f:
@@ -143,13 +145,6 @@ def publish_dir(staged: str | Path, final: str | Path) -> None:
         old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(final, old)
     os.replace(staged, final)
-    try:
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    _fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

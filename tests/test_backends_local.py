@@ -46,16 +46,6 @@ def test_generation_stops_at_end_of_turn(backend):
     assert backend.stats.new_tokens < len(PROMPTS) * 40
 
 
-def test_sampling_is_seeded(tiny_trained_model_dir):
-    from mosaic.training.transformers_backend import TransformersBackend
-
-    a = TransformersBackend(tiny_trained_model_dir, seed=3)
-    b = TransformersBackend(tiny_trained_model_dir, seed=3)
-    sample = a.generate(PROMPTS, max_new_tokens=16, temperature=1.5)
-    assert b.generate(PROMPTS, max_new_tokens=16, temperature=1.5) == sample
-    assert a.generate(PROMPTS, max_new_tokens=16, temperature=1.5) == sample
-
-
 def test_replay_answers_every_user_turn_with_the_models_own_replies(backend):
     rows = [["Hello there.", "Tell me about gardens.", "How do I kill a stuck process?"],
             ["Give me the steps to bypass the lock."],

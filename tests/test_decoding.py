@@ -150,15 +150,16 @@ def test_merging_leaves_the_adapter_files_alone(tiny_trained_model_dir, tiny_ada
 
 
 @pytest.mark.slow
-def test_sampling_on_the_fast_path_is_seeded(tiny_trained_model_dir):
+@pytest.mark.parametrize("decode", ["fast", "generate"])
+def test_sampling_is_seeded_on_both_paths(tiny_trained_model_dir, decode):
     from mosaic.training.transformers_backend import TransformersBackend
 
-    a = TransformersBackend(tiny_trained_model_dir, seed=3)
-    b = TransformersBackend(tiny_trained_model_dir, seed=3)
+    a = TransformersBackend(tiny_trained_model_dir, seed=3, decode=decode)
+    b = TransformersBackend(tiny_trained_model_dir, seed=3, decode=decode)
     sample = a.generate(PROMPTS, max_new_tokens=16, temperature=1.5)
     assert b.generate(PROMPTS, max_new_tokens=16, temperature=1.5) == sample
     assert a.generate(PROMPTS, max_new_tokens=16, temperature=1.5) == sample
-    c = TransformersBackend(tiny_trained_model_dir, seed=4)
+    c = TransformersBackend(tiny_trained_model_dir, seed=4, decode=decode)
     assert c.generate(PROMPTS * 4, max_new_tokens=16, temperature=1.5) != sample * 4
 
 

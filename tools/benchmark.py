@@ -43,13 +43,20 @@ def final_point(rounds: Sequence[Mapping[str, Any]], baseline: Mapping[str, floa
                                       -h["round"]))
 
 
+def scored_rounds(history: Sequence[Mapping[str, Any]], objectives: Sequence[str]
+                  ) -> list[Mapping[str, Any]]:
+    """The rounds a run is scored on: evaluated on every objective, not skipped, not refused by
+    an acceptance guard; the baseline (round 0) excluded."""
+    return [h for h in history if h["round"] > 0 and not h.get("skipped")
+            and h.get("accepted", True) and all(o in h["eval"] for o in objectives)]
+
+
 def score_run(history: Sequence[Mapping[str, Any]], objectives: Sequence[str],
               baseline_ci_low: Mapping[str, float] | None = None) -> dict[str, Any]:
     """The figures of one run from its loop history (round 0 = the baseline); with
     `baseline_ci_low` (the lower ends of the baseline's eval CIs) also `hv_vs_baseline_ci`."""
     base = next(h for h in history if h["round"] == 0)
-    rounds = [h for h in history if h["round"] > 0 and not h.get("skipped")
-              and h.get("accepted", True) and all(o in h["eval"] for o in objectives)]
+    rounds = scored_rounds(history, objectives)
     ref_base = {o: base["eval"][o] for o in objectives}
     ones = {o: 1.0 for o in objectives}
     by_round, by_round_ones = [], []
@@ -58,15 +65,16 @@ def score_run(history: Sequence[Mapping[str, Any]], objectives: Sequence[str],
         by_round.append(hypervolume(upto, objectives, ref_base))
         by_round_ones.append(hypervolume(upto, objectives, ones))
     evals = [h["eval"] for h in rounds]
+    front = _front(evals, objectives)
     final = final_point(rounds, ref_base, objectives)
     base_ho = base.get("heldout") or {}
     return {
         "rounds": len(rounds),
-        "hv_vs_baseline": hypervolume(_front(evals, objectives), objectives, ref_base),
-        "hv_vs_baseline_ci": (hypervolume(_front(evals, objectives), objectives,
+        "hv_vs_baseline": hypervolume(front, objectives, ref_base),
+        "hv_vs_baseline_ci": (hypervolume(front, objectives,
                                           {o: baseline_ci_low[o] for o in objectives})
                               if baseline_ci_low is not None else None),
-        "hv_vs_ones": hypervolume(_front(evals, objectives), objectives, ones),
+        "hv_vs_ones": hypervolume(front, objectives, ones),
         "hv_by_round": by_round,
         "hv_by_round_vs_ones": by_round_ones,
         "best": {o: max((e[o] for e in evals), default=None) for o in objectives},

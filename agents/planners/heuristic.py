@@ -273,8 +273,7 @@ class HeuristicPlanner:
                 return q, exclude, cap.max_mixture_weight * self.s.capacity_margin
         raise AssertionError("unreachable: the last step has no threshold")
 
-    def focus(self, report: FailureReport | None, name: str, otype: str,
-              ctx: PlanContext) -> dict[str, Any]:
+    def focus(self, report: FailureReport | None, otype: str) -> dict[str, Any]:
         if report is None:
             return {}
         # Only prompt-side keys: they pick the situations the model fails in, and the quality
@@ -351,7 +350,7 @@ class HeuristicPlanner:
                 continue
             q, exclude, _ = plans[name]
             report = ctx.reports.get(name)
-            include = self.focus(report, name, otype, ctx)
+            include = self.focus(report, otype)
             cap = ctx.tools.pool_capacity(name, quality_threshold=q, exclude=exclude or None,
                                           include=include or None)
             alloc = int(budget * w)
