@@ -26,7 +26,9 @@ printed against `random` and the better Optuna sampler. Output: a table, `result
 Cost: every (method, seed) run lives in its own run folder and resumes, so an interrupted
 benchmark picks up where it stopped; trained adapters and generated replies are cached by
 content across runs (`cache.stages_dir`), so an action already trained is not trained again;
-`--jobs` runs that many loops in parallel processes (one CPU thread each).
+`--jobs` runs that many loops in parallel processes (OMP_NUM_THREADS=1; the thread policy,
+training/threads.py, keeps each on one thread while the others are busy and may widen a
+loop left running alone).
 
     .venv/bin/python bench/search_quality.py                 # 3 seeds x 5 rounds, all methods
     .venv/bin/python bench/search_quality.py --quick         # tiny world, 2 rounds, 1 seed
