@@ -680,10 +680,11 @@ def base_model_cmd(
     sample: int = typer.Option(0, help="Also replay this many eval rows per objective through "
                                        "the model (greedy) and print its last answers."),
 ) -> None:
-    """Build the sandbox base model if not cached (or check a local model.base); print where it
-    is, its size, build time and loss curve."""
+    """Build the sandbox base model if not cached, convert a GGUF model.base once (or check a
+    local model directory); print where it is, its size, build time and loss curve."""
     from mosaic.sandbox.base_model import ensure_base_model, sandbox_base_model
     from mosaic.training.base_model import BaseModelError
+    from mosaic.training.gguf_convert import ensure_converted, is_gguf_source
     from mosaic.training.models import ModelLoadError
 
     cfg = _load(config)
@@ -708,6 +709,16 @@ def base_model_cmd(
                 _say(f"  built on {m['cpu']} ({m['torch_cpu_capability']}), torch {m['torch']}, "
                      f"transformers {m['transformers']}, {m['threads']} thread(s)"
                      + (f", {m['env']}" if m["env"] else ""))
+        elif is_gguf_source(cfg.model.base):
+            conv = ensure_converted(cfg.model.base, cfg.model.cache_dir)
+            path = conv.path
+            how = "found in cache" if conv.cached else f"converted in {conv.seconds:.0f}s"
+            name = conv.metadata.get("general.name") or Path(conv.gguf_file).name
+            _say(f"GGUF model {name!r} {how}: {path}")
+            _say(f"  {conv.params / 1e6:.1f}M parameters (float32), from {conv.gguf_file} "
+                 f"(sha256 {conv.gguf_sha256[:12]}, licence "
+                 f"{conv.metadata.get('general.license', 'not stated')}); end of turn "
+                 f"{conv.end_of_turn}")
         else:
             path = ensure_base_model(cfg)
             _say(f"local base model: {path}")

