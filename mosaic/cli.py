@@ -257,6 +257,44 @@ def evaluate_cmd(
     _say(f"wrote {out / split}")
 
 
+@app.command("generate-replies")
+def generate_replies_cmd(
+    prompts: Path = typer.Argument(..., help="Prompts: a pool or eval file (parquet/jsonl with "
+                                             "`messages`; assistant turns are dropped)."),
+    objective: str = typer.Option(..., "--objective", help="Objective name from the config."),
+    out: Path = typer.Option(..., "--out", help="Pool file to write (parquet or jsonl)."),
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config", help="Run config (YAML): the model "
+                                                                 "(model.base) and inference."),
+    candidates: int = typer.Option(3, "--candidates", min=1,
+                                   help="Replies per prompt: one greedy, the rest sampled."),
+    temperature: float = typer.Option(0.8, "--temperature", min=0.0,
+                                      help="Sampling temperature of candidates after the first."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1,
+                                       help="Tokens per reply (default: inference.max_new_tokens)."),
+    seed: int = typer.Option(None, "--seed", help="Sampling seed (default: the config's seed)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Only the first N prompts."),
+) -> None:
+    """Answer each prompt several times with the run's own base model and write an unscored
+    pool (one row per reply, replies of one prompt share its prompt_id); grade it next with
+    `mosaic annotate`, or let `mosaic run` annotate it with the configured judge."""
+    import logging
+
+    from mosaic.tools.pool_replies import ReplyPoolError, generate_pool_replies
+
+    cfg = _load(config)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = generate_pool_replies(cfg, prompts, out, objective=objective,
+                                       candidates=candidates, temperature=temperature,
+                                       max_new_tokens=max_new_tokens, seed=seed, limit=limit,
+                                       progress=_progress)
+    except (*_user_errors(), ReplyPoolError) as e:
+        _fail(e)
+    _say(f"wrote {result.rows:,} replies to {result.prompts:,} prompts in {out} "
+         f"({result.seconds:.0f}s; dropped {result.duplicates_dropped} duplicate and "
+         f"{result.empty_dropped} empty replies)")
+
+
 @app.command("build-dataset")
 def build_dataset_cmd(
     action: Path = typer.Argument(..., help="Data action (JSON file)."),

@@ -100,7 +100,8 @@ def replay_rows(backend: InferenceBackend, rows: Sequence[Mapping[str, Any]], *,
 
 def resolve_model_dir(config: MosaicConfig, model_dir: str | Path | None) -> Path | None:
     """The model to evaluate: the given directory, else config.model.base (the sandbox base
-    model is built once and cached, a GGUF file converted once). None for an endpoint backend, which names its own model."""
+    model is built once and cached, a GGUF file converted once). None for an endpoint backend,
+    which names its own model."""
     if config.inference.backend == "openai":
         if model_dir is not None:
             raise ConfigError(f"inference.backend 'openai' answers with the served model "

@@ -138,7 +138,20 @@ def locate_gguf(source: str) -> Path:
     return path
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
 def file_sha256(path: Path) -> str:
+    """The file's SHA-256, remembered per process by (path, size, mtime): every stage of every
+    round resolves model.base, and a GGUF file is tens to thousands of MB."""
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _DIGESTS:
+        _DIGESTS[memo] = _sha256(path)
+    return _DIGESTS[memo]
+
+
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
