@@ -40,6 +40,11 @@ class EndpointConfig(Section):
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(3, ge=0)
     concurrency: int = Field(8, ge=1)
+    # Constrained JSON where a reply must be JSON (the judge's atoms, the planner's action):
+    # "json_schema" sends OpenAI's {"type": "json_schema", ...} (OpenAI, vLLM, llama.cpp's own
+    # llama-server); "json_object_schema" sends {"type": "json_object", "schema": ...}, which
+    # llama-cpp-python's server turns into a grammar; "none" asks in the prompt only.
+    response_format: Literal["none", "json_schema", "json_object_schema"] = "none"
 
     @field_validator("api_key_env")
     @classmethod
