@@ -273,6 +273,9 @@ def generate_replies_cmd(
                                        help="Tokens per reply (default: inference.max_new_tokens)."),
     seed: int = typer.Option(None, "--seed", help="Sampling seed (default: the config's seed)."),
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first N prompts."),
+    keep_source: bool = typer.Option(True, "--keep-source/--no-keep-source",
+                                     help="Keep a reply the file already holds for a prompt as "
+                                          "one more candidate."),
 ) -> None:
     """Answer each prompt several times with the run's own base model and write an unscored
     pool (one row per reply, replies of one prompt share its prompt_id); grade it next with
@@ -287,12 +290,12 @@ def generate_replies_cmd(
         result = generate_pool_replies(cfg, prompts, out, objective=objective,
                                        candidates=candidates, temperature=temperature,
                                        max_new_tokens=max_new_tokens, seed=seed, limit=limit,
-                                       progress=_progress)
+                                       keep_source=keep_source, progress=_progress)
     except (*_user_errors(), ReplyPoolError) as e:
         _fail(e)
     _say(f"wrote {result.rows:,} replies to {result.prompts:,} prompts in {out} "
-         f"({result.seconds:.0f}s; dropped {result.duplicates_dropped} duplicate and "
-         f"{result.empty_dropped} empty replies)")
+         f"({result.source_replies:,} from the file itself; {result.seconds:.0f}s; dropped "
+         f"{result.duplicates_dropped} duplicate and {result.empty_dropped} empty replies)")
 
 
 @app.command("build-dataset")

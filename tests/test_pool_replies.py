@@ -24,6 +24,9 @@ def prompts_file(tmp_path):
                                   {"role": "user", "content": "tell me more"}]},
         {"id": "p3", "messages": [{"role": "system", "content": "be brief"},
                                   {"role": "user", "content": "a question"}]},
+        # Answered in the file: that reply is kept as one more candidate.
+        {"id": "p4", "messages": [{"role": "user", "content": "say hi"},
+                                  {"role": "assistant", "content": "Hi! (written reply)"}]},
     ]
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -47,12 +50,16 @@ def test_replies_are_greedy_then_sampled_replayed_and_reproducible(config, promp
     result = generate_pool_replies(config, prompts_file, out, objective="safety",
                                    candidates=3, temperature=1.5)
     rows = read_rows(out)
-    assert result.prompts == 3 and result.rows == len(rows)
-    assert result.rows + result.duplicates_dropped + result.empty_dropped == 9
+    assert result.rows == len(rows)
+    assert result.prompts == 4 and result.source_replies == 1
+    src = next(r for r in rows if r["id"] == "p4-src")
+    assert src["messages"][-1] == {"role": "assistant", "content": "Hi! (written reply)"}
+    assert json.loads(src["metadata"])["reply_by"] == "source"
+    assert result.rows + result.duplicates_dropped + result.empty_dropped == 4 * 3 + 1
     by_prompt: dict[str, list[dict]] = {}
     for r in rows:
         by_prompt.setdefault(r["prompt_id"], []).append(r)
-    assert set(by_prompt) == {"p1", "p2", "p3"}
+    assert set(by_prompt) == {"p1", "p2", "p3", "p4"}
     for pid, group in by_prompt.items():
         replies = [json.dumps([m["content"] for m in r["messages"] if m["role"] == "assistant"])
                    for r in group]
@@ -69,7 +76,7 @@ def test_replies_are_greedy_then_sampled_replayed_and_reproducible(config, promp
     greedy = replay_rows(backend, read_prompt_rows(prompts_file, "safety"), max_new_tokens=8,
                          temperature=0.0)
     assert {r["prompt_id"]: r["messages"] for r in rows if r["id"].endswith("-c0")} == \
-        {pid: conv for pid, conv in zip(["p1", "p2", "p3"], greedy)}
+        {pid: conv for pid, conv in zip(["p1", "p2", "p3", "p4"], greedy)}
 
     # The same settings write the same pool; it loads as an unscored pool to annotate.
     again = tmp_path / "again.parquet"

@@ -36,8 +36,9 @@ class ReplyPoolResult:
     path: str
     prompts: int
     rows: int
-    duplicates_dropped: int  # a sampled reply equal to another of the same prompt
+    duplicates_dropped: int  # a reply equal to another of the same prompt
     empty_dropped: int  # a candidate whose last reply was empty
+    source_replies: int  # replies kept from the prompt file itself
     seconds: float
     model: str
     settings: dict[str, Any] = field(default_factory=dict)
@@ -67,8 +68,12 @@ def read_prompt_rows(path: str | Path, objective: str) -> list[dict[str, Any]]:
         if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
             raise DataFormatError(path, "needs at least one non-empty user turn", row=i,
                                   field="messages")
+        # A conversation the file answers already (ending with an assistant turn) is kept as
+        # one more candidate: a dataset's written reply beside the model's own.
+        source = ([{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+                  if messages[-1].get("role") == "assistant" else None)
         out.append({"id": str(row.get("id") if row.get("id") is not None else i),
-                    "system": system, "turns": turns,
+                    "system": system, "turns": turns, "source_messages": source,
                     "l3_prompt": _json(row.get("l3_prompt"), path, i, "l3_prompt"),
                     "metadata": _json(row.get("metadata"), path, i, "metadata") or {}})
     return out
@@ -92,10 +97,11 @@ def _json(value: Any, path: Path, row: int, field: str) -> dict[str, Any] | None
 def generate_pool_replies(config: MosaicConfig, prompts_path: str | Path, out_path: str | Path,
                           *, objective: str, candidates: int = 3, temperature: float = 0.8,
                           max_new_tokens: int | None = None, seed: int | None = None,
-                          limit: int | None = None, progress: Say | None = None
-                          ) -> ReplyPoolResult:
+                          limit: int | None = None, keep_source: bool = True,
+                          progress: Say | None = None) -> ReplyPoolResult:
     """Answer each prompt `candidates` times with the run's base model (candidate 0 greedy,
-    the rest sampled) and write the pool (unscored) to `out_path`, atomically."""
+    the rest sampled) and write the pool (unscored) to `out_path`, atomically. With
+    `keep_source`, a reply the file already holds for a prompt is kept as a candidate too."""
     import pandas as pd
 
     from mosaic.data import write_table
@@ -119,10 +125,33 @@ def generate_pool_replies(config: MosaicConfig, prompts_path: str | Path, out_pa
     backend = build_backend(config, resolve_model_dir(config, None), None)
     model = getattr(backend, "model_dir", None) or getattr(backend, "name", "?")
     settings = {"candidates": candidates, "temperature": temperature,
-                "max_new_tokens": max_new_tokens, "seed": seed}
+                "max_new_tokens": max_new_tokens, "seed": seed, "keep_source": keep_source}
     seen: dict[str, set[str]] = {r["id"]: set() for r in rows}
     out: list[dict[str, Any]] = []
     duplicates = empty = 0
+
+    def add(row: dict[str, Any], conv: list[dict[str, str]], suffix: str,
+            meta: dict[str, Any]) -> None:
+        nonlocal duplicates, empty
+        if not conv[-1]["content"].strip():
+            empty += 1
+            return
+        key = json.dumps([m["content"] for m in conv if m["role"] == "assistant"])
+        if key in seen[row["id"]]:
+            duplicates += 1
+            return
+        seen[row["id"]].add(key)
+        out.append({"id": f"{row['id']}-{suffix}", "prompt_id": row["id"],
+                    "objective": objective, "messages": conv,
+                    "l3_prompt": (json.dumps(row["l3_prompt"], ensure_ascii=False)
+                                  if row["l3_prompt"] is not None else None),
+                    "metadata": json.dumps({**row["metadata"], "source_id": row["id"], **meta},
+                                           ensure_ascii=False)})
+
+    if keep_source:
+        for row in rows:
+            if row["source_messages"] is not None:
+                add(row, row["source_messages"], "src", {"reply_by": "source"})
     for k in range(candidates):
         temp = 0.0 if k == 0 else temperature
         if hasattr(backend, "seed"):
@@ -132,28 +161,15 @@ def generate_pool_replies(config: MosaicConfig, prompts_path: str | Path, out_pa
         conversations = replay_rows(backend, rows, max_new_tokens=max_new_tokens,
                                     temperature=temp)
         for row, conv in zip(rows, conversations):
-            reply = conv[-1]["content"]
-            if not reply.strip():
-                empty += 1
-                continue
-            key = json.dumps([m["content"] for m in conv if m["role"] == "assistant"])
-            if key in seen[row["id"]]:
-                duplicates += 1
-                continue
-            seen[row["id"]].add(key)
-            meta = {**row["metadata"], "source_id": row["id"], "reply_by": str(model),
-                    "candidate": k, "temperature": temp, "seed": seed + k}
-            out.append({"id": f"{row['id']}-c{k}", "prompt_id": row["id"],
-                        "objective": objective, "messages": conv,
-                        "l3_prompt": (json.dumps(row["l3_prompt"], ensure_ascii=False)
-                                      if row["l3_prompt"] is not None else None),
-                        "metadata": json.dumps(meta, ensure_ascii=False)})
+            add(row, conv, f"c{k}", {"reply_by": str(model), "candidate": k,
+                                     "temperature": temp, "seed": seed + k})
     out.sort(key=lambda r: (r["prompt_id"], r["id"]))
     frame = pd.DataFrame(out)
     if frame["l3_prompt"].isna().all():
         frame = frame.drop(columns=["l3_prompt"])
     write_table(out_path, frame)
     return ReplyPoolResult(path=str(out_path), prompts=len(rows), rows=len(out),
+                           source_replies=sum(r["id"].endswith("-src") for r in out),
                            duplicates_dropped=duplicates, empty_dropped=empty,
                            seconds=round(time.perf_counter() - start, 2), model=str(model),
                            settings=settings)
