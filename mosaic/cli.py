@@ -259,8 +259,9 @@ def evaluate_cmd(
 
 @app.command("generate-replies")
 def generate_replies_cmd(
-    prompts: Path = typer.Argument(..., help="Prompts: a pool or eval file (parquet/jsonl with "
-                                             "`messages`; assistant turns are dropped)."),
+    prompts: list[Path] = typer.Argument(..., help="Prompts: pool or eval files (parquet/jsonl "
+                                                   "with `messages`); the model answers every "
+                                                   "user turn itself."),
     objective: str = typer.Option(..., "--objective", help="Objective name from the config."),
     out: Path = typer.Option(..., "--out", help="Pool file to write (parquet or jsonl)."),
     config: Path = typer.Option(DEFAULT_CONFIG, "--config", help="Run config (YAML): the model "
@@ -274,8 +275,8 @@ def generate_replies_cmd(
     seed: int = typer.Option(None, "--seed", help="Sampling seed (default: the config's seed)."),
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first N prompts."),
     keep_source: bool = typer.Option(True, "--keep-source/--no-keep-source",
-                                     help="Keep a reply the file already holds for a prompt as "
-                                          "one more candidate."),
+                                     help="Keep a reply a pool file already holds for a prompt "
+                                          "as one more candidate."),
 ) -> None:
     """Answer each prompt several times with the run's own base model and write an unscored
     pool (one row per reply, replies of one prompt share its prompt_id); grade it next with

@@ -52,7 +52,7 @@ def test_replies_are_greedy_then_sampled_replayed_and_reproducible(config, promp
     rows = read_rows(out)
     assert result.rows == len(rows)
     assert result.prompts == 4 and result.source_replies == 1
-    src = next(r for r in rows if r["id"] == "p4-src")
+    src = next(r for r in rows if r["id"] == "p4-src0")
     assert src["messages"][-1] == {"role": "assistant", "content": "Hi! (written reply)"}
     assert json.loads(src["metadata"])["reply_by"] == "source"
     assert result.rows + result.duplicates_dropped + result.empty_dropped == 4 * 3 + 1
@@ -73,7 +73,7 @@ def test_replies_are_greedy_then_sampled_replayed_and_reproducible(config, promp
 
     # Candidate 0 is the model's greedy replay.
     backend = build_backend(config, config.model.base, None)
-    greedy = replay_rows(backend, read_prompt_rows(prompts_file, "safety"), max_new_tokens=8,
+    greedy = replay_rows(backend, read_prompt_rows(prompts_file), max_new_tokens=8,
                          temperature=0.0)
     assert {r["prompt_id"]: r["messages"] for r in rows if r["id"].endswith("-c0")} == \
         {pid: conv for pid, conv in zip(["p1", "p2", "p3", "p4"], greedy)}
@@ -85,6 +85,27 @@ def test_replies_are_greedy_then_sampled_replayed_and_reproducible(config, promp
     assert read_rows(again) == rows
     pool = load_pool(out, "jailbreak", "safety")
     assert needs_annotation(pool, "jailbreak")
+
+
+def test_prompts_of_several_files_merge_by_conversation_keeping_written_replies(
+        config, prompts_file, tmp_path):
+    answered = tmp_path / "answered.jsonl"
+    answered.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "x1", "prompt_id": "q1", "messages": [
+            {"role": "user", "content": "hello there"},
+            {"role": "assistant", "content": "Hello! (written)"}]},
+        {"id": "x2", "prompt_id": "q5", "messages": [
+            {"role": "user", "content": "new prompt"},
+            {"role": "assistant", "content": "A written answer."}]}]))
+    out = tmp_path / "pool.jsonl"
+    result = generate_pool_replies(config, [prompts_file, answered], out, objective="safety",
+                                   candidates=1)
+    rows = read_rows(out)
+    assert result.prompts == 5 and result.source_replies == 3
+    # "hello there" is one prompt (p1, first seen): the model's reply and the written one.
+    p1 = {r["id"]: r["messages"][-1]["content"] for r in rows if r["prompt_id"] == "p1"}
+    assert set(p1) == {"p1-c0", "p1-src0"} and p1["p1-src0"] == "Hello! (written)"
+    assert {r["id"] for r in rows if r["prompt_id"] == "q5"} == {"q5-c0", "q5-src0"}
 
 
 def test_bad_prompts_and_settings_are_clear_errors(config, tmp_path):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,45 +38,51 @@ class ReplyPoolResult:
     rows: int
     duplicates_dropped: int  # a reply equal to another of the same prompt
     empty_dropped: int  # a candidate whose last reply was empty
-    source_replies: int  # replies kept from the prompt file itself
+    source_replies: int  # replies kept from the prompt files themselves
     seconds: float
     model: str
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def read_prompt_rows(path: str | Path, objective: str) -> list[dict[str, Any]]:
-    """Prompts of a pool or eval file: id, optional leading system prompt, the user turns
-    (assistant turns are dropped: the model answers each turn itself), L3 prompt atoms (IFEval
-    constraints live there), metadata. Errors name file, row and field."""
+def read_prompt_rows(paths: str | Path | Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The prompts of pool or eval files, one per distinct conversation (system prompt and user
+    turns): its id (the first row's `prompt_id`, else its `id`), the turns (assistant turns are
+    dropped: the model answers each turn itself), L3 prompt atoms (IFEval constraints live
+    there), metadata, and the conversations the files answer already (`sources`: a pool row
+    ending with an assistant turn, e.g. a dataset's written reply). Errors name file, row and
+    field."""
     from mosaic.data import DataFormatError, read_rows
 
-    path = Path(path)
-    rows = read_rows(path)
-    if not rows:
-        raise DataFormatError(path, "no rows: nothing to answer")
-    out = []
-    for i, row in enumerate(rows):
-        messages = row.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise DataFormatError(path, "expected a non-empty list of {role, content}", row=i,
-                                  field="messages")
-        system = None
-        if messages[0].get("role") == "system":
-            system = messages[0].get("content")
-            messages = messages[1:]
-        turns = [m.get("content") for m in messages if m.get("role") == "user"]
-        if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-            raise DataFormatError(path, "needs at least one non-empty user turn", row=i,
-                                  field="messages")
-        # A conversation the file answers already (ending with an assistant turn) is kept as
-        # one more candidate: a dataset's written reply beside the model's own.
-        source = ([{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-                  if messages[-1].get("role") == "assistant" else None)
-        out.append({"id": str(row.get("id") if row.get("id") is not None else i),
-                    "system": system, "turns": turns, "source_messages": source,
-                    "l3_prompt": _json(row.get("l3_prompt"), path, i, "l3_prompt"),
-                    "metadata": _json(row.get("metadata"), path, i, "metadata") or {}})
-    return out
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    by_prompt: dict[str, dict[str, Any]] = {}
+    for path in map(Path, paths):
+        rows = read_rows(path)
+        if not rows:
+            raise DataFormatError(path, "no rows: nothing to answer")
+        for i, row in enumerate(rows):
+            messages = row.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise DataFormatError(path, "expected a non-empty list of {role, content}",
+                                      row=i, field="messages")
+            system = None
+            if messages[0].get("role") == "system":
+                system = messages[0].get("content")
+                messages = messages[1:]
+            turns = [m.get("content") for m in messages if m.get("role") == "user"]
+            if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+                raise DataFormatError(path, "needs at least one non-empty user turn", row=i,
+                                      field="messages")
+            key = json.dumps([system, turns], ensure_ascii=False)
+            rid = row.get("prompt_id") or row.get("id")
+            prompt = by_prompt.setdefault(key, {
+                "id": str(rid if rid is not None else f"{path.stem}:{i}"), "system": system,
+                "turns": turns, "sources": [],
+                "l3_prompt": _json(row.get("l3_prompt"), path, i, "l3_prompt"),
+                "metadata": _json(row.get("metadata"), path, i, "metadata") or {}})
+            if messages[-1].get("role") == "assistant":
+                prompt["sources"].append([{"role": m["role"], "content": m["content"]}
+                                          for m in row["messages"]])
+    return list(by_prompt.values())
 
 
 def _json(value: Any, path: Path, row: int, field: str) -> dict[str, Any] | None:
@@ -94,7 +100,8 @@ def _json(value: Any, path: Path, row: int, field: str) -> dict[str, Any] | None
     return dict(value)
 
 
-def generate_pool_replies(config: MosaicConfig, prompts_path: str | Path, out_path: str | Path,
+def generate_pool_replies(config: MosaicConfig, prompts_path: str | Path | Sequence[str | Path],
+                          out_path: str | Path,
                           *, objective: str, candidates: int = 3, temperature: float = 0.8,
                           max_new_tokens: int | None = None, seed: int | None = None,
                           limit: int | None = None, keep_source: bool = True,
@@ -117,7 +124,7 @@ def generate_pool_replies(config: MosaicConfig, prompts_path: str | Path, out_pa
                          "prompt the same way every time)")
     say = progress or (lambda msg: None)
     start = time.perf_counter()
-    rows = read_prompt_rows(prompts_path, objective)
+    rows = read_prompt_rows(prompts_path)
     if limit is not None:
         rows = rows[:limit]
     seed = config.seed if seed is None else seed
@@ -150,8 +157,8 @@ def generate_pool_replies(config: MosaicConfig, prompts_path: str | Path, out_pa
 
     if keep_source:
         for row in rows:
-            if row["source_messages"] is not None:
-                add(row, row["source_messages"], "src", {"reply_by": "source"})
+            for j, conv in enumerate(row["sources"]):
+                add(row, conv, f"src{j}", {"reply_by": "source"})
     for k in range(candidates):
         temp = 0.0 if k == 0 else temperature
         if hasattr(backend, "seed"):
@@ -169,7 +176,8 @@ def generate_pool_replies(config: MosaicConfig, prompts_path: str | Path, out_pa
         frame = frame.drop(columns=["l3_prompt"])
     write_table(out_path, frame)
     return ReplyPoolResult(path=str(out_path), prompts=len(rows), rows=len(out),
-                           source_replies=sum(r["id"].endswith("-src") for r in out),
+                           source_replies=sum(json.loads(r["metadata"])["reply_by"] == "source"
+                                              for r in out),
                            duplicates_dropped=duplicates, empty_dropped=empty,
                            seconds=round(time.perf_counter() - start, 2), model=str(model),
                            settings=settings)
