@@ -129,11 +129,14 @@ def shared_encoder(model_dir: str | None = None) -> SentenceEncoder:
 
 
 class TextEmbedder:
-    """Embeds texts through an encoder, each distinct text once."""
+    """Embeds texts through an encoder, each distinct text once (until `clear`)."""
 
     def __init__(self, encoder: SentenceEncoder) -> None:
         self.encoder = encoder
         self._memo: dict[str, np.ndarray] = {}
+
+    def clear(self) -> None:
+        self._memo.clear()
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         todo = sorted({t for t in texts if t not in self._memo})
@@ -246,6 +249,11 @@ class EmbeddingJudge(JudgeBase):
 
     name = "embedding"
     capabilities = JudgeCapabilities(per_turn=True)  # local: labelling every turn is affordable
+    # Its measured range, in its own words (mosaic/resources/embedding_judge/card.json has the figures).
+    range_note = ("Its heads are measured on held-out single-turn English real text (harmful intent "
+                  "0.93, explicit refusal 0.97, complied 0.94 accuracy) and read the last user turn "
+                  "and the reply's first 200 characters; its other atoms are the rule judge's "
+                  "lexicons, measured on sandbox text only.")
 
     # (objective type, channel) -> atoms the heads decide; everything else is the lexicons'.
     DECIDED = {
@@ -283,6 +291,25 @@ class EmbeddingJudge(JudgeBase):
 
     def label_prompts(self, objective_type: str,
                       conversations: Sequence[Conversation]) -> list[dict[str, Any]]:
+        try:
+            return self._label_prompts(objective_type, conversations)
+        finally:
+            self._forget()
+
+    def label_responses(self, objective_type: str, conversations: Sequence[Conversation],
+                        prompt_atoms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        try:
+            return self._label_responses(objective_type, conversations)
+        finally:
+            self._forget()
+
+    def _forget(self) -> None:
+        # A pool's embeddings are not kept between calls (a million rows would not fit).
+        if self._embed is not None:
+            self._embed.clear()
+
+    def _label_prompts(self, objective_type: str,
+                       conversations: Sequence[Conversation]) -> list[dict[str, Any]]:
         users = [_users(c) for c in conversations]
         if objective_type == "jailbreak":
             return [jailbreak_prompt_atoms(u) for u in users]
@@ -292,8 +319,8 @@ class EmbeddingJudge(JudgeBase):
         raise ValueError(f"the embedding judge has no heads for objective type {objective_type!r}; "
                          f"use the LLM judge (judge.kind: llm) for plug-in types")
 
-    def label_responses(self, objective_type: str, conversations: Sequence[Conversation],
-                        prompt_atoms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    def _label_responses(self, objective_type: str,
+                         conversations: Sequence[Conversation]) -> list[dict[str, Any]]:
         if objective_type not in ("jailbreak", "overrefusal"):
             raise ValueError(f"the embedding judge has no heads for objective type {objective_type!r}; "
                              f"use the LLM judge (judge.kind: llm) for plug-in types")

@@ -72,6 +72,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     the commands that evaluate, build or train catch them."""
     from mosaic.config import ConfigError
     from mosaic.data import DataFormatError
+    from mosaic.eval.embedding_judge import EmbeddingJudgeError
     from mosaic.llm import EndpointError
     from mosaic.run_store import RunConfigError
     from mosaic.sandbox import WorldError
@@ -81,7 +82,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mosaic.training.train import TrainingDataError
 
     return (ConfigError, DataFormatError, FileNotFoundError, EndpointError, WorldError,
-            ModelLoadError, BaseModelError, PoolError, TrainingDataError, RunConfigError)
+            ModelLoadError, BaseModelError, PoolError, TrainingDataError, RunConfigError,
+            EmbeddingJudgeError)
 
 
 def _read_action_file(path: Path, what: str = "action") -> bytes:
@@ -446,7 +448,8 @@ def train_judge_cmd(
                              help="Where heads.json and card.json go (use it as judge.heads). "
                                   "`--out mosaic/resources/embedding_judge` rebuilds the shipped heads."),
     check: bool = typer.Option(False, "--check", help="Write nothing: rebuild and compare with the "
-                               "shipped heads (exit 1 if any weight or held-out decision differs)."),
+                               "shipped heads and card (prints the largest weight difference; exit 1 "
+                               "if any held-out figure differs)."),
 ) -> None:
     """Fit the embedding judge's heads (logistic regression over all-MiniLM-L6-v2 embeddings) on
     the train split, choose each head's regularisation by grouped cross-validation on the train

@@ -35,6 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mosaic.eval.embedding_judge import opening as _opening  # noqa: E402
 from mosaic.io import atomic_write_text  # noqa: E402
 from mosaic.resources import TULU3_IF_FILE  # noqa: E402
 
@@ -88,13 +89,9 @@ def fingerprint(text: str) -> str:
     return hashlib.sha256(norm(text).encode()).hexdigest()[:16]
 
 
-def opening(text: str, limit: int = RESPONSE_CHARS) -> str:
-    """The text cut to at most `limit` characters at a word boundary."""
-    text = text.strip()
-    if len(text) <= limit:
-        return text
-    cut = text[:limit + 1].rsplit(None, 1)[0]
-    return cut.rstrip(" ,;:(-")
+def opening(text: str) -> str:
+    """A reply cut as the judge reads it: at most RESPONSE_CHARS characters, at a word boundary."""
+    return _opening(text, RESPONSE_CHARS)
 
 
 def split_of(source: str, group: str) -> str:

@@ -217,3 +217,16 @@ def test_bad_labelled_rows_name_file_and_line(tmp_path):
     (tmp_path / "complied.test.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match="complied.test.jsonl"):
         load_labels(tmp_path)
+
+
+def test_train_judge_cli_bad_data_is_a_user_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from mosaic.cli import app
+
+    for p in SHIPPED_DATA.glob("*.jsonl"):
+        (tmp_path / p.name).write_text(p.read_text().splitlines()[0] + "\n{not json\n")
+    out = CliRunner().invoke(app, ["train-judge", "--data", str(tmp_path), "--out", str(tmp_path / "o")],
+                             env={"COLUMNS": "300"})
+    assert out.exit_code == 2 and "harmful_intent.train.jsonl:2: not JSON" in " ".join(out.output.split())
+    assert not (tmp_path / "o").exists()  # nothing half-written
