@@ -24,19 +24,16 @@ What the conversion fixes, and checks before it publishes the directory:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import json
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mosaic.io import atomic_write_json, publish_dir
+from mosaic.io import atomic_write_json, build_dir_once
 from mosaic.training.models import ModelLoadError
 
 # Bump when the conversion's output changes for the same GGUF file.
@@ -191,21 +188,13 @@ def ensure_converted(source: str, cache_dir: str | Path, *, progress: bool = Tru
                                     sort_keys=True).encode()).hexdigest()[:16]
     stem = re.sub(r"[^a-z0-9]+", "-", gguf.stem.lower()).strip("-")
     final = Path(cache_dir) / f"gguf-{stem}-{key}"
-    if (final / INFO_FILE).is_file():
-        return _read_info(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.parent / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (final / INFO_FILE).is_file():
-            return _read_info(final)
-        work = Path(tempfile.mkdtemp(prefix=f".{final.name}.convert-", dir=final.parent))
-        try:
-            info = _convert(source, gguf, digest, work, key=key, progress=progress)
-            publish_dir(work, final)
-            info.path = final
-            return info
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+
+    def convert(work: Path) -> PretrainedInfo:
+        info = _convert(source, gguf, digest, work, key=key, progress=progress)
+        info.path = final
+        return info
+
+    return build_dir_once(final, INFO_FILE, convert, _read_info, verb="convert")
 
 
 def _read_info(path: Path) -> PretrainedInfo:
