@@ -121,3 +121,24 @@ def test_bad_prompts_and_settings_are_clear_errors(config, tmp_path):
         generate_pool_replies(config, bad, tmp_path / "o.parquet", objective="safety",
                               candidates=2, temperature=0.0)
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_the_command_writes_the_pool_and_bad_input_exits_2(config, prompts_file, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from mosaic.cli import app
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    out = tmp_path / "pool.parquet"
+    ok = CliRunner().invoke(app, ["generate-replies", str(prompts_file), "--objective", "safety",
+                                  "--out", str(out), "--config", str(cfg), "--candidates", "1"],
+                            env={"COLUMNS": "300"})
+    assert ok.exit_code == 0, ok.output
+    assert "wrote 5 replies to 4 prompts" in ok.output and out.is_file()
+    bad = CliRunner().invoke(app, ["generate-replies", str(tmp_path / "missing.jsonl"),
+                                   "--objective", "safety", "--out", str(tmp_path / "x.parquet"),
+                                   "--config", str(cfg)], env={"COLUMNS": "300"})
+    assert bad.exit_code == 2 and "missing.jsonl" in bad.output
+    assert not (tmp_path / "x.parquet").exists()
