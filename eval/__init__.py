@@ -25,12 +25,17 @@ def check_objective_types(config: MosaicConfig, source: str = "the configuration
 
 
 def build_judge(config: MosaicConfig) -> Judge:
-    """The configured judge: rule-based (default, offline) or the LLM judge."""
+    """The configured judge: rule-based (default, offline), the LLM judge, or the embedding
+    judge (offline, for real text)."""
     if config.judge.kind == "llm":
         from mosaic.eval.llm_judge import LLMJudge
 
         assert config.judge.endpoint is not None  # the config validator guarantees it
         return LLMJudge(config.judge.endpoint, config.judge.cache_dir)
+    if config.judge.kind == "embedding":
+        from mosaic.eval.embedding_judge import EmbeddingJudge
+
+        return EmbeddingJudge(config.judge.heads)
     from mosaic.eval.rule_judge import RuleJudge
 
     return RuleJudge()

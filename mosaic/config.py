@@ -141,9 +141,14 @@ class InferenceConfig(Section):
 
 
 class JudgeConfig(Section):
-    kind: Literal["rule", "llm"] = "rule"
+    # rule: the sandbox's lexicons; llm: a chat model over an endpoint; embedding: offline
+    # heads over sentence embeddings, measured on real text (eval/embedding_judge.py).
+    kind: Literal["rule", "llm", "embedding"] = "rule"
     endpoint: EndpointConfig | None = None
     cache_dir: str = ".cache/judge"
+    # embedding judge: a folder with heads.json and card.json from `mosaic train-judge --out`;
+    # None: the heads that ship with MOSAIC.
+    heads: str | None = None
 
     @model_validator(mode="after")
     def _endpoint_for_llm(self) -> "JudgeConfig":
