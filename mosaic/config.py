@@ -99,6 +99,28 @@ class TrainingConfig(Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     dpo_beta: float = Field(0.1, gt=0)
     seed: int = 0
+    # `inprocess` trains in this process; `accelerate` runs the same trainer as `processes`
+    # ranks under torchrun (the trainer's Accelerator: DDP over NCCL on GPUs, gloo on CPU; FSDP
+    # with `fsdp`). `batch_size` is the global batch whatever the process count: each rank
+    # takes batch_size / (processes x gradient_accumulation) rows per step.
+    launcher: Literal["inprocess", "accelerate"] = "inprocess"
+    processes: int = Field(1, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    fsdp: bool = False  # shard weights, gradients and optimiser state (models over one GPU)
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> "TrainingConfig":
+        if self.processes > 1 and self.launcher != "accelerate":
+            raise ValueError(f"processes={self.processes} needs launcher: accelerate (the "
+                             f"in-process trainer is one process)")
+        if self.fsdp and self.launcher != "accelerate":
+            raise ValueError("fsdp needs launcher: accelerate")
+        split = self.processes * self.gradient_accumulation
+        if self.batch_size % split:
+            raise ValueError(f"batch_size {self.batch_size} (the global batch) must be a multiple "
+                             f"of processes x gradient_accumulation = {split}; e.g. batch_size "
+                             f"{split * max(1, round(self.batch_size / split))}")
+        return self
 
 
 class InferenceConfig(Section):
@@ -181,12 +203,31 @@ class CacheConfig(Section):
     stages_dir: str | None = None
 
 
+class RayConfig(Section):
+    """The Ray cluster and the actor pool each data-parallel stage runs on (`mosaic.engine`)."""
+
+    # `ray.init(address=...)`: "auto" or "ray://head:10001" joins a running cluster; None
+    # starts a local one on this machine (once per process).
+    address: str | None = None
+    local_cpus: int | None = Field(None, ge=1)  # CPUs of that local cluster; None: all
+    workers: int = Field(2, ge=1)  # actors per stage, each holding one backend
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    batch_rows: int | None = Field(None, ge=1)  # rows per batch sent to an actor; None: 32
+    # A killed or crashed worker is restarted and its batch run again this many times.
+    max_retries: int = Field(3, ge=0)
+
+
 class RuntimeConfig(Section):
-    """How this machine runs the local models."""
+    """How this machine (or cluster) runs the stages."""
 
     # Intra-op CPU threads for training and local generation; None: the measured policy
     # (`mosaic.training.models.cpu_threads`). GPUs and large models keep torch's default.
     threads: int | None = Field(None, ge=1)
+    # Where annotation and eval generation run: this process, or Ray Data over an actor pool.
+    # Both give the same replies and atoms; `ray` needs the optional extra (`[ray]`).
+    engine: Literal["local", "ray"] = "local"
+    ray: RayConfig = RayConfig()
 
 
 class LoopConfig(Section):
