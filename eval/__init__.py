@@ -10,7 +10,7 @@ from mosaic.eval.base import (FocusKey, ObjectiveType, get_objective_type, objec
 from mosaic.eval.judge import Judge
 
 __all__ = ["FocusKey", "ObjectiveType", "build_judge", "check_objective_types", "get_objective_type",
-           "objective_type_names", "register_objective_type"]
+           "judge_model_warnings", "objective_type_names", "register_objective_type"]
 
 
 def check_objective_types(config: MosaicConfig, source: str = "the configuration") -> MosaicConfig:
@@ -24,13 +24,55 @@ def check_objective_types(config: MosaicConfig, source: str = "the configuration
     return config
 
 
-def build_judge(config: MosaicConfig) -> Judge:
-    """The configured judge: rule-based (default, offline) or the LLM judge."""
-    if config.judge.kind == "llm":
+def build_judge(config: MosaicConfig, *, request_cache: bool = True,
+                record_endpoint_errors: bool = False) -> Judge:
+    """The configured judge: rule-based (default, offline), the LLM judge, or a guard model with
+    its fallback. `request_cache=False` turns off the LLM judge's per-request disk cache (for
+    callers that cache whole rows themselves); `record_endpoint_errors` makes a request that
+    fails for good that sample's failure instead of an exception."""
+    judge = config.judge
+    cache_dir = judge.cache_dir if request_cache else None
+    if judge.kind == "llm":
         from mosaic.eval.llm_judge import LLMJudge
 
-        assert config.judge.endpoint is not None  # the config validator guarantees it
-        return LLMJudge(config.judge.endpoint, config.judge.cache_dir)
+        assert judge.endpoint is not None  # the config validator guarantees it
+        return LLMJudge(judge.endpoint, cache_dir, record_endpoint_errors=record_endpoint_errors)
+    if judge.kind == "guard":
+        from mosaic.eval.guard_judge import GuardJudge
+
+        assert judge.endpoint is not None and judge.guard is not None
+        fallback: Judge | None = None
+        if judge.guard.fallback == "rule":
+            from mosaic.eval.rule_judge import RuleJudge
+
+            fallback = RuleJudge()
+        elif judge.guard.fallback == "llm":
+            from mosaic.eval.llm_judge import LLMJudge
+
+            assert judge.guard.fallback_endpoint is not None
+            fallback = LLMJudge(judge.guard.fallback_endpoint, cache_dir,
+                                record_endpoint_errors=record_endpoint_errors)
+        return GuardJudge(judge.endpoint, judge.guard, fallback,
+                          record_endpoint_errors=record_endpoint_errors)
     from mosaic.eval.rule_judge import RuleJudge
 
     return RuleJudge()
+
+
+def judge_model_warnings(config: MosaicConfig) -> list[str]:
+    """Why the configured judge may not be trusted on the configured model's replies: a judge
+    measured on the sandbox's text only (the rule judge, or a guard falling back to it) judging
+    a model that is not the sandbox's base model, whose replies are not sandbox text."""
+    judge = config.judge
+    sandbox_only = judge.kind == "rule" or (judge.kind == "guard" and judge.guard is not None
+                                            and judge.guard.fallback == "rule")
+    served = config.inference.backend == "openai" and config.inference.endpoint is not None
+    if not sandbox_only or (config.model.base == "sandbox" and not served):
+        return []
+    from mosaic.eval.rule_judge import RANGE_NOTE
+
+    model = config.inference.endpoint.model if served else config.model.base  # type: ignore[union-attr]
+    return [f"the rule judge labels the replies of {model}, which is not the sandbox's base "
+            f"model; its atoms are measured on sandbox text only. {RANGE_NOTE} Check a judge on "
+            f"your own labels with `mosaic judge-agreement --labels`, and prefer judge.kind: llm "
+            f"or guard for a real model."]

@@ -72,6 +72,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     the commands that evaluate, build or train catch them."""
     from mosaic.config import ConfigError
     from mosaic.data import DataFormatError
+    from mosaic.eval.judge import JudgeRangeError
     from mosaic.llm import EndpointError
     from mosaic.run_store import RunConfigError
     from mosaic.sandbox import WorldError
@@ -81,7 +82,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mosaic.training.train import TrainingDataError
 
     return (ConfigError, DataFormatError, FileNotFoundError, EndpointError, WorldError,
-            ModelLoadError, BaseModelError, PoolError, TrainingDataError, RunConfigError)
+            ModelLoadError, BaseModelError, PoolError, TrainingDataError, RunConfigError,
+            JudgeRangeError)
 
 
 def _read_action_file(path: Path, what: str = "action") -> bytes:
