@@ -227,7 +227,7 @@ def annotate_batch(batch: pd.DataFrame, objective_type: str | ObjectiveType, jud
     counts = counts if counts is not None else Counter()
     n = len(batch)
     rownum = list(row_numbers) if row_numbers is not None else list(range(n))
-    ident = identity if identity is not None else (judge_identity(judge) if cache else {})
+    ident = identity if identity is not None else (judge_identity(judge) if cache is not None else {})
     convs = [[{"role": m["role"], "content": m["content"]} for m in _py(msgs)]
              for msgs in batch["messages"].tolist()]
 
@@ -318,9 +318,11 @@ def annotate_batch(batch: pd.DataFrame, objective_type: str | ObjectiveType, jud
             l2[f][i] = l2_i[f]
 
     out = batch.copy()
-    out["l3_prompt"] = [json.dumps(p, ensure_ascii=False) if p is not None else None for p in prompts]
-    out["l3_response"] = [json.dumps(r, ensure_ascii=False) if r is not None else None
-                          for r in responses]
+    # Sorted keys: the same atoms give the same text whether they came from the judge or the cache.
+    out["l3_prompt"] = [json.dumps(p, ensure_ascii=False, sort_keys=True) if p is not None else None
+                        for p in prompts]
+    out["l3_response"] = [json.dumps(r, ensure_ascii=False, sort_keys=True) if r is not None
+                          else None for r in responses]
     ok = [f is None for f in failed]
     out["slice"] = pd.Series([s if k else None for s, k in zip(l1["slice"], ok)],
                              index=out.index, dtype=object)
@@ -377,11 +379,17 @@ def _column(values: list[Any]) -> Any:
     return values
 
 
+class EndpointDown(RuntimeError):
+    """Every request of a batch failed for good: the endpoint is down, not a row's problem."""
+
+
 def annotate_pool(df: pd.DataFrame, objective_type: str | ObjectiveType, judge: Judge, *,
                   batch_size: int = 512, rescore: bool = False, cache: AtomCache | None = None,
                   progress: Callable[[int, int], None] | None = None) -> Annotated:
     """`annotate_batch` over the rows that need it (all with `rescore`), `batch_size` at a time.
-    Rows already annotated are left as they are; the input frame is not changed."""
+    Rows already annotated are left as they are; the input frame is not changed. A batch whose
+    every row failed on its endpoint stops the run (EndpointDown): going on would only list
+    every remaining row as failed; the cache keeps what was labelled."""
     otype = _otype(objective_type)
     source = df.attrs.get("source", "<dataframe>")
     todo = np.flatnonzero(np.ones(len(df), dtype=bool) if rescore
@@ -398,6 +406,11 @@ def annotate_pool(df: pd.DataFrame, objective_type: str | ObjectiveType, judge: 
         got = annotate_batch(work.iloc[start:start + batch_size], otype, judge, cache=cache,
                              identity=ident, counts=counts, source=source,
                              row_numbers=[int(i) for i in todo[start:start + batch_size]])
+        reasons = got[REASON_COLUMN].tolist()
+        if reasons and all(isinstance(r, str) and r.startswith("endpoint_") for r in reasons):
+            raise EndpointDown(f"every request of the last batch failed for good, e.g. "
+                               f"{got[ERROR_COLUMN].iloc[0]}; stopping (the endpoint looks down). "
+                               f"Rows labelled so far are cached: rerun to resume")
         for c in new:
             new[c].extend(_py(v) if not (isinstance(v, float) and np.isnan(v)) else None
                           for v in got[c].tolist())

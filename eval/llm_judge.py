@@ -153,6 +153,13 @@ class LLMJudge(JudgeBase):
         env = environment()
         return "\n".join(env.loader.get_source(env, n)[0] for n in names)  # type: ignore[union-attr]
 
+    def request_messages(self, objective_type: str, channel: Channel,
+                         conversation: Conversation) -> list[dict[str, str]]:
+        """The chat messages one judge request sends for a conversation (`mosaic doctor`
+        sends one as its probe)."""
+        return self._messages(objective_type, channel, conversation,
+                              self.atom_spec(objective_type, channel))
+
     def _messages(self, objective_type: str, channel: Channel, conversation: Conversation,
                   spec: Mapping[str, tuple[int, ...]]) -> list[dict[str, str]]:
         atoms = [{"name": k, "values": list(v)} for k, v in spec.items()]

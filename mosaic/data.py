@@ -46,6 +46,7 @@ class DataFormatError(ValueError):
     def __init__(self, path: str | Path, message: str, *, row: int | None = None,
                  field: str | None = None, line: int | None = None) -> None:
         self.path, self.row, self.field, self.line = str(path), row, field, line
+        self.message = message
         where = str(path)
         if row is not None:
             where += f", row {row}" + (f" (line {line})" if line is not None else "")
