@@ -764,12 +764,12 @@ def doctor_cmd(
         typer.echo(report.model_dump_json(indent=2))
     else:
         table = Table(title=_text(f"mosaic doctor {config}"), box=box.SIMPLE_HEAD)
-        for col in ("area", "check", "status", "found", "fix"):
+        for col in ("area", "check", "status", "found"):
             table.add_column(col, overflow="fold")
         style = {"ok": "green", "warn": "yellow", "problem": "red"}
         for chk in report.checks:
             table.add_row(_text(chk.area), _text(chk.name), _text(chk.status, style[chk.status]),
-                          _text(chk.detail), _text(chk.fix or ""))
+                          _text(chk.detail))
         _wide(160).print(table)
         est = Table(title=_text("estimate per round"), box=box.SIMPLE_HEAD)
         for col in ("what", "estimate", "how it is estimated"):
@@ -780,7 +780,8 @@ def doctor_cmd(
         if report.problems:
             _say(f"{len(report.problems)} problem(s) to fix before `mosaic run {config}`:", "red")
             for i, chk in enumerate(report.problems, 1):
-                _say(f"  {i}. {chk.name}: {chk.detail}\n     fix: {chk.fix}", "red")
+                _say(f"  {i}. {chk.name}: {chk.detail}", "red")
+                _say(f"     fix: {chk.fix}")
         else:
             _say(f"all checks pass: `mosaic run {config}` can start", "green")
     if report.problems:
