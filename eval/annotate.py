@@ -461,6 +461,15 @@ class AnnotateSummary:
     def rows_per_second(self) -> float:
         return self.rows_todo / self.seconds if self.seconds > 0 else float("inf")
 
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": str(self.source), "out": str(self.out),
+                "failures_file": str(self.failures_file) if self.failures_file else None,
+                "rows": self.rows, "rows_todo": self.rows_todo, "annotated": self.annotated,
+                "failed": self.failed, "failure_reasons": self.failure_reasons,
+                "counts": self.counts, "judge_stats": self.judge_stats,
+                "seconds": self.seconds, "rows_per_second": self.rows_per_second,
+                "warnings": self.warnings}
+
 
 def failures_path(out: str | Path) -> Path:
     """Where the failed rows of a pool written to `out` are listed: `<stem>.failed.jsonl`."""

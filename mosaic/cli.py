@@ -650,6 +650,9 @@ def annotate_cmd(
     allow_out_of_range: bool = typer.Option(False, "--allow-out-of-range",
                                             help="Let the rule judge label text that is not the "
                                                  "sandbox's (outside its measured range)."),
+    report: Path = typer.Option(None, "--report", help="Also write the run's summary (rows, "
+                                                       "requests, retries by reason, tokens, "
+                                                       "cost, failures) as JSON here."),
 ) -> None:
     """Fill a pool's L3 prompt and response atoms with the configured judge, then its L2 and
     L1. Resumable: atoms are cached per conversation, so a killed run, rerun, asks the judge
@@ -705,12 +708,16 @@ def annotate_cmd(
         atom_cache.close()
     for w in summary.warnings:
         _say(f"warning: {w}", "yellow")
-    _print_annotate_summary(summary, cfg)
+    _print_annotate_summary(summary)
+    if report is not None:
+        from mosaic.io import atomic_write_json
+
+        atomic_write_json(report, summary.as_dict())
     if summary.failed:
         raise typer.Exit(1)
 
 
-def _print_annotate_summary(summary, cfg) -> None:
+def _print_annotate_summary(summary) -> None:
     c, st = summary.counts, summary.judge_stats
     _say(f"annotated {summary.annotated:,} of {summary.rows_todo:,} rows needing it ({summary.rows:,} "
          f"in the pool) in {summary.seconds:.1f}s, {summary.rows_per_second:,.1f} rows/s")

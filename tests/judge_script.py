@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -47,13 +48,16 @@ def atoms_for(body: dict[str, Any]) -> dict[str, int]:
 class JudgeScript:
     """`responder` for ScriptedOpenAIServer: valid atoms, and each marked fault once."""
 
-    def __init__(self, timeout_delay_s: float = 1.0) -> None:
+    def __init__(self, timeout_delay_s: float = 1.0, latency_s: float = 0.0) -> None:
         self.timeout_delay_s = timeout_delay_s
+        self.latency_s = latency_s  # every answer waits this long (a model's inference time)
         self.faults: Counter[str] = Counter()  # faults served, by kind
         self._served: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
     def __call__(self, body: dict[str, Any]) -> Any:
+        if self.latency_s:
+            time.sleep(self.latency_s)
         text = conversation_text(body)
         is_retry = len(body.get("messages", [])) > 2  # a format retry carries the bad reply
         for kind in FAULT.findall(text):
