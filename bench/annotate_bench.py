@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -110,11 +109,11 @@ def main() -> int:
 
     import pandas as pd
 
-    from judge_script import JudgeScript, conversation_text
+    from judge_script import JudgeScript, asked_conversations, cached_conversations
     from openai_server import ScriptedOpenAIServer
 
     from mosaic.data import load_pool, rows_needing_annotation, write_table
-    from mosaic.eval.annotate import AtomCache, atom_key, failures_path, prompt_part
+    from mosaic.eval.annotate import AtomCache, failures_path
 
     work = Path(tempfile.mkdtemp(prefix="annotate-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOSAIC__")}
@@ -196,20 +195,8 @@ def main() -> int:
         from mosaic.eval.annotate import judge_identity
 
         ident = judge_identity(build_judge(load_config(cfg2, environ={}), request_cache=False))
-        done2 = load_pool(pool2, "jailbreak")
-        convs = [[dict(m) for m in c] for c in done2["messages"]]
-        atoms = [json.loads(a) if isinstance(a, str) else None for a in done2["l3_prompt"]]
-        p_cached = {i // 2 for i in range(len(rows))
-                    if atom_key(ident, "jailbreak", "prompt", prompt_part(convs[i])) in cached}
-        r_cached = {i for i in range(len(rows)) if atoms[i] is not None
-                    and atom_key(ident, "jailbreak", "response", convs[i], atoms[i]) in cached}
-        asked_p, asked_r = set(), set()
-        for r in server.requests[at_kill:]:
-            text = conversation_text(r.body or {})
-            if "FINAL assistant reply" in text:
-                asked_r.add(int(re.search(r"final reply (\d+)", text).group(1)))
-            else:
-                asked_p.add(int(re.search(r"request (\d+) turn 0", text).group(1)))
+        p_cached, r_cached = cached_conversations(load_pool(pool2, "jailbreak"), cached, ident)
+        asked_p, asked_r = asked_conversations(server.requests[at_kill:])
         rejudged = len(asked_p & p_cached) + len(asked_r & r_cached)
         print(f"kill: SIGKILL after {at_kill:,} of ~{total:,} requests; {len(cached):,} "
               f"conversations cached ({len(p_cached):,} prompts, {len(r_cached):,} replies)",

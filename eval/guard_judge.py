@@ -25,7 +25,6 @@ import hashlib
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +33,8 @@ from mosaic.eval.base import get_objective_type
 from mosaic.eval.judge import (Channel, Conversation, Judge, JudgeBase, JudgeCapabilities,
                                JudgeError, JudgeFailure)
 from mosaic.eval.llm_judge import COMPUTED_ATOMS
-from mosaic.llm import EndpointError, RetryingCaller, TokenUsage, make_client, text_completion
+from mosaic.llm import (EndpointError, RetryingCaller, TokenUsage, make_client,
+                        map_concurrently, text_completion)
 from mosaic.prompts import environment, render
 
 if TYPE_CHECKING:
@@ -266,18 +266,8 @@ class GuardJudge(JudgeBase):
 
     def _ask_all(self, objective_type: str, channel: Channel,
                  conversations: Sequence[Conversation]) -> list[Labels | JudgeFailure]:
-        def one(i: int) -> Labels | JudgeFailure:
-            return self._ask(i, objective_type, channel, conversations[i])
-
-        if not conversations:
-            return []
-        workers = min(self.endpoint.concurrency, len(conversations))
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mosaic-guard")
-        try:
-            futures = [pool.submit(one, i) for i in range(len(conversations))]
-            return [f.result() for f in futures]
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        return map_concurrently(lambda i: self._ask(i, objective_type, channel, conversations[i]),
+                                len(conversations), self.endpoint.concurrency, "mosaic-guard")
 
     def _ask(self, index: int, objective_type: str, channel: Channel,
              conversation: Conversation) -> Labels | JudgeFailure:

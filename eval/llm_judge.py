@@ -18,7 +18,6 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,8 @@ from mosaic.eval.base import get_objective_type
 from mosaic.eval.judge import (Channel, Conversation, JudgeBase, JudgeCapabilities, JudgeError,
                                JudgeFailure)
 from mosaic.io import atomic_write_json
-from mosaic.llm import EndpointError, RetryingCaller, TokenUsage, chat_completion, make_client
+from mosaic.llm import (EndpointError, RetryingCaller, TokenUsage, chat_completion, make_client,
+                        map_concurrently)
 from mosaic.prompts import environment, render
 
 if TYPE_CHECKING:
@@ -229,15 +229,8 @@ class LLMJudge(JudgeBase):
                     "objective_type": objective_type, "channel": channel})
             return result
 
-        results: list[dict[str, int] | JudgeFailure] = []
-        if conversations:
-            workers = min(self.endpoint.concurrency, len(conversations))
-            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mosaic-judge")
-            try:
-                futures = [pool.submit(one, i) for i in range(len(conversations))]
-                results = [f.result() for f in futures]
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+        results = map_concurrently(one, len(conversations), self.endpoint.concurrency,
+                                   "mosaic-judge")
 
         out: list[dict[str, Any] | None] = []
         failures: list[JudgeFailure] = []

@@ -951,6 +951,7 @@ def chat_cmd(
         line = sys.stdin.readline()
         return None if line == "" else line
 
+    _judge_warnings(cfg)
     if cfg.world.kind == "sandbox":
         _sandbox_world(cfg)
     if cfg.inference.backend != "openai" or cfg.model.base == "sandbox":

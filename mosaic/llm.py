@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -184,6 +185,20 @@ class RetryingCaller:
                             describe(self.endpoint), attempt + 1, attempts, reason, text, wait)
                 self.sleep(wait)
         raise AssertionError("unreachable")
+
+
+def map_concurrently(fn: Callable[[int], T], n: int, workers: int, name: str) -> list[T]:
+    """`[fn(0), ..., fn(n - 1)]` with at most `workers` calls in flight (one endpoint's
+    `concurrency`), results in order. The first exception re-raises here, and the calls still
+    queued behind it are not started."""
+    if n == 0:
+        return []
+    pool = ThreadPoolExecutor(max_workers=min(workers, n), thread_name_prefix=name)
+    try:
+        futures = [pool.submit(fn, i) for i in range(n)]
+        return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _reason_of(err: BaseException) -> str:

@@ -82,3 +82,34 @@ class JudgeScript:
             if kind == "reply":
                 return Text("Sure! The atoms are: all zero.")
         return Text(json.dumps(atoms_for(body)))
+
+
+# ---- what a killed-and-resumed annotation asked about --------------------------------------
+# Pools whose row i replies to prompt i // 2 with "final reply {i}" after "request {i // 2}
+# turn 0 ..." (tests/test_annotate.py, bench/annotate_bench.py).
+
+
+def cached_conversations(done: Any, cached: set[str], identity: dict[str, Any]) -> tuple[set[int], set[int]]:
+    """(prompts, rows) of an annotated pool frame whose prompt / reply atoms are in `cached`
+    (cache keys from mosaic.eval.annotate.atom_key)."""
+    from mosaic.eval.annotate import atom_key, prompt_part
+
+    convs = [[dict(m) for m in c] for c in done["messages"]]
+    atoms = [json.loads(a) if isinstance(a, str) else None for a in done["l3_prompt"]]
+    prompts = {i // 2 for i in range(len(convs))
+               if atom_key(identity, "jailbreak", "prompt", prompt_part(convs[i])) in cached}
+    rows = {i for i in range(len(convs)) if atoms[i] is not None
+            and atom_key(identity, "jailbreak", "response", convs[i], atoms[i]) in cached}
+    return prompts, rows
+
+
+def asked_conversations(requests: Any) -> tuple[set[int], set[int]]:
+    """(prompts, rows) that judge requests asked about."""
+    prompts, rows = set(), set()
+    for r in requests:
+        text = conversation_text(r.body or {})
+        if "FINAL assistant reply" in text:
+            rows.add(int(re.search(r"final reply (\d+)", text).group(1)))
+        else:
+            prompts.add(int(re.search(r"request (\d+) turn 0", text).group(1)))
+    return prompts, rows

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from judge_script import JudgeScript, conversation_text
+from judge_script import JudgeScript, asked_conversations, cached_conversations
 
 from mosaic.config import MosaicConfig
 from mosaic.data import load_pool, rows_needing_annotation, write_table
@@ -210,25 +209,14 @@ def test_killed_annotate_resumes_without_rejudging_a_cached_row(openai_server, t
     done = load_pool(pool, "jailbreak")
     assert not rows_needing_annotation(done, "jailbreak").any()
 
-    # Which conversations were cached at the kill: their keys, from the content and the judge.
+    # Which conversations were cached at the kill (their keys: the content and the judge), and
+    # which ones the rerun asked about.
     from mosaic.config import load_config
 
     ident = judge_identity(build_judge(load_config(cfg, environ={}), request_cache=False))
-    convs = [[dict(m) for m in c] for c in done["messages"]]
-    atoms = [json.loads(a) for a in done["l3_prompt"]]
-    prompt_cached = {i // 2 for i in range(n)
-                     if atom_key(ident, "jailbreak", "prompt", prompt_part(convs[i])) in cached}
-    reply_cached = {i for i in range(n)
-                    if atom_key(ident, "jailbreak", "response", convs[i], atoms[i]) in cached}
+    prompt_cached, reply_cached = cached_conversations(done, cached, ident)
     assert prompt_cached and reply_cached
-    # Which conversations the rerun asked about (a judge request names its conversation).
-    asked_prompts, asked_replies = set(), set()
-    for r in openai_server.requests[judged_before:]:
-        text = conversation_text(r.body or {})
-        if "FINAL assistant reply" in text:
-            asked_replies.add(int(re.search(r"final reply (\d+)", text).group(1)))
-        else:
-            asked_prompts.add(int(re.search(r"request (\d+) turn 0", text).group(1)))
+    asked_prompts, asked_replies = asked_conversations(openai_server.requests[judged_before:])
     # 0 cached rows re-judged, and exactly the uncached ones judged.
     assert asked_prompts & prompt_cached == set() and asked_replies & reply_cached == set()
     assert asked_prompts == set(range(n // 2)) - prompt_cached
