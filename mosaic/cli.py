@@ -663,6 +663,7 @@ def annotate_cmd(
 
     from mosaic.eval import build_judge
     from mosaic.eval.annotate import AtomCache, EndpointDown, annotate_file
+    from mosaic.eval.judge import JudgeRangeError, check_judge_range
     from mosaic.llm import endpoint_secrets
 
     cfg = _with_judge_kind(_load(config), judge_kind)
@@ -683,6 +684,11 @@ def annotate_cmd(
     batch = batch_size or max(64, 4 * width)
     secrets = [s for e in endpoints for s in endpoint_secrets(e)]
     judge = build_judge(cfg, request_cache=False, record_endpoint_errors=True)
+    allow = allow_out_of_range or cfg.judge.allow_out_of_range
+    try:  # before the progress bar: a judge out of its range is refused at once
+        check_judge_range(judge, [pool], allow=allow)
+    except JudgeRangeError as e:
+        _fail(e)
     atom_cache = AtomCache(cache or Path(cfg.judge.cache_dir) / "annotate.sqlite")
     _say(f"annotating {pool} ({objective}, {type_name}) with {judge.name}; cache "
          f"{atom_cache.path} ({len(atom_cache):,} entries)")
@@ -694,9 +700,7 @@ def annotate_cmd(
         with progress:
             summary = annotate_file(
                 pool, type_name, judge, out=out, objective=objective, cache=atom_cache,
-                batch_size=batch, rescore=rescore,
-                allow_out_of_range=allow_out_of_range or cfg.judge.allow_out_of_range,
-                secrets=secrets,
+                batch_size=batch, rescore=rescore, allow_out_of_range=allow, secrets=secrets,
                 progress=lambda done, total: progress.update(task, completed=done, total=total))
     except KeyboardInterrupt:
         _say(f"interrupted; {len(atom_cache):,} cached entries kept in {atom_cache.path}: rerun "
