@@ -58,6 +58,9 @@ class JudgeScript:
     def __call__(self, body: dict[str, Any]) -> Any:
         if self.latency_s:
             time.sleep(self.latency_s)
+        if not body.get("messages") and "prompt" not in body:
+            # A request cut off mid-send (its client was killed) has no readable body.
+            return Status(400, "unreadable request body")
         text = conversation_text(body)
         is_retry = len(body.get("messages", [])) > 2  # a format retry carries the bad reply
         for kind in FAULT.findall(text):
