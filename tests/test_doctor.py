@@ -126,3 +126,10 @@ def test_missing_annotations_and_a_non_json_judge_are_reported(paper_like, opena
     assert f"mosaic annotate {pool} --objective xguard" in chk.fix
     judge = next(c for c in report.checks if c.name == "judge.endpoint")
     assert judge.status == "warn" and "not with JSON" in judge.detail
+
+
+def test_a_backend_that_does_not_import_is_named_with_its_error():
+    from mosaic.tools.doctor import _import_problem
+
+    assert _import_problem("no_such_backend_module") == \
+        "ModuleNotFoundError: No module named 'no_such_backend_module'"

@@ -284,14 +284,38 @@ def _check_accelerator(config: MosaicConfig, params: int | None,
                             fix="run on a machine with an NVIDIA GPU, or set inference.backend: "
                                 "transformers (or openai with a served model)"))
         elif importlib.util.find_spec("vllm") is not None:
-            add(DoctorCheck(area="accelerator", name="inference.backend", status="ok",
-                            detail="vllm installed, CUDA present"))
+            problem = _import_problem("vllm")
+            if problem:
+                add(DoctorCheck(area="accelerator", name="inference.backend", status="problem",
+                                detail=f"vllm is installed but does not import: {problem}",
+                                fix="install the vllm build that matches this torch and CUDA "
+                                    "(pip install 'mosaic-curation[vllm]' in a fresh venv)"))
+            else:
+                add(DoctorCheck(area="accelerator", name="inference.backend", status="ok",
+                                detail="vllm imports, CUDA present"))
     if params is not None and params >= CPU_TRAINABLE_PARAMS and not cuda:
         add(DoctorCheck(area="accelerator", name="training", status="problem",
                         detail=f"LoRA training of a {params / 1e9:.1f}B-parameter model on a CPU "
                                f"would take days per round",
                         fix="run on a CUDA machine (one 80 GB GPU fits LoRA on an 8B model in "
                             "bfloat16)"))
+
+
+def _import_problem(module: str) -> str | None:
+    """Why `module` fails to import, tried in a child process (vllm initialises CUDA and
+    takes seconds to import; a broken build must not take the doctor down with it)."""
+    import subprocess
+    import sys
+
+    try:
+        proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
+                              text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return "the import did not finish in 300 s"
+    if proc.returncode == 0:
+        return None
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else f"exit code {proc.returncode}"
 
 
 # ---- endpoints ------------------------------------------------------------------------------------
