@@ -242,9 +242,9 @@ def annotate_batch(batch: pd.DataFrame, objective_type: str | ObjectiveType, jud
     given_r = [r is not None for r in responses]
     failed: list[_Failed | None] = [None] * n
 
-    def label(channel: str, rows: list[int], parts: dict[int, list[dict[str, str]]],
-              keyed: Callable[[int], str], call: Callable[[list[int]], Any],
-              wanted: Sequence[str], into: list[dict[str, Any] | None]) -> None:
+    def label(channel: str, rows: list[int], keyed: Callable[[int], str],
+              call: Callable[[list[int]], Any], wanted: Sequence[str],
+              into: list[dict[str, Any] | None]) -> None:
         keys = {i: keyed(i) for i in rows}
         hits = cache.get_many(keys.values()) if cache is not None else {}
         ask: dict[str, int] = {}  # key -> first row asking it (identical conversations once)
@@ -281,7 +281,7 @@ def annotate_batch(batch: pd.DataFrame, objective_type: str | ObjectiveType, jud
                                 f"--instruction-ids/--kwargs)", "atoms_from_data")
     elif need_p:
         parts = {i: prompt_part(convs[i]) for i in need_p}
-        label("prompt", need_p, parts,
+        label("prompt", need_p,
               lambda i: atom_key(ident, otype.type_name, "prompt", parts[i]),
               lambda rows: judge.prompt_atoms(otype.type_name, [parts[i] for i in rows]),
               otype.prompt_atoms, prompts)
@@ -290,7 +290,7 @@ def annotate_batch(batch: pd.DataFrame, objective_type: str | ObjectiveType, jud
     need_r = [i for i in range(n) if responses[i] is None and prompts[i] is not None
               and failed[i] is None]
     if need_r:
-        label("response", need_r, {},
+        label("response", need_r,
               lambda i: atom_key(ident, otype.type_name, "response", convs[i], prompts[i]),
               lambda rows: judge.response_atoms(otype.type_name, [convs[i] for i in rows],
                                                 [prompts[i] for i in rows]),
