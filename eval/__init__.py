@@ -3,7 +3,7 @@
 `eval/` knows nothing about training or planning. Importing it registers the built-in types.
 """
 
-from mosaic.config import ConfigError, MosaicConfig
+from mosaic.config import ConfigError, EndpointConfig, MosaicConfig
 from mosaic.eval import ifeval, jailbreak, overrefusal  # noqa: F401  (registers the types)
 from mosaic.eval.base import (FocusKey, ObjectiveType, get_objective_type, objective_type_names,
                               register_objective_type)
@@ -26,37 +26,37 @@ def check_objective_types(config: MosaicConfig, source: str = "the configuration
 
 def build_judge(config: MosaicConfig, *, request_cache: bool = True,
                 record_endpoint_errors: bool = False) -> Judge:
-    """The configured judge: rule-based (default, offline), the LLM judge, or a guard model with
-    its fallback. `request_cache=False` turns off the LLM judge's per-request disk cache (for
-    callers that cache whole rows themselves); `record_endpoint_errors` makes a request that
-    fails for good that sample's failure instead of an exception."""
+    """The configured judge: rule-based (default, offline), the LLM judge, the embedding judge
+    (offline, for real text), or a guard model with its fallback judge. `request_cache=False`
+    turns off the LLM judge's per-request disk cache (for callers that cache whole rows
+    themselves); `record_endpoint_errors` makes a request that fails for good that sample's
+    failure instead of an exception."""
     judge = config.judge
     cache_dir = judge.cache_dir if request_cache else None
-    if judge.kind == "llm":
-        from mosaic.eval.llm_judge import LLMJudge
 
-        assert judge.endpoint is not None  # the config validator guarantees it
-        return LLMJudge(judge.endpoint, cache_dir, record_endpoint_errors=record_endpoint_errors)
+    def make(kind: str, endpoint: EndpointConfig | None) -> Judge:
+        if kind == "llm":
+            from mosaic.eval.llm_judge import LLMJudge
+
+            assert endpoint is not None  # the config validators guarantee it
+            return LLMJudge(endpoint, cache_dir, record_endpoint_errors=record_endpoint_errors)
+        if kind == "embedding":
+            from mosaic.eval.embedding_judge import EmbeddingJudge
+
+            return EmbeddingJudge(judge.heads)
+        from mosaic.eval.rule_judge import RuleJudge
+
+        return RuleJudge()
+
     if judge.kind == "guard":
         from mosaic.eval.guard_judge import GuardJudge
 
         assert judge.endpoint is not None and judge.guard is not None
-        fallback: Judge | None = None
-        if judge.guard.fallback == "rule":
-            from mosaic.eval.rule_judge import RuleJudge
-
-            fallback = RuleJudge()
-        elif judge.guard.fallback == "llm":
-            from mosaic.eval.llm_judge import LLMJudge
-
-            assert judge.guard.fallback_endpoint is not None
-            fallback = LLMJudge(judge.guard.fallback_endpoint, cache_dir,
-                                record_endpoint_errors=record_endpoint_errors)
+        fallback = (None if judge.guard.fallback == "none"
+                    else make(judge.guard.fallback, judge.guard.fallback_endpoint))
         return GuardJudge(judge.endpoint, judge.guard, fallback,
                           record_endpoint_errors=record_endpoint_errors)
-    from mosaic.eval.rule_judge import RuleJudge
-
-    return RuleJudge()
+    return make(judge.kind, judge.endpoint)
 
 
 def judge_model_warnings(config: MosaicConfig) -> list[str]:

@@ -72,6 +72,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     the commands that evaluate, build or train catch them."""
     from mosaic.config import ConfigError
     from mosaic.data import DataFormatError
+    from mosaic.eval.embedding_judge import EmbeddingJudgeError
     from mosaic.eval.judge import JudgeRangeError
     from mosaic.llm import EndpointError
     from mosaic.run_store import RunConfigError
@@ -83,7 +84,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (ConfigError, DataFormatError, FileNotFoundError, EndpointError, WorldError,
             ModelLoadError, BaseModelError, PoolError, TrainingDataError, RunConfigError,
-            JudgeRangeError)
+            EmbeddingJudgeError, JudgeRangeError)
 
 
 def _read_action_file(path: Path, what: str = "action") -> bytes:
@@ -812,6 +813,56 @@ def _judge_range_precheck(cfg) -> None:
         check_judge_range(build_judge(cfg), files, allow=cfg.judge.allow_out_of_range)
     except JudgeRangeError as e:
         _fail(e)
+
+
+@app.command("train-judge")
+def train_judge_cmd(
+    data: Path = typer.Option(None, "--data", help="Folder of labelled JSONL files, one per head and "
+                              "split: harmful_intent / explicit_refusal / complied x train / test "
+                              "(default: the real text that ships in mosaic/resources/real_text/judge)."),
+    out: Path = typer.Option(Path("runs/embedding-judge"), "--out",
+                             help="Where heads.json and card.json go (use it as judge.heads). "
+                                  "`--out mosaic/resources/embedding_judge` rebuilds the shipped heads."),
+    check: bool = typer.Option(False, "--check", help="Write nothing: rebuild and compare with the "
+                               "shipped heads and card (prints the largest weight difference; exit 1 "
+                               "if any held-out figure differs)."),
+) -> None:
+    """Fit the embedding judge's heads (logistic regression over all-MiniLM-L6-v2 embeddings) on
+    the train split, choose each head's regularisation by grouped cross-validation on the train
+    split, and report accuracy, precision, recall, F1 and confusion counts on the held-out split,
+    per source, leave-one-source-out, and the rule judge's figures on the same rows."""
+    import json
+    import tempfile
+
+    import numpy as np
+
+    from mosaic.display import judge_card_table
+    from mosaic.eval.embedding_fit import SHIPPED_DATA, train_judge
+    from mosaic.eval.embedding_judge import CARD_FILE, SHIPPED_DIR, EmbeddingJudgeError, Heads
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) if check else out
+        try:
+            card = train_judge(data or SHIPPED_DATA, target, progress=_progress)
+        except (EmbeddingJudgeError, FileNotFoundError, ValueError) as e:
+            _fail(e)
+        _wide(150).print(judge_card_table(card))
+        if not check:
+            _say(f"heads and card written to {out} (heads sha256 {card['heads_sha256'][:16]}); "
+                 f"use them with judge.kind: embedding and judge.heads: {out}")
+            return
+        rebuilt = Heads.load(target)
+    shipped = Heads.load(SHIPPED_DIR)
+    shipped_card = json.loads((SHIPPED_DIR / CARD_FILE).read_text(encoding="utf-8"))
+    diff = max(float(np.max(np.abs(rebuilt.heads[h].weights - head.weights)))
+               for h, head in shipped.heads.items())
+    same_figures = shipped_card["test"] == card["test"]
+    _say(f"shipped heads sha256 {shipped.sha256[:16]}, rebuilt {rebuilt.sha256[:16]}: "
+         f"{'identical' if shipped.sha256 == rebuilt.sha256 else f'max weight difference {diff:.2e}'}"
+         f"; held-out figures {'identical' if same_figures else 'differ'}",
+         "green" if same_figures else "red")
+    if not same_figures:
+        raise typer.Exit(1)
 
 
 def run_main(cfg) -> None:

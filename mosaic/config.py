@@ -122,7 +122,7 @@ class InferenceConfig(Section):
         return self
 
 
-JudgeKind = Literal["rule", "llm", "guard"]
+JudgeKind = Literal["rule", "llm", "guard", "embedding"]
 
 
 class GuardConfig(Section):
@@ -131,7 +131,7 @@ class GuardConfig(Section):
     the rest ("none": those rows are left unannotated, with the reason recorded)."""
 
     format: Literal["llama_guard3", "wildguard", "shieldgemma"]
-    fallback: Literal["none", "rule", "llm"] = "none"
+    fallback: Literal["none", "rule", "llm", "embedding"] = "none"
     fallback_endpoint: EndpointConfig | None = None  # for fallback: llm
     max_tokens: int = Field(32, ge=1)  # the verdict is a line or two
 
@@ -144,10 +144,17 @@ class GuardConfig(Section):
 
 
 class JudgeConfig(Section):
+    # rule: the sandbox's lexicons; llm: a chat model over an endpoint; guard: a guard model
+    # (judge.guard) over an endpoint, with a fallback for the atoms it cannot decide;
+    # embedding: offline heads over sentence embeddings, measured on real text
+    # (eval/embedding_judge.py).
     kind: JudgeKind = "rule"
     endpoint: EndpointConfig | None = None  # the LLM judge's, or the guard model's server
     guard: GuardConfig | None = None
     cache_dir: str = ".cache/judge"
+    # embedding judge: a folder with heads.json and card.json from `mosaic train-judge --out`;
+    # None: the heads that ship with MOSAIC.
+    heads: str | None = None
     # The rule judge is measured on the sandbox's text only (eval/rule_judge.py says how it
     # does on real text); it refuses other text unless this is set.
     allow_out_of_range: bool = False
@@ -159,7 +166,7 @@ class JudgeConfig(Section):
                              f"api_key_env)")
         if self.kind == "guard" and self.guard is None:
             raise ValueError("judge kind 'guard' needs a `guard` section (format: llama_guard3 | "
-                             "wildguard | shieldgemma, fallback: none | rule | llm)")
+                             "wildguard | shieldgemma, fallback: none | rule | llm | embedding)")
         return self
 
 

