@@ -167,8 +167,9 @@ def main() -> int:
                            script.faults[kind] > 0 and st["retries"].get(reason, 0) >= script.faults[kind]))
         checks.append(("malformed replies re-asked", st["format_retries"] >= script.faults["reply"] > 0))
         listed = [json.loads(x) for x in failures_path(pool).read_text().splitlines()]
+        outage_ids = sorted(f"r{i}" for i in range(opts.rows - outage, opts.rows))
         checks.append(("outage rows listed, not dropped",
-                       sorted(x["id"] for x in listed) == sorted(f"r{i}" for i in range(opts.rows - outage, opts.rows))))
+                       sorted(x["id"] for x in listed) == outage_ids))
         done = load_pool(pool, "jailbreak")
         checks.append(("every other row annotated",
                        int(rows_needing_annotation(done, "jailbreak").sum()) == outage))

@@ -15,11 +15,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from mosaic.data import JSONL_SUFFIXES, DataFormatError
 from mosaic.eval.base import ObjectiveType, get_objective_type, objective_type_names
 from mosaic.eval.judge import Judge, JudgeError
+from mosaic.eval.rule_judge import AtomAgreement, atom_agreement
 
 Channel = Literal["prompt", "response"]
 
@@ -117,45 +118,28 @@ def atom_channel(objective_type: str, atom: str) -> Channel:
 
 @dataclass
 class LabelAgreement:
-    """A judge against labels on one atom: the confusion counts and what follows from them."""
+    """A judge against labels on one atom: `eval.rule_judge.atom_agreement` over the rows it
+    labelled (the same metric as every other agreement figure), and the rows it did not."""
 
     judge: str
     objective_type: str
     atom: str
     channel: Channel
-    tp: int = 0
-    fp: int = 0
-    fn: int = 0
-    tn: int = 0
+    agreement: AtomAgreement | None = None  # None when the judge labelled no row
     not_judged: list[tuple[int, str]] = field(default_factory=list)  # (row, why)
 
-    @property
-    def n(self) -> int:
-        return self.tp + self.fp + self.fn + self.tn
+    def metrics(self) -> dict[str, Any]:
+        """n, accuracy, precision, recall, F1 and the confusion counts (None: no row labelled)."""
+        ag = self.agreement
+        return {m: (getattr(ag, m) if ag is not None else (0 if m == "n" else None))
+                for m in _METRICS}
 
-    @property
-    def accuracy(self) -> float | None:
-        return (self.tp + self.tn) / self.n if self.n else None
-
-    @property
-    def precision(self) -> float | None:
-        return self.tp / (self.tp + self.fp) if self.tp + self.fp else None
-
-    @property
-    def recall(self) -> float | None:
-        return self.tp / (self.tp + self.fn) if self.tp + self.fn else None
-
-    @property
-    def f1(self) -> float | None:
-        denom = 2 * self.tp + self.fp + self.fn
-        return 2 * self.tp / denom if denom else None
-
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"judge": self.judge, "objective_type": self.objective_type, "atom": self.atom,
-                "channel": self.channel, "n": self.n, "accuracy": self.accuracy,
-                "precision": self.precision, "recall": self.recall, "f1": self.f1,
-                "tp": self.tp, "fp": self.fp, "fn": self.fn, "tn": self.tn,
-                "not_judged": len(self.not_judged)}
+                "channel": self.channel, **self.metrics(), "not_judged": len(self.not_judged)}
+
+
+_METRICS = ("n", "accuracy", "precision", "recall", "f1", "tp", "fp", "fn", "tn")
 
 
 def label_agreement(judge: Judge, objective_type: str, atom: str,
@@ -183,19 +167,15 @@ def label_agreement(judge: Judge, objective_type: str, atom: str,
     if len(predicted) != len(rows):
         raise ValueError(f"judge {judge.name!r} returned {len(predicted)} labels for {len(rows)} rows")
     failed = {i for i, _ in result.not_judged}
+    truth, pred = [], []
     for i, (row, atoms) in enumerate(zip(rows, predicted)):
         if i in failed:
             continue
         if atoms is None or atom not in atoms:
             result.not_judged.append((i, f"the judge gave no {atom!r}"))
             continue
-        pred = int(bool(atoms[atom]))
-        if pred and row.label:
-            result.tp += 1
-        elif pred:
-            result.fp += 1
-        elif row.label:
-            result.fn += 1
-        else:
-            result.tn += 1
+        truth.append(row.label)
+        pred.append(int(bool(atoms[atom])))
+    if truth:
+        result.agreement = atom_agreement(channel, atom, truth, pred)
     return result

@@ -492,9 +492,10 @@ def judge_agreement_cmd(
                               f"{result.channel} atom)"), box=box.SIMPLE_HEAD)
     for col in ("n", "accuracy", "precision", "recall", "F1", "TP", "FP", "FN", "TN", "not judged"):
         table.add_column(col, justify="right")
-    table.add_row(str(result.n), num(result.accuracy), num(result.precision), num(result.recall),
-                  num(result.f1), str(result.tp), str(result.fp), str(result.fn), str(result.tn),
-                  str(len(result.not_judged)))
+    m = result.metrics()
+    counts = [str(m[k]) if m[k] is not None else "-" for k in ("tp", "fp", "fn", "tn")]
+    table.add_row(str(m["n"]), num(m["accuracy"]), num(m["precision"]), num(m["recall"]),
+                  num(m["f1"]), *counts, str(len(result.not_judged)))
     _wide(110).print(table)
     for row, why in result.not_judged[:5]:
         _say(f"  row {row} not judged: {why}", "yellow")

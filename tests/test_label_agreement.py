@@ -115,5 +115,6 @@ def test_any_judge_kind_plugs_in_and_unlabelled_rows_are_counted_apart(openai_se
     rows = [LabelledRow(p, r, label) for p, r, label in REFUSALS]
     result = label_agreement(judge, "jailbreak", "explicit_refusal", rows)
     assert [i for i, _ in result.not_judged] == [3]
-    assert (result.tp, result.fp, result.fn, result.tn) == (5, 0, 0, 3)
-    assert result.accuracy == 1.0 and result.n == 8
+    m = result.metrics()
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (5, 0, 0, 3)
+    assert m["accuracy"] == 1.0 and m["n"] == 8

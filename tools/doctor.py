@@ -461,7 +461,8 @@ def _estimate(config: MosaicConfig, sets: dict[str, dict[str, _SetInfo]],
     out.append(DoctorEstimate(what="eval conversations", value=f"{convs:,} ({turns:,} user turns)",
                               how=f"rows of the {' and '.join(splits)} sets (the baseline also "
                                   f"evaluates held-out sets)"))
-    out.append(DoctorEstimate(what="generated tokens", value=f"<= {turns * config.inference.max_new_tokens:,}",
+    out.append(DoctorEstimate(what="generated tokens",
+                              value=f"<= {turns * config.inference.max_new_tokens:,}",
                               how=f"user turns x inference.max_new_tokens "
                                   f"({config.inference.max_new_tokens}): the model answers every turn"))
     gen = probes.get("inference.endpoint")
@@ -480,7 +481,8 @@ def _estimate(config: MosaicConfig, sets: dict[str, dict[str, _SetInfo]],
                                   how="the rule judge runs in-process"))
         return out
     requests = judged_convs + prompt_calls
-    fallback_llm = kind == "guard" and config.judge.guard is not None and config.judge.guard.fallback == "llm"
+    guard = config.judge.guard
+    fallback_llm = kind == "guard" and guard is not None and guard.fallback == "llm"
     if fallback_llm:
         requests *= 2
     out.append(DoctorEstimate(
@@ -506,7 +508,8 @@ def _estimate(config: MosaicConfig, sets: dict[str, dict[str, _SetInfo]],
                                       f"request, its input adjusted to the eval conversations' "
                                       f"mean length (~4 characters a token)"))
         if ep.price_per_1k_input is not None or ep.price_per_1k_output is not None:
-            cost = tin / 1000 * (ep.price_per_1k_input or 0) + tout / 1000 * (ep.price_per_1k_output or 0)
+            cost = (tin / 1000 * (ep.price_per_1k_input or 0)
+                    + tout / 1000 * (ep.price_per_1k_output or 0))
             out.append(DoctorEstimate(what="judge cost", value=f"~{cost:,.2f}",
                                       how="tokens x judge.endpoint.price_per_1k_input/output"))
     else:
