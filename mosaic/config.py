@@ -40,6 +40,10 @@ class EndpointConfig(Section):
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(3, ge=0)
     concurrency: int = Field(8, ge=1)
+    # What the endpoint charges, for cost estimates (`mosaic annotate`, `mosaic doctor`); None:
+    # not known, and no cost is printed.
+    price_per_1k_input: float | None = Field(None, ge=0)
+    price_per_1k_output: float | None = Field(None, ge=0)
 
     @field_validator("api_key_env")
     @classmethod
@@ -140,20 +144,51 @@ class InferenceConfig(Section):
         return self
 
 
+JudgeKind = Literal["rule", "llm", "guard", "embedding"]
+
+
+class GuardConfig(Section):
+    """A guard model (safety classifier) served behind an OpenAI-compatible completions endpoint
+    (vLLM). It decides the atoms its labels map to; `fallback` names the judge kind that labels
+    the rest ("none": those rows are left unannotated, with the reason recorded)."""
+
+    format: Literal["llama_guard3", "wildguard", "shieldgemma"]
+    fallback: Literal["none", "rule", "llm", "embedding"] = "none"
+    fallback_endpoint: EndpointConfig | None = None  # for fallback: llm
+    max_tokens: int = Field(32, ge=1)  # the verdict is a line or two
+
+    @model_validator(mode="after")
+    def _endpoint_for_llm_fallback(self) -> "GuardConfig":
+        if self.fallback == "llm" and self.fallback_endpoint is None:
+            raise ValueError("guard fallback 'llm' needs a `fallback_endpoint` (base_url, model, "
+                             "api_key_env)")
+        return self
+
+
 class JudgeConfig(Section):
-    # rule: the sandbox's lexicons; llm: a chat model over an endpoint; embedding: offline
-    # heads over sentence embeddings, measured on real text (eval/embedding_judge.py).
-    kind: Literal["rule", "llm", "embedding"] = "rule"
-    endpoint: EndpointConfig | None = None
+    # rule: the sandbox's lexicons; llm: a chat model over an endpoint; guard: a guard model
+    # (judge.guard) over an endpoint, with a fallback for the atoms it cannot decide;
+    # embedding: offline heads over sentence embeddings, measured on real text
+    # (eval/embedding_judge.py).
+    kind: JudgeKind = "rule"
+    endpoint: EndpointConfig | None = None  # the LLM judge's, or the guard model's server
+    guard: GuardConfig | None = None
     cache_dir: str = ".cache/judge"
     # embedding judge: a folder with heads.json and card.json from `mosaic train-judge --out`;
     # None: the heads that ship with MOSAIC.
     heads: str | None = None
+    # The rule judge is measured on the sandbox's text only (eval/rule_judge.py says how it
+    # does on real text); it refuses other text unless this is set.
+    allow_out_of_range: bool = False
 
     @model_validator(mode="after")
     def _endpoint_for_llm(self) -> "JudgeConfig":
-        if self.kind == "llm" and self.endpoint is None:
-            raise ValueError("judge kind 'llm' needs an `endpoint` (base_url, model, api_key_env)")
+        if self.kind in ("llm", "guard") and self.endpoint is None:
+            raise ValueError(f"judge kind {self.kind!r} needs an `endpoint` (base_url, model, "
+                             f"api_key_env)")
+        if self.kind == "guard" and self.guard is None:
+            raise ValueError("judge kind 'guard' needs a `guard` section (format: llama_guard3 | "
+                             "wildguard | shieldgemma, fallback: none | rule | llm | embedding)")
         return self
 
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from mosaic.config import ConfigError, MosaicConfig
 from mosaic.eval.base import get_objective_type
 from mosaic.eval import build_judge
-from mosaic.eval.judge import Judge, JudgeError
+from mosaic.eval.judge import Judge, JudgeError, check_judge_range
 from mosaic import stage_cache
 from mosaic.io import atomic_write_json, atomic_write_with
 from mosaic.markers import check_marker, dir_fingerprint, file_sha256, hash_obj, write_marker
@@ -252,6 +252,15 @@ def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: st
         if built["judge"] is None:
             built["judge"] = build_judge(config)
         return built["judge"]
+
+    # Before anything is generated: a judge measured on the sandbox's text only refuses other
+    # text unless the config allows it (then it says so once).
+    files = [getattr(config.objectives[n], split) for n in names]
+    for warning in check_judge_range(get_judge(), [f for f in files if f],
+                                     allow=config.judge.allow_out_of_range):
+        log.warning("%s", warning)
+        if progress is not None:
+            say(f"warning: {warning}")
 
     # Responses first, for every objective: what is not cached is generated in one go (on the
     # Ray engine, one pipeline over all objectives' rows: the workers load the model once).
