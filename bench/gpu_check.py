@@ -1,17 +1,21 @@
-"""GPU check: the round bench on CUDA, LoRA SFT throughput of an 8B-shaped Llama (tokens/s, MFU).
+"""GPU check: a sandbox round on CUDA, vLLM vs transformers generation, 8B-shaped LoRA SFT.
 
 Not run on the 2-core sandbox machine (it has no GPU); prepared for one NVIDIA GPU (an H200 in
 this workplace), as one command that fits the device tool's 10-minute limit:
 
-    .venv/bin/python bench/gpu_check.py [--skip-round] [--steps 12] [--batch 8] [--seq 2048]
-        [--out DIR] [--shape tiny]   (tiny: a CPU smoke test of the LoRA step, no GPU needed)
+    .venv/bin/python bench/gpu_check.py [--skip-round] [--skip-vllm] [--steps 12] [--batch 8]
+        [--seq 2048] [--out DIR] [--shape tiny]   (tiny: a CPU smoke test of the LoRA step, no GPU needed)
 
 1. matmul ceiling: an 8192^3 bf16 matrix product, timed (the MFU denominator measured here,
    beside the datasheet's dense bf16 figure);
 2. the round bench on CUDA (`bench/round_bench.py --compare eval`): one sandbox round, fast vs
    current decode path in the same run, identical replies checked (the sandbox model in float32
    on the GPU: `model.dtype: float32`, so replies can be compared with the CPU's too);
-3. LoRA SFT of a randomly initialised Llama with Llama-3-8B's shapes (hidden 4096, 32 layers,
+3. eval generation on the GPU (when vllm is installed; `--skip-vllm` to leave it out): the
+   sandbox's eval sets replayed turn by turn, greedy, by the transformers backend and by the
+   vLLM backend (one engine, prompts cut the same way), new tokens/s of each, the speed-up and
+   how many replies are identical;
+4. LoRA SFT of a randomly initialised Llama with Llama-3-8B's shapes (hidden 4096, 32 layers,
    32 heads / 8 KV heads, MLP 14336, vocab 128256) in bf16: MOSAIC's LoRA config (r 16,
    all-linear) and optimiser settings (`training/settings.py`, activation checkpointing on above
    1B parameters) on random token batches of `--batch` x `--seq`; tokens/s over the timed
@@ -169,6 +173,46 @@ def lora_8b(steps: int, batch: int, seq: int, shape: dict = LLAMA_8B,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}
 
 
+def eval_generation(model_dir: str, config_path: str, rows_limit: int | None,
+                    max_new_tokens: int = 48) -> dict:
+    """Eval generation on one GPU: the sandbox's eval sets replayed turn by turn (greedy) by
+    the transformers backend and by the vLLM backend (one engine, prompts cut alike); new
+    tokens per second of each, the speed-up, and how many replies agree."""
+    from mosaic.config import load_config
+    from mosaic.tools.evaluate import load_eval_rows, replay_rows
+    from mosaic.training.transformers_backend import TransformersBackend
+    from mosaic.training.vllm_backend import VLLMBackend, release_engines
+
+    cfg = load_config(config_path)
+    rows = [r for name, o in cfg.objectives.items() for r in load_eval_rows(o.eval, name, o.type)]
+    if rows_limit is not None:
+        rows = rows[:rows_limit]
+    figures: dict = {"rows": len(rows), "user_turns": sum(len(r["turns"]) for r in rows),
+                     "max_new_tokens": max_new_tokens}
+    replies = {}
+    for name, make in (("transformers", lambda: TransformersBackend(model_dir, device="cuda",
+                                                                      dtype="float32")),
+                       ("vllm", lambda: VLLMBackend(model_dir, dtype="float32"))):
+        t0 = time.perf_counter()
+        backend = make()
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        convs = replay_rows(backend, rows, max_new_tokens=max_new_tokens, temperature=0.0)
+        seconds = time.perf_counter() - t0
+        answers = [m["content"] for c in convs for m in c if m["role"] == "assistant"]
+        new_tokens = sum(len(backend.tokenizer(a, add_special_tokens=False)["input_ids"]) + 1
+                         for a in answers)
+        figures[name] = {"load_s": load_s, "seconds": seconds, "replies": len(answers),
+                         "new_tokens_per_s": new_tokens / seconds}
+        replies[name] = answers
+        del backend
+        if name == "vllm":
+            release_engines()
+    figures["speedup"] = figures["vllm"]["new_tokens_per_s"] / figures["transformers"]["new_tokens_per_s"]
+    figures["same_replies"] = sum(a == b for a, b in zip(replies["transformers"], replies["vllm"]))
+    return figures
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-round", action="store_true")
@@ -176,6 +220,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--out", default=".")
+    ap.add_argument("--skip-vllm", action="store_true",
+                    help="skip eval generation through vLLM against transformers")
+    ap.add_argument("--vllm-rows", type=int, default=None, help="eval rows for that (all)")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "sandbox.yaml"))
     ap.add_argument("--shape", choices=("8b", "tiny"), default="8b",
                     help="tiny: a smoke test of the LoRA step on CPU (no GPU, no round)")
     opts = ap.parse_args()
@@ -213,6 +261,25 @@ def main() -> None:
         if proc.returncode:
             print(proc.stderr[-3000:], flush=True)
         (out / "round_bench.log").write_text(proc.stdout + "\n" + proc.stderr[-20000:])
+
+    if not opts.skip_vllm:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            print("vllm is not installed: eval generation through vLLM skipped", flush=True)
+        else:
+            link_sandbox_files()
+            from mosaic.config import load_config
+            from mosaic.sandbox.base_model import ensure_base_model
+
+            model_dir = str(ensure_base_model(load_config(opts.config)))
+            g = eval_generation(model_dir, opts.config, opts.vllm_rows)
+            figures["eval_generation"] = g
+            print(f"\neval generation, sandbox base model, {g['rows']} eval rows "
+                  f"({g['user_turns']} user turns, greedy, {g['max_new_tokens']} new tokens): "
+                  f"transformers {g['transformers']['new_tokens_per_s']:,.0f} new tokens/s, "
+                  f"vLLM {g['vllm']['new_tokens_per_s']:,.0f} ({g['speedup']:.1f}x); "
+                  f"{g['same_replies']}/{g['vllm']['replies']} replies identical", flush=True)
 
     r = lora_8b(opts.steps, opts.batch, opts.seq)
     figures["lora_8b"] = r

@@ -119,7 +119,10 @@ def main() -> None:
         for name, obj in config.objectives.items():
             big = tmp / f"{name}.parquet"
             scaled_eval_file(Path(obj.eval), big, opts.prompts)
-            cfg = load_config(opts.config, overrides={"objectives": {name: {"eval": str(big)}}})
+            # The scaled copy is sandbox text but not a file the world's manifest lists, so
+            # the rule judge is allowed to label it explicitly.
+            cfg = load_config(opts.config, overrides={"objectives": {name: {"eval": str(big)}},
+                                                      "judge": {"allow_out_of_range": True}})
             times = StageTimes()
             evaluate(cfg, base, None, tmp / "round", "eval", backend=CannedBackend(replies[name]),
                      judge=judge, objectives=[name], timings=times)

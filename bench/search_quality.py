@@ -28,10 +28,13 @@ benchmark picks up where it stopped; trained adapters and generated replies are 
 content across runs (`cache.stages_dir`), so an action already trained is not trained again;
 `--jobs` runs that many loops in parallel processes (OMP_NUM_THREADS=1; the thread policy,
 training/threads.py, keeps each on one thread while the others are busy and may widen a
-loop left running alone).
+loop left running alone). `--engine ray` runs the loops as Ray tasks instead, on a local
+cluster of `--jobs` CPUs or on the cluster at `--ray-address` (every node needs MOSAIC, the
+config's paths and the output folder on a shared filesystem); results are the same.
 
     .venv/bin/python bench/search_quality.py                 # 3 seeds x 5 rounds, all methods
     .venv/bin/python bench/search_quality.py --quick         # tiny world, 2 rounds, 1 seed
+    .venv/bin/python bench/search_quality.py --quick --engine ray --out runs/bench/sq-ray
 """
 
 from __future__ import annotations
@@ -163,6 +166,70 @@ def _worker_init() -> None:
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def run_jobs(jobs: list[dict[str, Any]], *, engine: str, workers: int,
+             address: str | None = None):
+    """Each job's `run_one` result, in job order: in a pool of spawned processes, or as Ray
+    tasks (one CPU and one intra-op thread each) so a cluster runs them side by side."""
+    if engine == "ray":
+        import ray
+
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=address, num_cpus=None if address else workers,
+                     include_dashboard=False, log_to_driver=False)
+        if __name__ != "__main__":
+            # Imported (by a test or another script): ship this module's code to the workers,
+            # which do not have bench/ on their path.
+            ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        try:
+            # A task that dies with its worker (killed, out of memory) is run again; a run
+            # resumes from its own folder, so nothing finished is redone.
+            remote = ray.remote(num_cpus=1, max_retries=2)(_run_one_on_ray)
+            for ref in [remote.remote(job) for job in jobs]:
+                yield ray.get(ref)
+        finally:
+            if started:
+                ray.shutdown()
+        return
+    # Fresh interpreters, not forks: a fork of a process whose torch holds thread pools can hang
+    # or die (pytest, or a caller that trained before).
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init,
+                             mp_context=ctx) as pool:
+        yield from pool.map(run_one, jobs)
+
+
+def _run_one_on_ray(job: dict[str, Any]) -> dict[str, Any]:
+    # Ray sets OMP_NUM_THREADS to the task's CPUs; the thread policy reads the machine itself.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return run_one(job)
+
+
+# What differs between two invocations that found the same results: timings, the machine's
+# load, whether a run was computed or resumed, and where the runs live.
+INVOCATION_FIELDS = {"wall_s", "load_average", "computed", "run_dir"}
+
+
+def result_differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """Paths where two results.json trees differ, invocation fields left out."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            if k in INVOCATION_FIELDS:
+                continue
+            if k not in a or k not in b:
+                out.append(f"{path}.{k}: only in {'second' if k in b else 'first'}")
+            else:
+                out += result_differences(a[k], b[k], f"{path}.{k}")
+        return out
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} vs {len(b)} items"]
+        return [d for i, (x, y) in enumerate(zip(a, b))
+                for d in result_differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
 
 
 def build_jobs(cfg, methods, seeds, rounds, out: Path, startup: int) -> list[dict[str, Any]]:
@@ -309,10 +376,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=2, help="loops run in parallel processes")
+    parser.add_argument("--engine", choices=("process", "ray"), default="process",
+                        help="run the (method, seed) loops in a local process pool, or as Ray "
+                             "tasks (one CPU each) on the cluster at --ray-address")
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster to join ('auto', 'ray://head:10001'); default: a local "
+                             "cluster of --jobs CPUs")
     parser.add_argument("--startup", type=int, default=2,
                         help="TPE start-up trials / NSGA-II population size")
     parser.add_argument("--target", type=float, default=0.75,
                         help="target hypervolume as a share of the best any run reached")
+    parser.add_argument("--same-as", default=None, metavar="RESULTS_JSON",
+                        help="compare this invocation's results with another's (e.g. the process "
+                             "pool's against --engine ray), timings aside; exit 1 if they differ")
     parser.add_argument("--quick", action="store_true",
                         help="tiny world, budget 4,000, 2 rounds, seed 0 (a smoke test)")
     args = parser.parse_args(argv)
@@ -349,15 +425,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{len(jobs)} runs ({len(methods)} methods x {len(seeds)} seeds x {args.rounds} rounds), "
           f"{args.jobs} at a time; load average {os.getloadavg()[0]:.2f}", flush=True)
     results = []
-    # Fresh interpreters, not forks: a fork of a process whose torch holds thread pools can hang
-    # or die (pytest, or a caller that trained before).
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, initializer=_worker_init,
-                             mp_context=ctx) as pool:
-        for r in pool.map(run_one, jobs):
-            print(f"  {r['method']} seed {r['seed']}: {len(r['history']) - 1} rounds in "
-                  f"{r['wall_s']:.0f}s{' (cached)' if not r['computed'] else ''}", flush=True)
-            results.append(r)
+    for r in run_jobs(jobs, engine=args.engine, workers=args.jobs, address=args.ray_address):
+        print(f"  {r['method']} seed {r['seed']}: {len(r['history']) - 1} rounds in "
+              f"{r['wall_s']:.0f}s{' (cached)' if not r['computed'] else ''}", flush=True)
+        results.append(r)
     objectives = list(cfg.objectives)
     summary = summarise(results, objectives, args.target)
     summary.update(wall_s=time.perf_counter() - started, rounds=args.rounds,
@@ -372,6 +443,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_table(summary, objectives)
     print(f"wall time {summary['wall_s'] / 60:.1f} min; results in {out / 'results.json'}, "
           f"plot {out / 'hv_by_round.svg'}")
+    if args.same_as:
+        other = json.loads(Path(args.same_as).read_text(encoding="utf-8"))
+        mine = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        diffs = result_differences(other, mine)
+        if diffs:
+            print(f"results differ from {args.same_as} in {len(diffs)} places:\n  "
+                  + "\n  ".join(diffs[:20]))
+            raise SystemExit(1)
+        print(f"results are the same as {args.same_as} (timings aside)")
     return summary
 
 

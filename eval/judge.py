@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from mosaic.eval.base import get_objective_type
@@ -63,11 +64,15 @@ class JudgeFailure:
     errors: tuple[str, ...]
     last_reply: str
     attempts: int
+    # A short code to count failures by: "unparsed_reply" (the reply was not usable labels),
+    # "endpoint_<reason>" (the request failed for good, e.g. endpoint_http_500), or what else
+    # kept the judge from labelling ("undecided_atoms").
+    reason: str = "unparsed_reply"
 
     def as_dict(self) -> dict[str, Any]:
         return {"index": self.index, "objective_type": self.objective_type, "channel": self.channel,
                 "errors": list(self.errors), "last_reply": self.last_reply[:2000],
-                "attempts": self.attempts}
+                "attempts": self.attempts, "reason": self.reason}
 
 
 class JudgeError(RuntimeError):
@@ -101,15 +106,52 @@ def check_judge_inputs(conversations: Sequence[Conversation],
                              f"ends with {conv[-1]['role'] if conv else 'nothing'!r}")
 
 
+class JudgeRangeError(ValueError):
+    """A judge measured on the sandbox's text only was asked to label other text."""
+
+
+def check_judge_range(judge: Any, files: Sequence[str | Path], *, allow: bool) -> list[str]:
+    """Refuse, with the judge's measured range, to let a sandbox-only judge (`sandbox_only`)
+    label text from `files` that are not the sandbox world's (mosaic.provenance decides by the
+    world's manifest, not by name). With `allow` the refusal becomes a returned warning."""
+    if not getattr(judge, "sandbox_only", False):
+        return []
+    from mosaic.provenance import is_sandbox_text
+
+    outside = [str(f) for f in files if not is_sandbox_text(f)]
+    if not outside:
+        return []
+    message = (f"the {judge.name!r} judge is measured on the sandbox world's text only, and "
+               f"{', '.join(outside)} {'is' if len(outside) == 1 else 'are'} not the sandbox's (no "
+               f"world.json lists {'it' if len(outside) == 1 else 'them'} with this content). "
+               f"{getattr(judge, 'range_note', '')}")
+    if allow:
+        return [f"{message} Labelling anyway, as judge.allow_out_of_range asks: read its atoms "
+                f"with that range in mind."]
+    raise JudgeRangeError(f"{message} Use a judge measured on real text (judge.kind: llm or "
+                          f"guard; check it on your own labels with `mosaic judge-agreement "
+                          f"--labels`), or set judge.allow_out_of_range: true "
+                          f"(--allow-out-of-range) to label with it anyway.")
+
+
 class JudgeBase(ABC):
     """What every judge shares: the input contract and the routing of code-checked types.
     Subclasses implement `label_responses` and `label_prompts` for the types they judge."""
 
     name: str
     capabilities: JudgeCapabilities
+    # True for a judge whose agreement is measured on the sandbox world's text only: it refuses
+    # other text unless the user allows it (`check_judge_range`); `range_note` says why.
+    sandbox_only: bool = False
+    range_note: str = ""
 
     def identity(self) -> dict[str, Any]:
         return {"judge": self.name}
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """What labelling cost so far: requests, retries by reason, tokens, cost (remote judges)."""
+        return {}
 
     def response_atoms(self, objective_type: str, conversations: Sequence[Conversation],
                        prompt_atoms: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

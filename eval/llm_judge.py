@@ -4,7 +4,8 @@ Prompts are jinja2 templates (`prompts/judges/<type>_<channel>.j2` plus a shared
 prompt). The reply must be one JSON object holding exactly the objective type's atoms as
 integers; a reply that is not gets the errors fed back for a bounded number of retries, and a
 sample that still fails becomes a `JudgeFailure` record, never a silent default. Answers are
-cached on disk under a hash of (model, template text, inputs), so a rerun sends no requests.
+cached on disk under a hash of (model, template text, inputs), so a rerun sends no requests
+(callers with a cache of their own, such as `mosaic annotate`'s per-row cache, switch it off).
 `ifeval` atoms come from the programmatic checker whatever judge is configured: its
 constraints are verifiable by code, and a model would only add noise.
 """
@@ -17,7 +18,6 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,8 @@ from mosaic.eval.base import get_objective_type
 from mosaic.eval.judge import (Channel, Conversation, JudgeBase, JudgeCapabilities, JudgeError,
                                JudgeFailure)
 from mosaic.io import atomic_write_json
-from mosaic.llm import RetryingCaller, chat_completion, make_client, response_format
+from mosaic.llm import (EndpointError, RetryingCaller, TokenUsage, chat_completion, make_client,
+                        map_concurrently, response_format)
 from mosaic.prompts import environment, render
 
 if TYPE_CHECKING:
@@ -97,16 +98,21 @@ class LLMJudge(JudgeBase):
     # One request per sample: labelling every earlier turn would multiply the requests.
     capabilities = JudgeCapabilities(per_turn=False)
 
-    def __init__(self, endpoint: EndpointConfig, cache_dir: str | Path, *,
+    def __init__(self, endpoint: EndpointConfig, cache_dir: str | Path | None, *,
                  client: "openai.OpenAI | None" = None,
                  max_format_retries: int = 2, backoff_s: float = 0.5,
-                 backoff_max_s: float = 8.0) -> None:
+                 backoff_max_s: float = 8.0, record_endpoint_errors: bool = False) -> None:
         self.endpoint = endpoint
         self.name = f"llm:{endpoint.model}"
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.client = client if client is not None else make_client(endpoint, max_retries=0)
         self.caller = RetryingCaller(endpoint, backoff_s=backoff_s, backoff_max_s=backoff_max_s)
+        self.usage = TokenUsage()
         self.max_format_retries = max_format_retries
+        # False: a request that fails for good (retries spent) stops the call (evaluation needs
+        # every sample). True: it becomes that sample's `JudgeFailure` (annotation lists the row
+        # and goes on).
+        self.record_endpoint_errors = record_endpoint_errors
         self.cache_hits = 0
         self.format_retries = 0
         self._lock = threading.Lock()  # the counters above are bumped from worker threads
@@ -137,7 +143,8 @@ class LLMJudge(JudgeBase):
     @property
     def stats(self) -> dict[str, Any]:
         return {**self.caller.stats.as_dict(), "cache_hits": self.cache_hits,
-                "format_retries": self.format_retries}
+                "format_retries": self.format_retries, **self.usage.as_dict(),
+                "cost": self.usage.cost(self.endpoint)}
 
     # ---- labelling ----------------------------------------------------------------------------
 
@@ -157,6 +164,13 @@ class LLMJudge(JudgeBase):
     def _template_text(self, *names: str) -> str:
         env = environment()
         return "\n".join(env.loader.get_source(env, n)[0] for n in names)  # type: ignore[union-attr]
+
+    def request_messages(self, objective_type: str, channel: Channel,
+                         conversation: Conversation) -> list[dict[str, str]]:
+        """The chat messages one judge request sends for a conversation (`mosaic doctor`
+        sends one as its probe)."""
+        return self._messages(objective_type, channel, conversation,
+                              self.atom_spec(objective_type, channel))
 
     def _messages(self, objective_type: str, channel: Channel, conversation: Conversation,
                   spec: Mapping[str, tuple[int, ...]]) -> list[dict[str, str]]:
@@ -188,9 +202,12 @@ class LLMJudge(JudgeBase):
         return hashlib.sha256(blob).hexdigest()
 
     def _cache_path(self, key: str) -> Path:
+        assert self.cache_dir is not None
         return self.cache_dir / key[:2] / f"{key}.json"
 
     def _cache_get(self, key: str, spec: Mapping[str, tuple[int, ...]]) -> dict[str, int] | None:
+        if self.cache_dir is None:
+            return None
         path = self._cache_path(key)
         if not path.is_file():
             return None
@@ -219,21 +236,14 @@ class LLMJudge(JudgeBase):
                     self.cache_hits += 1
                 return cached
             result = self._ask(i, objective_type, channel, conv, spec)
-            if isinstance(result, dict):
+            if isinstance(result, dict) and self.cache_dir is not None:
                 atomic_write_json(self._cache_path(key), {
                     "atoms": result, "model": self.endpoint.model,
                     "objective_type": objective_type, "channel": channel})
             return result
 
-        results: list[dict[str, int] | JudgeFailure] = []
-        if conversations:
-            workers = min(self.endpoint.concurrency, len(conversations))
-            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mosaic-judge")
-            try:
-                futures = [pool.submit(one, i) for i in range(len(conversations))]
-                results = [f.result() for f in futures]
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+        results = map_concurrently(one, len(conversations), self.endpoint.concurrency,
+                                   "mosaic-judge")
 
         out: list[dict[str, Any] | None] = []
         failures: list[JudgeFailure] = []
@@ -262,10 +272,17 @@ class LLMJudge(JudgeBase):
                                     atoms_schema(spec))
         reply, errors = "", []
         for attempt in range(self.max_format_retries + 1):
-            reply = self.caller(
-                lambda: chat_completion(self.client, self.endpoint.model, messages,
-                                        temperature=0.0, **constrain),
-                what=f"judge request ({objective_type}/{channel}, sample {index})")
+            try:
+                reply = self.caller(
+                    lambda: chat_completion(self.client, self.endpoint.model, messages,
+                                            temperature=0.0, usage=self.usage, **constrain),
+                    what=f"judge request ({objective_type}/{channel}, sample {index})")
+            except EndpointError as e:
+                if not self.record_endpoint_errors:
+                    raise
+                return JudgeFailure(index=index, objective_type=objective_type, channel=channel,
+                                    errors=(str(e),), last_reply=reply, attempts=attempt + 1,
+                                    reason=f"endpoint_{e.reason}")
             atoms, errors = parse_atoms(reply, spec)
             if atoms is not None:
                 return atoms

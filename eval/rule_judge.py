@@ -569,12 +569,22 @@ def overrefusal_prompt_atoms(users: Sequence[str], *, harmful: bool | None = Non
     }
 
 
+# Measured on third-party real text (issue 15): what the rule judge's range is, in its own words.
+RANGE_NOTE = ("Its lexicons were written for the sandbox's templates; on third-party real text it "
+              "detects refusals at 0.70 accuracy (recall 0.53: lecturing refusals, partial "
+              "refusals and off-topic deflections pass as compliance) and harmful intent at 0.60 "
+              "(recall 0.15: a harmful request without one of its trigger words passes), and "
+              "param_leak can only fire on the sandbox's <HAZARD-PARAM> placeholder.")
+
+
 class RuleJudge(JudgeBase):
     """`Judge` from lexicons and regular expressions (code-checked types go to their checker)."""
 
     name = "rule"
     version = RULES_VERSION
     capabilities = JudgeCapabilities(per_turn=True)
+    sandbox_only = True
+    range_note = RANGE_NOTE
 
     def identity(self) -> dict[str, Any]:
         # Any edit to the rules changes the identity, so cached verdicts are not reused.

@@ -73,6 +73,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mosaic.config import ConfigError
     from mosaic.data import DataFormatError
     from mosaic.eval.embedding_judge import EmbeddingJudgeError
+    from mosaic.eval.judge import JudgeRangeError
     from mosaic.llm import EndpointError
     from mosaic.run_store import RunConfigError
     from mosaic.sandbox import WorldError
@@ -83,7 +84,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (ConfigError, DataFormatError, FileNotFoundError, EndpointError, WorldError,
             ModelLoadError, BaseModelError, PoolError, TrainingDataError, RunConfigError,
-            EmbeddingJudgeError)
+            EmbeddingJudgeError, JudgeRangeError)
 
 
 def _read_action_file(path: Path, what: str = "action") -> bytes:
@@ -247,6 +248,8 @@ def evaluate_cmd(
         label = label.replace("/", "_") + (f"__{adapter.resolve().name}" if adapter else "")
         out = Path(cfg.run_dir) / "evaluate" / label
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if model is None:
+        _judge_warnings(cfg)
     try:
         if cfg.world.kind == "sandbox":
             # The sandbox's eval sets are generated (once, cached) from the config's world seed.
@@ -466,19 +469,393 @@ def world_cmd(
 
 @app.command("judge-agreement")
 def judge_agreement_cmd(
-    config: Path = typer.Argument(DEFAULT_CONFIG, help="Run config (YAML)."),
+    config: Path = typer.Argument(DEFAULT_CONFIG, help="Run config (YAML): the judge's settings "
+                                                       "(endpoint, guard format) and, without "
+                                                       "--labels, the sandbox world."),
     target: float = typer.Option(0.95, help="Accuracy each atom should reach (shown in red below)."),
+    labels: Path = typer.Option(None, "--labels", help="Your labelled file: JSONL or CSV with "
+                                                       "`prompt`, optional `response`, `label` 0/1."),
+    atom: str = typer.Option(None, "--atom", help="The atom the labels are for (with --labels), "
+                                                  "e.g. explicit_refusal, harmful_intent."),
+    judge_kind: str = typer.Option(None, "--judge", help="Judge kind to measure (rule, llm, "
+                                                         "guard; default: the config's "
+                                                         "judge.kind)."),
+    objective_type: str = typer.Option(None, "--type", help="Objective type whose atom it is "
+                                                            "(needed when several have it)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Per objective and atom: the rule judge's accuracy, F1 and support against ground truth on
-    the sandbox's held-out judge-agreement set."""
-    from mosaic.sandbox.report import agreement_table, below_target, measure_judge
+    """How far a judge agrees with ground truth. With --labels FILE --atom NAME: any judge
+    against your own labelled rows (accuracy, precision, recall, F1, confusion counts). Without:
+    the rule judge per atom on the sandbox's held-out judge-agreement set."""
+    if labels is None:
+        if atom is not None or judge_kind is not None:
+            _fail("--atom and --judge measure a judge against your labels: give --labels FILE")
+        from mosaic.sandbox.report import agreement_table, below_target, measure_judge
 
-    world = _sandbox_world(_load(config))
-    results = measure_judge(world)
-    _wide(120).print(agreement_table(results, target))
-    short = below_target(results, target)
-    _say(f"atoms below {target:.2f}: {', '.join(short)}" if short
-         else f"every atom reaches accuracy {target:.2f}")
+        world = _sandbox_world(_load(config))
+        results = measure_judge(world)
+        _wide(120).print(agreement_table(results, target))
+        short = below_target(results, target)
+        _say(f"atoms below {target:.2f}: {', '.join(short)}" if short
+             else f"every atom reaches accuracy {target:.2f}")
+        return
+    import json
+
+    from mosaic.eval import build_judge
+    from mosaic.eval.label_agreement import atom_types, label_agreement, read_labels
+
+    if atom is None:
+        _fail("--labels needs --atom NAME: the atom your labels are for (e.g. explicit_refusal)")
+    cfg = _with_judge_kind(_load(config), judge_kind)
+    if objective_type is None:
+        types = atom_types(atom)
+        if not types:
+            _fail(f"no objective type has an atom {atom!r}")
+        if len(types) > 1:
+            _fail(f"atom {atom!r} belongs to several objective types ({', '.join(types)}); "
+                  f"choose one with --type (each judges it with its own definition)")
+        objective_type = types[0]
+    try:
+        rows = read_labels(labels)
+        judge = build_judge(cfg, record_endpoint_errors=True)
+        result = label_agreement(judge, objective_type, atom, rows, source=str(labels))
+    except (ValueError, KeyError, *_user_errors()) as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    from rich import box
+    from rich.table import Table
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    table = Table(title=_text(f"{result.judge} on {labels}: {atom} ({objective_type}, "
+                              f"{result.channel} atom)"), box=box.SIMPLE_HEAD)
+    for col in ("n", "accuracy", "precision", "recall", "F1", "TP", "FP", "FN", "TN", "not judged"):
+        table.add_column(col, justify="right")
+    m = result.metrics()
+    counts = [str(m[k]) if m[k] is not None else "-" for k in ("tp", "fp", "fn", "tn")]
+    table.add_row(str(m["n"]), num(m["accuracy"]), num(m["precision"]), num(m["recall"]),
+                  num(m["f1"]), *counts, str(len(result.not_judged)))
+    _wide(110).print(table)
+    for row, why in result.not_judged[:5]:
+        _say(f"  row {row} not judged: {why}", "yellow")
+
+
+def _with_judge_kind(cfg, kind: str | None):
+    """`cfg` with judge.kind replaced (validated: an LLM judge needs its endpoint, ...)."""
+    if kind is None or kind == cfg.judge.kind:
+        return cfg
+    from pydantic import ValidationError
+
+    from mosaic.config import JudgeConfig
+
+    try:
+        judge = JudgeConfig.model_validate({**cfg.judge.model_dump(), "kind": kind})
+    except ValidationError as e:
+        _fail(f"--judge {kind}: " + "; ".join(err["msg"] for err in e.errors())
+              + " (set it under `judge:` in the config)")
+    return cfg.model_copy(update={"judge": judge})
+
+
+def _judge_warnings(cfg) -> None:
+    """Say (once, at the start) when the configured judge labels a model outside its range."""
+    from mosaic.eval import judge_model_warnings
+
+    for warning in judge_model_warnings(cfg):
+        _say(f"warning: {warning}", "yellow")
+
+
+# ---- a team's own data: `mosaic import`, `mosaic annotate`, `mosaic doctor` ---------------------
+
+
+@app.command("import")
+def import_cmd(
+    files: list[Path] = typer.Argument(..., help="Input: JSONL, Parquet or CSV files, or a "
+                                                 "`datasets` save_to_disk folder."),
+    out: Path = typer.Option(..., "--out", help="Output pool or eval file (.parquet or .jsonl)."),
+    kind: str = typer.Option(None, "--kind", help="pool (conversations ending in the reply to "
+                                                  "score) or eval (user turns only)."),
+    objective: str = typer.Option(None, "--objective", help="Objective name as in the config "
+                                                            "(e.g. xguard)."),
+    objective_type: str = typer.Option(None, "--type", help="Objective type, to check its atoms "
+                                                            "(jailbreak, overrefusal, ifeval)."),
+    license_: str = typer.Option(None, "--license", help="Licence of the data (recorded in every "
+                                                         "row's provenance), e.g. CC-BY-4.0."),
+    mapping: Path = typer.Option(None, "--mapping", help="YAML column mapping (and optionally "
+                                                         "license/kind/objective/type/split); "
+                                                         "the flags below override it."),
+    messages: str = typer.Option(None, "--messages", help="Column holding the chat (a list of "
+                                                          "messages; multi-turn)."),
+    role_key: str = typer.Option(None, "--role-key", help="Key of a message's role (default role)."),
+    content_key: str = typer.Option(None, "--content-key", help="Key of a message's text "
+                                                                "(default content)."),
+    role: list[str] = typer.Option(None, "--role", help="Map a source role name: SRC=user|"
+                                                        "assistant|system (repeatable). human, "
+                                                        "gpt, model, bot are mapped already."),
+    prompt: str = typer.Option(None, "--prompt", help="Column holding the request (a string, or a "
+                                                      "list of user turns for eval sets)."),
+    response: str = typer.Option(None, "--response", help="Column holding the reply (pools)."),
+    system: str = typer.Option(None, "--system", help="Column holding a system prompt."),
+    id_column: str = typer.Option(None, "--id", help="Column of row ids (default: a content hash)."),
+    prompt_id: str = typer.Option(None, "--prompt-id", help="Column grouping replies to one "
+                                                            "prompt (default: a hash of the prompt)."),
+    instruction_ids: str = typer.Option(None, "--instruction-ids", help="Column of IFEval "
+                                                                       "instruction ids (ifeval)."),
+    kwargs_column: str = typer.Option(None, "--kwargs", help="Column of IFEval instruction "
+                                                             "arguments (ifeval)."),
+    l3_prompt: str = typer.Option(None, "--l3-prompt", help="Column of prompt atoms already "
+                                                            "labelled."),
+    l3_response: str = typer.Option(None, "--l3-response", help="Column of response atoms already "
+                                                                "labelled (pools)."),
+    keep: list[str] = typer.Option(None, "--keep", help="Source column to keep in metadata "
+                                                        "(repeatable)."),
+    split: str = typer.Option(None, "--split", help="Split of a DatasetDict folder."),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows",
+                                       help="Write the good rows and list the bad ones in "
+                                            "<out stem>.rejected.jsonl (default: write nothing)."),
+) -> None:
+    """Turn your files into a pool or eval file in MOSAIC's format (docs/data-format.md):
+    map columns, check every row (a bad row is named by file, row and column), drop duplicate
+    conversations, record provenance (file, row, licence) in each row, write atomically."""
+    from mosaic.data import DataFormatError
+    from mosaic.data_import import import_files, make_mapping, read_mapping_file
+
+    try:
+        settings = read_mapping_file(mapping) if mapping is not None else {}
+    except (DataFormatError, OSError) as e:
+        _fail(e)
+    roles = dict(settings.get("roles") or {})
+    for item in role or []:
+        src, sep, dst = item.partition("=")
+        if not sep or not src or dst not in ("user", "assistant", "system"):
+            _fail(f"--role {item!r}: expected SOURCE=user|assistant|system")
+        roles[src] = dst
+    flags = {"messages": messages, "role_key": role_key, "content_key": content_key,
+             "prompt": prompt, "response": response, "system": system, "id": id_column,
+             "prompt_id": prompt_id, "instruction_id_list": instruction_ids,
+             "kwargs": kwargs_column, "l3_prompt": l3_prompt, "l3_response": l3_response,
+             "metadata": keep or None, "license": license_, "kind": kind, "objective": objective,
+             "type": objective_type, "split": split}
+    merged = dict(settings)
+    if messages or prompt:  # a flag naming the conversation replaces the file's way of giving it
+        merged.pop("messages", None)
+        merged.pop("prompt", None)
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    merged["roles"] = roles
+    for name, flag in (("kind", "--kind"), ("objective", "--objective"), ("license", "--license")):
+        if not merged.get(name):
+            _fail(f"{flag} is required (or `{name}:` in the --mapping file)")
+    if merged["kind"] not in ("pool", "eval"):
+        _fail(f"--kind must be pool or eval, got {merged['kind']!r}")
+    try:
+        col_map = make_mapping(merged, str(mapping) if mapping else "the column flags")
+        report = import_files(files, out, kind=merged["kind"], objective=merged["objective"],
+                              mapping=col_map, license=merged["license"],
+                              objective_type=merged.get("type"), split=merged.get("split"),
+                              skip_bad_rows=skip_bad_rows)
+    except (ValueError, KeyError, *_user_errors()) as e:
+        _fail(e)
+    for name, stats in report.per_file.items():
+        _say(f"{name}: {stats['read']:,} rows read, {stats['written']:,} written, "
+             f"{stats['duplicates']:,} duplicates dropped, {stats['bad']:,} bad")
+    if report.assistant_messages_dropped:
+        _say(f"{report.assistant_messages_dropped:,} assistant messages left out: eval sets hold "
+             f"the user turns (the model answers each)", "yellow")
+    if report.rejects_file is not None:
+        _say(f"{len(report.bad_rows):,} bad rows skipped, listed in {report.rejects_file}", "yellow")
+    _say(f"wrote {report.out} ({report.rows_written:,} {report.kind} rows for objective "
+         f"{report.objective!r}) and {report.provenance_file}", "green")
+
+
+@app.command("annotate")
+def annotate_cmd(
+    pool: Path = typer.Argument(..., help="Pool file (parquet or JSONL) to annotate."),
+    objective: str = typer.Option(..., "--objective", help="The objective the pool is for (its "
+                                                           "type comes from the config)."),
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Run config (YAML): the "
+                                                                       "judge and its endpoint."),
+    objective_type: str = typer.Option(None, "--type", help="Objective type, when --objective is "
+                                                            "not in the config."),
+    out: Path = typer.Option(None, "--out", help="Write the annotated pool here (default: over "
+                                                 "POOL, atomically)."),
+    judge_kind: str = typer.Option(None, "--judge", help="rule, llm or guard (default: the "
+                                                         "config's judge.kind)."),
+    concurrency: int = typer.Option(None, "--concurrency", min=1, help="Requests in flight "
+                                                                      "(default: the judge "
+                                                                      "endpoint's concurrency)."),
+    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Rows per batch (default "
+                                                                     "4 x concurrency, min 64); "
+                                                                     "finished batches are cached."),
+    cache: Path = typer.Option(None, "--cache", help="Per-row atom cache (SQLite; default "
+                                                     "<judge.cache_dir>/annotate.sqlite)."),
+    rescore: bool = typer.Option(False, "--rescore", help="Recompute L2/L1 of every row."),
+    allow_out_of_range: bool = typer.Option(False, "--allow-out-of-range",
+                                            help="Let the rule judge label text that is not the "
+                                                 "sandbox's (outside its measured range)."),
+    report: Path = typer.Option(None, "--report", help="Also write the run's summary (rows, "
+                                                       "requests, retries by reason, tokens, "
+                                                       "cost, failures) as JSON here."),
+) -> None:
+    """Fill a pool's L3 prompt and response atoms with the configured judge, then its L2 and
+    L1. Resumable: atoms are cached per conversation, so a killed run, rerun, asks the judge
+    only about rows it had not labelled. Rows the judge could not label are kept unscored and
+    listed in <out stem>.failed.jsonl (exit 1); rerun to retry them."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    from mosaic.eval import build_judge
+    from mosaic.eval.annotate import AtomCache, EndpointDown, annotate_file
+    from mosaic.eval.judge import JudgeRangeError, check_judge_range
+    from mosaic.llm import endpoint_secrets
+
+    cfg = _with_judge_kind(_load(config), judge_kind)
+    if objective in cfg.objectives:
+        type_name = objective_type or cfg.objectives[objective].type
+    elif objective_type is None:
+        _fail(f"objective {objective!r} is not in {config} (it has {sorted(cfg.objectives)}); "
+              f"give its type with --type")
+    else:
+        type_name = objective_type
+    endpoints = [e for e in (cfg.judge.endpoint, cfg.judge.guard.fallback_endpoint
+                             if cfg.judge.guard else None) if e is not None]
+    if concurrency is not None and cfg.judge.endpoint is not None:
+        judge_cfg = cfg.judge.model_copy(update={
+            "endpoint": cfg.judge.endpoint.model_copy(update={"concurrency": concurrency})})
+        cfg = cfg.model_copy(update={"judge": judge_cfg})
+    width = cfg.judge.endpoint.concurrency if cfg.judge.endpoint else 16
+    batch = batch_size or max(64, 4 * width)
+    secrets = [s for e in endpoints for s in endpoint_secrets(e)]
+    judge = build_judge(cfg, request_cache=False, record_endpoint_errors=True)
+    allow = allow_out_of_range or cfg.judge.allow_out_of_range
+    try:  # before the progress bar: a judge out of its range is refused at once
+        check_judge_range(judge, [pool], allow=allow)
+    except JudgeRangeError as e:
+        _fail(e)
+    atom_cache = AtomCache(cache or Path(cfg.judge.cache_dir) / "annotate.sqlite")
+    _say(f"annotating {pool} ({objective}, {type_name}) with {judge.name}; cache "
+         f"{atom_cache.path} ({len(atom_cache):,} entries)")
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("rows"), TimeElapsedColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), console=console, transient=False)
+    task = progress.add_task("annotating", total=None)
+    try:
+        with progress:
+            summary = annotate_file(
+                pool, type_name, judge, out=out, objective=objective, cache=atom_cache,
+                batch_size=batch, rescore=rescore, allow_out_of_range=allow, secrets=secrets,
+                progress=lambda done, total: progress.update(task, completed=done, total=total))
+    except KeyboardInterrupt:
+        _say(f"interrupted; {len(atom_cache):,} cached entries kept in {atom_cache.path}: rerun "
+             f"the same command to resume", "yellow")
+        raise typer.Exit(130) from None
+    except (EndpointDown, *_user_errors()) as e:
+        _fail(e)
+    finally:
+        atom_cache.close()
+    for w in summary.warnings:
+        _say(f"warning: {w}", "yellow")
+    _print_annotate_summary(summary)
+    if report is not None:
+        from mosaic.io import atomic_write_json
+
+        atomic_write_json(report, summary.as_dict())
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+def _print_annotate_summary(summary) -> None:
+    c, st = summary.counts, summary.judge_stats
+    _say(f"annotated {summary.annotated:,} of {summary.rows_todo:,} rows needing it ({summary.rows:,} "
+         f"in the pool) in {summary.seconds:.1f}s, {summary.rows_per_second:,.1f} rows/s")
+    _say(f"  conversations from the cache: {c.get('cached_prompt', 0):,} prompt, "
+         f"{c.get('cached_response', 0):,} response; judged: {c.get('judged_prompt', 0):,} "
+         f"prompt, {c.get('judged_response', 0):,} response")
+    if "requests" in st:
+        retries = ", ".join(f"{k} {v:,}" for k, v in sorted(st.get("retries", {}).items())) or "none"
+        failures = ", ".join(f"{k} {v:,}" for k, v in sorted(st.get("failures", {}).items())) or "none"
+        _say(f"  requests {st['requests']:,} (attempts {st.get('attempts', 0):,}); retried: "
+             f"{retries}; failed for good: {failures}; malformed replies re-asked: "
+             f"{st.get('format_retries', 0):,}, not understood: {st.get('unparsed_replies', 0):,}")
+        unknown = (f" ({st['without_usage']:,} responses without usage)"
+                   if st.get("without_usage") else "")
+        cost = st.get("cost")
+        cost_text = (f"cost ~{cost:,.4f} at the configured price per 1k tokens" if cost is not None
+                     else "cost: no price configured (judge.endpoint.price_per_1k_input/output)")
+        _say(f"  tokens in {st.get('tokens_in', 0):,}, out {st.get('tokens_out', 0):,}{unknown}; "
+             f"{cost_text}")
+        fb = st.get("fallback") or {}
+        if "requests" in fb:
+            _say(f"  fallback judge: requests {fb['requests']:,}, tokens in "
+                 f"{fb.get('tokens_in', 0):,}, out {fb.get('tokens_out', 0):,}")
+    else:
+        _say("  tokens: none (a local judge)")
+    if summary.failed:
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(summary.failure_reasons.items()))
+        _say(f"{summary.failed:,} rows not annotated ({reasons}); listed in "
+             f"{summary.failures_file}; they stay in the pool unscored: rerun to retry them",
+             "yellow")
+    _say(f"wrote {summary.out}", "green")
+
+
+@app.command("doctor")
+def doctor_cmd(
+    config: Path = typer.Argument(DEFAULT_CONFIG, help="Run config (YAML) to check."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (DoctorReport)."),
+) -> None:
+    """Preflight a run: every data path and column, annotation coverage per pool, each endpoint
+    answering a real request, the model's config and tokenizer (no weights), the accelerator and
+    backend, the judge's range; then an estimate per round of judge requests, tokens and time.
+    Exit 2 listing every problem with its fix; exit 0 when all pass."""
+    from rich import box
+    from rich.table import Table
+
+    from mosaic.tools.doctor import run_doctor
+
+    cfg = _load(config)
+    report = run_doctor(cfg, str(config), say=None if as_json else _progress)
+    if as_json:
+        typer.echo(report.model_dump_json(indent=2))
+    else:
+        table = Table(title=_text(f"mosaic doctor {config}"), box=box.SIMPLE_HEAD)
+        for col in ("area", "check", "status", "found"):
+            table.add_column(col, overflow="fold")
+        style = {"ok": "green", "warn": "yellow", "problem": "red"}
+        for chk in report.checks:
+            table.add_row(_text(chk.area), _text(chk.name), _text(chk.status, style[chk.status]),
+                          _text(chk.detail))
+        _wide(160).print(table)
+        est = Table(title=_text("estimate per round"), box=box.SIMPLE_HEAD)
+        for col in ("what", "estimate", "how it is estimated"):
+            est.add_column(col, overflow="fold")
+        for line in report.estimate:
+            est.add_row(_text(line.what), _text(line.value), _text(line.how))
+        _wide(160).print(est)
+        if report.problems:
+            _say(f"{len(report.problems)} problem(s) to fix before `mosaic run {config}`:", "red")
+            for i, chk in enumerate(report.problems, 1):
+                _say(f"  {i}. {chk.name}: {chk.detail}", "red")
+                _say(f"     fix: {chk.fix}")
+        else:
+            _say(f"all checks pass: `mosaic run {config}` can start", "green")
+    if report.problems:
+        raise typer.Exit(2)
+
+
+def _judge_range_precheck(cfg) -> None:
+    """Refuse at once (not after the base model is built) when the judge is outside its
+    measured range on the eval files that exist now (the sandbox's are generated later, and
+    evaluation checks again)."""
+    from mosaic.eval import build_judge
+    from mosaic.eval.judge import JudgeRangeError, check_judge_range
+
+    files = [p for obj in cfg.objectives.values() for p in (obj.eval, obj.heldout)
+             if p and Path(p).is_file()]
+    try:
+        check_judge_range(build_judge(cfg), files, allow=cfg.judge.allow_out_of_range)
+    except JudgeRangeError as e:
+        _fail(e)
 
 
 @app.command("train-judge")
@@ -544,6 +921,8 @@ def run_main(cfg) -> None:
     from mosaic.tools.archive import load_archive
 
     start = time.perf_counter()
+    _judge_warnings(cfg)
+    _judge_range_precheck(cfg)
     setup: dict[str, float] = {}
     if cfg.world.kind == "sandbox":
         _sandbox_world(cfg)
@@ -670,6 +1049,7 @@ def chat_cmd(
         line = sys.stdin.readline()
         return None if line == "" else line
 
+    _judge_warnings(cfg)
     if cfg.world.kind == "sandbox":
         _sandbox_world(cfg)
     if cfg.inference.backend != "openai" or cfg.model.base == "sandbox":
@@ -878,6 +1258,7 @@ def round_cmd(
               f"save it as UTF-8 JSON")
     base_dir = Path(cfg.run_dir) / "manual"
     round_dir = round_dir or base_dir / action.stem
+    _judge_warnings(cfg)
     try:
         # Check first: a bad action is rejected in seconds, before the baseline (and on a
         # fresh machine the base model) is built.

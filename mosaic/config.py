@@ -45,6 +45,10 @@ class EndpointConfig(Section):
     # llama-server); "json_object_schema" sends {"type": "json_object", "schema": ...}, which
     # llama-cpp-python's server turns into a grammar; "none" asks in the prompt only.
     response_format: Literal["none", "json_schema", "json_object_schema"] = "none"
+    # What the endpoint charges, for cost estimates (`mosaic annotate`, `mosaic doctor`); None:
+    # not known, and no cost is printed.
+    price_per_1k_input: float | None = Field(None, ge=0)
+    price_per_1k_output: float | None = Field(None, ge=0)
 
     @field_validator("api_key_env")
     @classmethod
@@ -106,6 +110,28 @@ class TrainingConfig(Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     dpo_beta: float = Field(0.1, gt=0)
     seed: int = 0
+    # `inprocess` trains in this process; `accelerate` runs the same trainer as `processes`
+    # ranks under torchrun (the trainer's Accelerator: DDP over NCCL on GPUs, gloo on CPU; FSDP
+    # with `fsdp`). `batch_size` is the global batch whatever the process count: each rank
+    # takes batch_size / (processes x gradient_accumulation) rows per step.
+    launcher: Literal["inprocess", "accelerate"] = "inprocess"
+    processes: int = Field(1, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    fsdp: bool = False  # shard weights, gradients and optimiser state (models over one GPU)
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> "TrainingConfig":
+        if self.processes > 1 and self.launcher != "accelerate":
+            raise ValueError(f"processes={self.processes} needs launcher: accelerate (the "
+                             f"in-process trainer is one process)")
+        if self.fsdp and self.launcher != "accelerate":
+            raise ValueError("fsdp needs launcher: accelerate")
+        split = self.processes * self.gradient_accumulation
+        if self.batch_size % split:
+            raise ValueError(f"batch_size {self.batch_size} (the global batch) must be a multiple "
+                             f"of processes x gradient_accumulation = {split}; e.g. batch_size "
+                             f"{split * max(1, round(self.batch_size / split))}")
+        return self
 
 
 class InferenceConfig(Section):
@@ -125,20 +151,51 @@ class InferenceConfig(Section):
         return self
 
 
+JudgeKind = Literal["rule", "llm", "guard", "embedding"]
+
+
+class GuardConfig(Section):
+    """A guard model (safety classifier) served behind an OpenAI-compatible completions endpoint
+    (vLLM). It decides the atoms its labels map to; `fallback` names the judge kind that labels
+    the rest ("none": those rows are left unannotated, with the reason recorded)."""
+
+    format: Literal["llama_guard3", "wildguard", "shieldgemma"]
+    fallback: Literal["none", "rule", "llm", "embedding"] = "none"
+    fallback_endpoint: EndpointConfig | None = None  # for fallback: llm
+    max_tokens: int = Field(32, ge=1)  # the verdict is a line or two
+
+    @model_validator(mode="after")
+    def _endpoint_for_llm_fallback(self) -> "GuardConfig":
+        if self.fallback == "llm" and self.fallback_endpoint is None:
+            raise ValueError("guard fallback 'llm' needs a `fallback_endpoint` (base_url, model, "
+                             "api_key_env)")
+        return self
+
+
 class JudgeConfig(Section):
-    # rule: the sandbox's lexicons; llm: a chat model over an endpoint; embedding: offline
-    # heads over sentence embeddings, measured on real text (eval/embedding_judge.py).
-    kind: Literal["rule", "llm", "embedding"] = "rule"
-    endpoint: EndpointConfig | None = None
+    # rule: the sandbox's lexicons; llm: a chat model over an endpoint; guard: a guard model
+    # (judge.guard) over an endpoint, with a fallback for the atoms it cannot decide;
+    # embedding: offline heads over sentence embeddings, measured on real text
+    # (eval/embedding_judge.py).
+    kind: JudgeKind = "rule"
+    endpoint: EndpointConfig | None = None  # the LLM judge's, or the guard model's server
+    guard: GuardConfig | None = None
     cache_dir: str = ".cache/judge"
     # embedding judge: a folder with heads.json and card.json from `mosaic train-judge --out`;
     # None: the heads that ship with MOSAIC.
     heads: str | None = None
+    # The rule judge is measured on the sandbox's text only (eval/rule_judge.py says how it
+    # does on real text); it refuses other text unless this is set.
+    allow_out_of_range: bool = False
 
     @model_validator(mode="after")
     def _endpoint_for_llm(self) -> "JudgeConfig":
-        if self.kind == "llm" and self.endpoint is None:
-            raise ValueError("judge kind 'llm' needs an `endpoint` (base_url, model, api_key_env)")
+        if self.kind in ("llm", "guard") and self.endpoint is None:
+            raise ValueError(f"judge kind {self.kind!r} needs an `endpoint` (base_url, model, "
+                             f"api_key_env)")
+        if self.kind == "guard" and self.guard is None:
+            raise ValueError("judge kind 'guard' needs a `guard` section (format: llama_guard3 | "
+                             "wildguard | shieldgemma, fallback: none | rule | llm | embedding)")
         return self
 
 
@@ -188,12 +245,31 @@ class CacheConfig(Section):
     stages_dir: str | None = None
 
 
+class RayConfig(Section):
+    """The Ray cluster and the actor pool each data-parallel stage runs on (`mosaic.engine`)."""
+
+    # `ray.init(address=...)`: "auto" or "ray://head:10001" joins a running cluster; None
+    # starts a local one on this machine (once per process).
+    address: str | None = None
+    local_cpus: int | None = Field(None, ge=1)  # CPUs of that local cluster; None: all
+    workers: int = Field(2, ge=1)  # actors per stage, each holding one backend
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    batch_rows: int | None = Field(None, ge=1)  # rows per batch sent to an actor; None: 32
+    # A killed or crashed worker is restarted and its batch run again this many times.
+    max_retries: int = Field(3, ge=0)
+
+
 class RuntimeConfig(Section):
-    """How this machine runs the local models."""
+    """How this machine (or cluster) runs the stages."""
 
     # Intra-op CPU threads for training and local generation; None: the measured policy
     # (`mosaic.training.models.cpu_threads`). GPUs and large models keep torch's default.
     threads: int | None = Field(None, ge=1)
+    # Where annotation and eval generation run: this process, or Ray Data over an actor pool.
+    # Both give the same replies and atoms; `ray` needs the optional extra (`[ray]`).
+    engine: Literal["local", "ray"] = "local"
+    ray: RayConfig = RayConfig()
 
 
 class LoopConfig(Section):

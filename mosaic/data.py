@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -27,7 +27,6 @@ from mosaic.schemas import Role
 
 if TYPE_CHECKING:
     from mosaic.eval.base import ObjectiveType
-    from mosaic.eval.judge import Judge
 
 ROLES: tuple[str, ...] = get_args(Role)  # the one list of roles (mosaic.schemas.Role)
 JSON_COLUMNS = ("l3_prompt", "l3_response", "metadata")
@@ -47,6 +46,7 @@ class DataFormatError(ValueError):
     def __init__(self, path: str | Path, message: str, *, row: int | None = None,
                  field: str | None = None, line: int | None = None) -> None:
         self.path, self.row, self.field, self.line = str(path), row, field, line
+        self.message = message
         where = str(path)
         if row is not None:
             where += f", row {row}" + (f" (line {line})" if line is not None else "")
@@ -537,7 +537,8 @@ def load_pool_table(path: str | Path, objective_type_name: str | None,
 def load_pool(path: str | Path, objective_type_name: str | None,
               objective: str | None = None) -> pd.DataFrame:
     """A training pool, validated. `objective` fills a missing `objective` column (default: the
-    file's stem). Pools without L3/L1/L2 columns load; see `needs_annotation`/`annotate_pool`."""
+    file's stem). Pools without L3/L1/L2 columns load; see `needs_annotation` and
+    `mosaic.eval.annotate`."""
     path = Path(path)
     return _to_frame(load_pool_table(path, objective_type_name, objective), path)
 
@@ -592,6 +593,14 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def validate_table(path: str | Path, table: pa.Table, kind: Kind,
+                   objective_type: str | ObjectiveType | None = None,
+                   objective: str | None = None) -> pa.Table:
+    """Check an in-memory table as `load_pool`/`load_eval_set` check a file (errors name `path`,
+    the row and the field) and return it with the documented defaults filled in."""
+    return _normalise(_validate(Path(path), table, kind, _otype(objective_type), objective))
 
 
 def _normalise(table: pa.Table) -> pa.Table:
@@ -653,132 +662,3 @@ def rows_needing_annotation(df: pd.DataFrame,
 def needs_annotation(df: pd.DataFrame, objective_type: str | ObjectiveType | None = None) -> bool:
     """True if a judge (and the objective type's formulas) must fill some rows first."""
     return bool(rows_needing_annotation(df, objective_type).any())
-
-
-def _py(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return [_py(v) for v in value.tolist()]
-    if isinstance(value, list):
-        return [_py(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _py(v) for k, v in value.items()}
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _checked_atoms(judge: Judge, channel: str, got: Any, expected_n: int,
-                   atoms: Sequence[str], ids: Sequence[str]) -> list[dict[str, Any]]:
-    if not isinstance(got, list) or len(got) != expected_n:
-        n = len(got) if isinstance(got, list) else type(got).__name__
-        raise ValueError(f"judge {judge.name!r} returned {n} {channel} annotations for "
-                         f"{expected_n} conversations")
-    for atoms_i, row_id in zip(got, ids):
-        if not isinstance(atoms_i, Mapping):
-            raise ValueError(f"judge {judge.name!r}: {channel} atoms of row {row_id!r} are "
-                             f"{type(atoms_i).__name__}, expected an object")
-        missing = [a for a in atoms if a not in atoms_i]
-        if missing:
-            raise ValueError(f"judge {judge.name!r}: {channel} atoms of row {row_id!r} lack {missing}")
-    return [dict(a) for a in got]
-
-
-def annotate_pool(df: pd.DataFrame, objective_type: str | ObjectiveType, judge: Judge, *,
-                  batch_size: int = 512, rescore: bool = False,
-                  progress: Callable[[int, int], None] | None = None) -> pd.DataFrame:
-    """Fill missing L3 atoms with `judge`, then L2/L1 with the objective type's formulas.
-
-    The judge is asked only for atoms a row lacks (prompt atoms from the conversation before the
-    scored response, response atoms from the whole conversation); atoms already present are
-    kept. `rescore=True` recomputes L2/L1 of every row from its atoms. Returns a new frame.
-    """
-    otype = _otype(objective_type)
-    if otype is None:
-        raise ValueError("annotate_pool needs the pool's objective type")
-    source = df.attrs.get("source", "<dataframe>")
-    todo = np.flatnonzero(np.ones(len(df), dtype=bool) if rescore
-                          else rows_needing_annotation(df, otype))
-    out = df.copy()
-    if todo.size == 0:
-        return out
-    n = len(df)
-
-    def existing(col: str) -> list[Any]:
-        return [_py(v) for v in df[col].tolist()] if col in df.columns else [None] * n
-
-    l3p, l3r = existing("l3_prompt"), existing("l3_response")
-    l1 = {c: existing(c) for c in L1_COLUMNS}
-    l2 = {f: existing(f"l2_{f}") for f in otype.l2_columns}
-    ids = df["id"].astype(str).tolist()
-    messages = df["messages"]
-    for start in range(0, todo.size, batch_size):
-        batch = todo[start:start + batch_size]
-        convs = [[{"role": m["role"], "content": m["content"]} for m in _py(messages.iloc[i])]
-                 for i in batch]
-        prompts = [_parsed(l3p[i], source, int(i), "l3_prompt") for i in batch]
-        ask = [j for j, p in enumerate(prompts) if p is None]
-        if ask:
-            got = judge.prompt_atoms(otype.type_name, [_prompt_part(convs[j]) for j in ask])
-            for j, atoms in zip(ask, _checked_atoms(judge, "prompt", got, len(ask),
-                                                   otype.prompt_atoms, [ids[batch[j]] for j in ask])):
-                prompts[j] = atoms
-        responses = [_parsed(l3r[i], source, int(i), "l3_response") for i in batch]
-        ask = [j for j, r in enumerate(responses) if r is None]
-        if ask:
-            got = judge.response_atoms(otype.type_name, [convs[j] for j in ask],
-                                       [prompts[j] for j in ask])
-            for j, atoms in zip(ask, _checked_atoms(judge, "response", got, len(ask),
-                                                   otype.response_atoms, [ids[batch[j]] for j in ask])):
-                responses[j] = atoms
-        for j, i in enumerate(batch):
-            try:
-                l2_i, l1_i = otype.score(prompts[j], responses[j])
-            except (KeyError, TypeError, ValueError) as e:
-                raise DataFormatError(source, f"cannot score the row's L3 atoms "
-                                              f"({otype.type_name}): {e!r}", row=int(i),
-                                      field="l3_prompt/l3_response") from None
-            l3p[i] = json.dumps(prompts[j], ensure_ascii=False)
-            l3r[i] = json.dumps(responses[j], ensure_ascii=False)
-            for c in L1_COLUMNS:
-                l1[c][i] = getattr(l1_i, c)
-            for f in otype.l2_columns:
-                l2[f][i] = l2_i[f]
-        if progress is not None:
-            progress(min(start + batch_size, todo.size), todo.size)
-    out["l3_prompt"] = pd.Series(l3p, index=out.index, dtype="str")
-    out["l3_response"] = pd.Series(l3r, index=out.index, dtype="str")
-    out["slice"] = pd.Series(l1["slice"], index=out.index, dtype="str")
-    out["score"] = np.asarray(l1["score"], dtype=float)
-    out["valid"] = np.asarray(l1["valid"], dtype=bool)
-    out["weight"] = np.asarray(l1["weight"], dtype=float)
-    out["failure"] = np.asarray(l1["failure"], dtype=bool)
-    for f in otype.l2_columns:
-        values = l2[f]
-        if any(isinstance(v, list) for v in values):
-            arr = pa.array(values)
-            if pa.types.is_null(arr.type.value_type):
-                arr = arr.cast(pa.list_(pa.string()))
-            out[f"l2_{f}"] = pd.Series(pd.arrays.ArrowExtensionArray(arr), index=out.index)
-        else:
-            out[f"l2_{f}"] = pd.Series(values, index=out.index)
-    return out
-
-
-def _parsed(value: Any, source: str, row: int, field: str) -> dict[str, Any] | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        obj = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise DataFormatError(source, f"not valid JSON: {e.msg}", row=row, field=field) from None
-    if not isinstance(obj, dict):
-        raise DataFormatError(source, f"expected a JSON object, got {type(obj).__name__}",
-                              row=row, field=field)
-    return obj
-
-
-def _prompt_part(conversation: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The prompt channel: everything before the final assistant response."""
-    if conversation and conversation[-1]["role"] == "assistant":
-        return conversation[:-1]
-    return conversation

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -186,6 +187,20 @@ class RetryingCaller:
         raise AssertionError("unreachable")
 
 
+def map_concurrently(fn: Callable[[int], T], n: int, workers: int, name: str) -> list[T]:
+    """`[fn(0), ..., fn(n - 1)]` with at most `workers` calls in flight (one endpoint's
+    `concurrency`), results in order. The first exception re-raises here, and the calls still
+    queued behind it are not started."""
+    if n == 0:
+        return []
+    pool = ThreadPoolExecutor(max_workers=min(workers, n), thread_name_prefix=name)
+    try:
+        futures = [pool.submit(fn, i) for i in range(n)]
+        return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _reason_of(err: BaseException) -> str:
     code = getattr(err, "status_code", None)
     return f"http_{code}" if code is not None else type(err).__name__
@@ -197,11 +212,52 @@ def _short(err: BaseException, limit: int = 300, secrets: Iterable[str] = ()) ->
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+@dataclass
+class TokenUsage:
+    """Tokens an endpoint reported for the requests a caller made (thread-safe), and what they
+    cost at the endpoint's configured price. Requests whose response carried no `usage` are
+    counted apart: their tokens are unknown, not zero."""
+
+    responses: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    without_usage: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def add(self, response: Any) -> None:
+        usage = getattr(response, "usage", None)
+        p = getattr(usage, "prompt_tokens", None)
+        c = getattr(usage, "completion_tokens", None)
+        with self._lock:
+            self.responses += 1
+            if isinstance(p, int) and isinstance(c, int):
+                self.prompt_tokens += p
+                self.completion_tokens += c
+            else:
+                self.without_usage += 1
+
+    def cost(self, endpoint: EndpointConfig) -> float | None:
+        """Estimated cost from the endpoint's price per 1k tokens; None when no price is set."""
+        if endpoint.price_per_1k_input is None and endpoint.price_per_1k_output is None:
+            return None
+        with self._lock:
+            return (self.prompt_tokens / 1000 * (endpoint.price_per_1k_input or 0.0)
+                    + self.completion_tokens / 1000 * (endpoint.price_per_1k_output or 0.0))
+
+    def as_dict(self) -> dict[str, int]:
+        with self._lock:
+            return {"responses": self.responses, "tokens_in": self.prompt_tokens,
+                    "tokens_out": self.completion_tokens, "without_usage": self.without_usage}
+
+
 def chat_completion(client: "openai.OpenAI", model: str, messages: Sequence[dict[str, str]], *,
                     max_tokens: int | None = None, temperature: float = 0.0,
-                    **extra: Any) -> str:
+                    usage: TokenUsage | None = None, **extra: Any) -> str:
     """One chat completion's message text; a body that is not a completion raises
-    `MalformedResponse` (retryable) instead of an AttributeError deep in the caller."""
+    `MalformedResponse` (retryable) instead of an AttributeError deep in the caller. `usage`
+    accumulates the tokens the server reports."""
     kwargs: dict[str, Any] = {"model": model, "messages": list(messages), "temperature": temperature}
     if max_tokens is not None:
         # `max_tokens`, not `max_completion_tokens`: vLLM, llama.cpp and TGI all accept it.
@@ -213,7 +269,28 @@ def chat_completion(client: "openai.OpenAI", model: str, messages: Sequence[dict
     message = getattr(choices[0], "message", None)
     if message is None:
         raise MalformedResponse(f"first choice has no message: {str(choices[0])[:200]!r}")
+    if usage is not None:
+        usage.add(response)
     return message.content or ""
+
+
+def text_completion(client: "openai.OpenAI", model: str, prompt: str, *, max_tokens: int,
+                    temperature: float = 0.0, usage: TokenUsage | None = None,
+                    **extra: Any) -> str:
+    """One (legacy) text completion over a raw prompt, `/v1/completions`: classifiers such as
+    guard models are prompted in their own trained format, which a chat template would wrap
+    again. Checked like `chat_completion`."""
+    response = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                         temperature=temperature, **extra)
+    choices = getattr(response, "choices", None)
+    if not choices:
+        raise MalformedResponse(f"response has no choices: {str(response)[:200]!r}")
+    text = getattr(choices[0], "text", None)
+    if not isinstance(text, str):
+        raise MalformedResponse(f"first choice has no text: {str(choices[0])[:200]!r}")
+    if usage is not None:
+        usage.add(response)
+    return text
 
 
 def chat_message(client: "openai.OpenAI", model: str, messages: Sequence[dict[str, Any]], *,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +27,43 @@ MARKER_VERSION = 2
 HASH_CONTENT_MAX = 64 << 20
 
 
-def file_sha256(path: str | Path) -> str:
+# A file's digest is remembered by its identity: path, device, inode, size, modification and
+# change times. Rewriting a file (in place or by rename) changes at least one of them, and the
+# change time cannot be set back by `touch`/`cp -p`/rsync. As git does for its index ("racy
+# clean" files), a file changed less than SETTLE_NS before it is hashed is not remembered: a
+# second write within the filesystem's timestamp granularity could keep every field the same.
+SETTLE_NS = 2_000_000_000
+_DIGESTS: dict[tuple[Any, ...], str] = {}
+
+
+def _identity(path: str | Path) -> tuple[tuple[Any, ...], int]:
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+           st.st_ctime_ns)
+    return key, max(st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _read_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in full (the one place a file is read for hashing)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's content, read once per process while the file is unchanged: a run
+    fingerprints the same multi-GB pools at every check, plan and stage marker."""
+    key, changed_ns = _identity(path)
+    digest = _DIGESTS.get(key)
+    if digest is not None:
+        return digest
+    digest = _read_sha256(path)
+    after, _ = _identity(path)
+    if after == key and changed_ns < time.time_ns() - SETTLE_NS:
+        _DIGESTS[key] = digest
+    return digest
 
 
 def file_fingerprint(path: str | Path) -> str:

@@ -37,10 +37,15 @@ SAFE_TO_CHANGE = (
     "inference.batch_size",  # evaluate's markers do not key on it: greedy replies are the same
     "inference.decode",  # fast or generate: the same greedy replies (tests/test_decoding.py)
     "judge.cache_dir",
+    # Permission, not a setting of the judge: allowing the rule judge outside its range changes
+    # no label it gives.
+    "judge.allow_out_of_range",
     "runtime.",  # threads and other machine settings
     "cache.",  # where reusable stage outputs are kept: results are the same either way
 )
-_ENDPOINT_SAFE = ("timeout_s", "max_retries", "concurrency")
+# How a service is talked to and what it charges; not what it answers.
+_ENDPOINT_SAFE = ("timeout_s", "max_retries", "concurrency", "price_per_1k_input",
+                  "price_per_1k_output")
 
 
 class RunConfigError(ValueError):
@@ -79,7 +84,7 @@ def _safe(path: str) -> bool:
     if any(path == s or (s.endswith(".") and path.startswith(s)) for s in SAFE_TO_CHANGE):
         return True
     parts = path.split(".")
-    return len(parts) >= 3 and parts[-2] == "endpoint" and parts[-1] in _ENDPOINT_SAFE
+    return len(parts) >= 3 and parts[-2].endswith("endpoint") and parts[-1] in _ENDPOINT_SAFE
 
 
 def saved_config(run_dir: str | Path) -> MosaicConfig:

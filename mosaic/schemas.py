@@ -558,9 +558,43 @@ class RunVerification(Strict):
     problem: str | None = None  # names the first bad entry (file, line or round) and why
 
 
+# --------------------------------------------------------------------------------------------
+# Preflight: `mosaic doctor`
+# --------------------------------------------------------------------------------------------
+
+
+class DoctorCheck(Strict):
+    """One thing `mosaic doctor` checked: what was found and, for a problem, how to fix it."""
+
+    area: Literal["data", "annotation", "judge", "model", "accelerator", "endpoint"]
+    name: str  # the config field or thing checked, e.g. "objectives.xguard.pool"
+    status: Literal["ok", "warn", "problem"]
+    detail: str
+    fix: str | None = None
+
+
+class DoctorEstimate(Strict):
+    """One line of the per-round estimate and how it was estimated."""
+
+    what: str
+    value: str
+    how: str
+
+
+class DoctorReport(Strict):
+    schema_version: int = SCHEMA_VERSION
+    config: str
+    checks: list[DoctorCheck] = Field(default_factory=list)
+    estimate: list[DoctorEstimate] = Field(default_factory=list)
+
+    @property
+    def problems(self) -> list[DoctorCheck]:
+        return [c for c in self.checks if c.status == "problem"]
+
+
 def json_schemas() -> dict[str, dict[str, Any]]:
     """JSON Schemas of the public records, for export (`mosaic schema`) and for LLM prompts."""
     models = [SampleRecord, FailureReport, EvalReport, DataAction, ActionVerdict,
               DatasetManifest, TrainResult, RoundResult, Proposal, ParetoArchive, AuditReport,
-              RoundDiff, RunVerification]
+              RoundDiff, RunVerification, DoctorReport]
     return {m.__name__: m.model_json_schema() for m in models}

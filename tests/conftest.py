@@ -161,3 +161,23 @@ def tiny_run_config(tmp_path_factory, tiny_trained_model_dir):
     ensure_world(cfg.world)
     return cfg
 # ---- end sandbox world -----------------------------------------------------------------------
+
+
+# ---- a local Ray cluster (mosaic/engine.py) ---------------------------------------------------
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster on 127.0.0.1 for every Ray test of the session (starting one takes
+    seconds); tests/ is on the workers' path so test-only stages can be shipped to them."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
+    import os
+    from pathlib import Path
+
+    tests = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=256 << 20, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+# ---- end Ray ---------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """A real OpenAI-compatible HTTP server on 127.0.0.1 that plays a scripted queue of answers.
 
 Tests point the real `openai` client at it, so retries, timeouts and JSON handling run through
-the same code paths as against a production endpoint. Each request pops the next scripted
+the same code paths as against a production endpoint. It serves `/v1/chat/completions` and the
+text `/v1/completions` (guard models are prompted in their own format through it). Each request pops the next scripted
 answer (FIFO); when the queue is empty a `responder(body)` callable answers, so concurrent
 tests can answer by content instead of by arrival order. Every request is recorded.
 """
@@ -73,6 +74,12 @@ class RecordedRequest:
     @property
     def messages(self) -> list[dict[str, Any]]:
         return (self.body or {}).get("messages", [])
+
+    @property
+    def prompt(self) -> str:
+        """The raw prompt of a text completion request ("" for chat requests)."""
+        value = (self.body or {}).get("prompt", "")
+        return value if isinstance(value, str) else ""
 
     @property
     def last_user(self) -> str:
@@ -167,7 +174,8 @@ class ScriptedOpenAIServer:
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
-            if h.path.rstrip("/") != "/v1/chat/completions":
+            route = h.path.rstrip("/")
+            if route not in ("/v1/chat/completions", "/v1/completions"):
                 rec.answer = "status:404"
                 self._send_json(h, 404, {"error": {"message": f"no route {h.path}", "type": "not_found"}})
                 return
@@ -194,7 +202,10 @@ class ScriptedOpenAIServer:
                 rec.answer = "text"
                 if answer.delay_s:
                     time.sleep(answer.delay_s)
-                self._send_json(h, 200, self._completion(body or {}, answer))
+                if route == "/v1/completions":
+                    self._send_json(h, 200, self._text_completion(body or {}, answer))
+                else:
+                    self._send_json(h, 200, self._completion(body or {}, answer))
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout test); nothing to answer
         finally:
@@ -227,9 +238,27 @@ class ScriptedOpenAIServer:
                 "finish_reason": answer.finish_reason,
                 "logprobs": None,
             }],
-            "usage": {"prompt_tokens": 1, "completion_tokens": max(1, len(answer.content.split())),
-                      "total_tokens": 1 + max(1, len(answer.content.split()))},
+            # Whitespace words stand in for tokens, so usage grows with what was sent.
+            "usage": {"prompt_tokens": self._words(body), "completion_tokens": max(1, len(answer.content.split())),
+                      "total_tokens": self._words(body) + max(1, len(answer.content.split()))},
         }
+
+    @staticmethod
+    def _words(body: dict[str, Any]) -> int:
+        texts = [m.get("content") or "" for m in body.get("messages", []) if isinstance(m, dict)]
+        return max(1, sum(len(str(t).split()) for t in texts))
+
+    def _text_completion(self, body: dict[str, Any], answer: Text) -> dict[str, Any]:
+        n = len(self.requests)
+        prompt = body.get("prompt", "")
+        return {"id": f"cmpl-scripted-{n}", "object": "text_completion", "created": int(time.time()),
+                "model": body.get("model", self.model),
+                "choices": [{"index": 0, "text": answer.content, "finish_reason": answer.finish_reason,
+                             "logprobs": None}],
+                "usage": {"prompt_tokens": max(1, len(str(prompt).split())),
+                          "completion_tokens": max(1, len(answer.content.split())),
+                          "total_tokens": max(1, len(str(prompt).split()))
+                          + max(1, len(answer.content.split()))}}
 
     @staticmethod
     def _send_json(h: BaseHTTPRequestHandler, code: int, obj: Any, headers: dict[str, str] | None = None) -> None:

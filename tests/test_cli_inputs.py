@@ -87,6 +87,8 @@ def _echoing_run(server, tmp_path: Path) -> Path:
     return minimal_config(
         tmp_path, objectives={"safety": {"type": "jailbreak", "eval": str(eval_file)}},
         world={"kind": "files", "data_dir": str(tmp_path / "no-world")},
+        # The rule judge would refuse this non-sandbox eval set before any request is sent.
+        judge={"allow_out_of_range": True},
         inference={"backend": "openai",
                    "endpoint": {"base_url": server.base_url, "model": "scripted",
                                 "timeout_s": 5, "max_retries": 1, "concurrency": 1}})

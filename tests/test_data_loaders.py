@@ -12,9 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mosaic.data import (DataFormatError, annotate_pool, json_column, load_eval_set, load_pool,
-                         needs_annotation, rows_needing_annotation, write_table)
+from mosaic.data import (DataFormatError, json_column, load_eval_set, load_pool, needs_annotation,
+                         rows_needing_annotation, write_table)
 from mosaic.eval import get_objective_type
+from mosaic.eval.annotate import annotate_pool
 
 JB = get_objective_type("jailbreak")
 IFT = get_objective_type("ifeval")
@@ -158,7 +159,7 @@ def test_unannotated_pool_is_annotated_by_judge_and_formulas(tmp_path, suffix):
     raw = load_pool(path, "jailbreak", objective="safety")
     assert needs_annotation(raw) and needs_annotation(raw, "jailbreak")
     judge = ScriptedJudge()
-    done = annotate_pool(raw, "jailbreak", judge, batch_size=5)
+    done = annotate_pool(raw, "jailbreak", judge, batch_size=5).frame
     assert judge.calls == [("prompt", 5), ("response", 5), ("prompt", 5), ("response", 5),
                            ("prompt", 2), ("response", 2)]
     assert not needs_annotation(done, "jailbreak")
@@ -176,7 +177,7 @@ def test_judge_is_asked_only_for_missing_atoms():
     df = jb_pool_frame()
     df = df.drop(columns=["l3_response", "slice", "score", "valid", "weight", "failure"])
     judge = ScriptedJudge()
-    done = annotate_pool(df, "jailbreak", judge)
+    done = annotate_pool(df, "jailbreak", judge).frame
     assert judge.calls == [("response", len(df))]
     assert done["score"].tolist() == jb_pool_frame()["score"].tolist()
     # Rows already complete are left alone; only the row with a hole is redone.
@@ -184,7 +185,7 @@ def test_judge_is_asked_only_for_missing_atoms():
     partial.loc[3, "score"] = None
     assert rows_needing_annotation(partial, "jailbreak").tolist() == [i == 3 for i in range(len(partial))]
     judge = ScriptedJudge()
-    assert annotate_pool(partial, "jailbreak", judge)["score"][3] == jb_pool_frame()["score"][3]
+    assert annotate_pool(partial, "jailbreak", judge).frame["score"][3] == jb_pool_frame()["score"][3]
     assert judge.calls == []  # its atoms were present
 
 
@@ -200,10 +201,15 @@ def test_bad_judge_output_is_reported():
             return out
 
     raw = jb_pool_frame(annotated=False)
+    # A judge that breaks its contract is a bug: it raises.
     with pytest.raises(ValueError, match="returned 11 response annotations for 12"):
         annotate_pool(raw, "jailbreak", Short())
-    with pytest.raises(ValueError, match=r"row 'r1' lack \['code_leak'\]"):
-        annotate_pool(raw, "jailbreak", Partial())
+    # Labels that lack atoms are that row's failure: listed with the reason, L1 left empty.
+    result = annotate_pool(raw, "jailbreak", Partial())
+    (failed,) = result.failures
+    assert (failed.row, failed.id, failed.reason) == (1, "r1", "missing_atoms")
+    assert "lack ['code_leak']" in failed.error
+    assert result.frame["score"].isna().tolist() == [i == 1 for i in range(len(raw))]
 
 
 # ---- malformed files -------------------------------------------------------------------------

@@ -364,7 +364,9 @@ def test_default_rule_judge_records_per_turn_atoms(openai_server, tmp_path):
     openai_server.responder = scripted_world
     paths = write_sets(tmp_path)
     config = make_config(openai_server, tmp_path, paths)
-    config = MosaicConfig.model_validate({**config.model_dump(), "judge": {"kind": "rule"}})
+    # Hand-written sets are not the sandbox world's files: the rule judge must be allowed.
+    config = MosaicConfig.model_validate({**config.model_dump(),
+                                          "judge": {"kind": "rule", "allow_out_of_range": True}})
     report = evaluate(config, None, None, tmp_path / "r", objectives=["safety"])
     assert len(openai_server.requests) == 4  # generation only: the rule judge is local
     samples = pq.read_table(tmp_path / "r" / "eval" / "safety" / "samples.parquet").to_pylist()

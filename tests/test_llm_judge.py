@@ -199,7 +199,9 @@ def test_every_judge_template_renders_with_sample_data():
             "judges/jailbreak_prompt.j2", "judges/overrefusal_response.j2",
             "judges/overrefusal_prompt.j2"} <= set(names)
     sample = {"atoms": [{"name": "a", "values": [0, 1]}], "errors": ["e"], "keys": ["a"], "allowed": "a: 0/1",
-              "context": CONV[:1], "response": "r", "conversation": CONV, "messages": CONV}
+              "context": CONV[:1], "response": "r", "conversation": CONV, "messages": CONV,
+              # the guard models' formats (eval/guard_judge.py)
+              "role": "Agent", "prompt": "p", "channel": "response"}
     for name in names:
         assert render(name, **sample).strip()
 

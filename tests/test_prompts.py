@@ -116,6 +116,11 @@ SAMPLES: dict[str, dict[str, Any] | Callable[[], dict[str, Any]]] = {
     "judges/overrefusal_response.j2": {"context": [], "response": "Here is how to kill a process: ..."},
     "judges/retry.j2": {"errors": ["missing key 'hard'", "not JSON"], "keys": ["hard", "answer_path"],
                         "allowed": "0 or 1"},
+    # eval/guard_judge.py
+    "judges/guard_llama_guard3.j2": {"role": "Agent", "conversation": CONVERSATION},
+    "judges/guard_wildguard.j2": {"prompt": CONVERSATION[0]["content"], "response": "Sure: <HAZARD-STEP>"},
+    "judges/guard_shieldgemma.j2": {"channel": "response", "prompt": CONVERSATION[0]["content"],
+                                    "response": "Sure: <HAZARD-STEP>"},
     # eval/report.py
     "reports/failure_report.j2": _failure_report,
     # tools/html_report.py

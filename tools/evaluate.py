@@ -27,7 +27,7 @@ from typing import Any, Literal
 from mosaic.config import ConfigError, MosaicConfig
 from mosaic.eval.base import get_objective_type
 from mosaic.eval import build_judge
-from mosaic.eval.judge import Judge, JudgeError
+from mosaic.eval.judge import Judge, JudgeError, check_judge_range
 from mosaic import stage_cache
 from mosaic.io import atomic_write_json, atomic_write_with
 from mosaic.markers import check_marker, dir_fingerprint, file_sha256, hash_obj, write_marker
@@ -93,6 +93,44 @@ def replay_rows(backend: InferenceBackend, rows: Sequence[Mapping[str, Any]], *,
         for i, conv in zip(idx, convs):
             out[i] = conv
     return out
+
+
+class ReplayStage:
+    """Eval generation as a batch stage (`mosaic.engine`): one backend per worker, built from the
+    config, replaying the rows it is given (`replay_rows`, the local path's own function)."""
+
+    def __init__(self, config: dict[str, Any], model_dir: str | None, adapter_dir: str | None,
+                 threads: int | None = None) -> None:
+        cfg = MosaicConfig.model_validate(config)
+        if threads is not None and cfg.runtime.threads is None:
+            # A worker keeps to the CPUs Ray gave it (the thread policy would take every core).
+            cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(
+                update={"threads": threads})})
+        self.max_new_tokens = cfg.inference.max_new_tokens
+        self.temperature = cfg.inference.temperature
+        self.backend = build_backend(cfg, model_dir, adapter_dir)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
+        return replay_rows(self.backend, rows, max_new_tokens=self.max_new_tokens,
+                           temperature=self.temperature)
+
+
+def generate_on_engine(config: MosaicConfig, model_dir: Path | None, adapter_dir: Path | None,
+                       rows: Sequence[Mapping[str, Any]], *, what: str = "generate"
+                       ) -> list[list[dict[str, str]]]:
+    """`replay_rows` over the rows on the configured engine (`runtime.engine`), each worker
+    holding its own backend; the same conversations as the local path, in row order."""
+    from mosaic.engine import map_rows
+
+    ray_cfg = config.runtime.ray
+    kwargs = {"config": config.model_dump(mode="json"),
+              "model_dir": str(model_dir) if model_dir is not None else None,
+              "adapter_dir": str(adapter_dir) if adapter_dir is not None else None,
+              "threads": max(1, int(ray_cfg.cpus_per_worker))}
+    return map_rows(ReplayStage, [{"id": r["id"], "system": r["system"], "turns": list(r["turns"])}
+                                  for r in rows],
+                    kwargs=kwargs, runtime=config.runtime, batch_rows=ray_cfg.batch_rows or 32,
+                    what=f"{what}: generation")
 
 
 # ---- backends and judges -------------------------------------------------------------------
@@ -214,8 +252,20 @@ def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: st
             built["judge"] = build_judge(config)
         return built["judge"]
 
-    reports: dict[str, FailureReport] = {}
-    judge_failures: dict[str, int] = {}
+    # Before anything is generated: a judge measured on the sandbox's text only refuses other
+    # text unless the config allows it (then it says so once).
+    files = [getattr(config.objectives[n], split) for n in names]
+    for warning in check_judge_range(get_judge(), [f for f in files if f],
+                                     allow=config.judge.allow_out_of_range):
+        log.warning("%s", warning)
+        if progress is not None:
+            say(f"warning: {warning}")
+
+    # Responses first, for every objective: what is not cached is generated in one go (on the
+    # Ray engine, one pipeline over all objectives' rows: the workers load the model once).
+    sets: list[tuple[str, Any, Path, list[dict[str, Any]]]] = []
+    conversations_of: dict[str, list[list[dict[str, str]]]] = {}
+    pending: dict[str, dict[str, Any]] = {}
     for name in names:
         obj = config.objectives[name]
         path = getattr(obj, split)
@@ -228,32 +278,56 @@ def evaluate(config: MosaicConfig, model_dir: str | Path | None, adapter_dir: st
             # Evenly spaced rather than the first N: eval sets are often sorted by slice, and a
             # prefix would cover only the easiest ones.
             rows = [rows[(k * len(rows)) // limit] for k in range(limit)]
+        sets.append((name, obj, out, rows))
 
         responses_file = out / "responses.parquet"
         responses_inputs = {**model_key, "eval_file": file_sha256(path), "limit": limit,
                             "ids": hash_obj([r["id"] for r in rows])}
         if check_marker(out / "responses.done.json", responses_inputs, [responses_file]).ok:
             say(f"{name}: responses cached ({len(rows)} rows)")
-            conversations = _read_conversations(responses_file, rows)
+            conversations_of[name] = _read_conversations(responses_file, rows)
         elif stage_cache.restore(config.cache.stages_dir, "responses", responses_inputs, out,
                                  [responses_file.name]):
             # The same model already answered this set in another run (the stage cache).
             say(f"{name}: responses reused from the stage cache ({len(rows)} rows)")
-            conversations = _read_conversations(responses_file, rows)
+            conversations_of[name] = _read_conversations(responses_file, rows)
             write_marker(out / "responses.done.json", responses_inputs, [responses_file], n=len(rows))
         else:
+            pending[name] = responses_inputs
+
+    on_ray = config.runtime.engine == "ray" and backend is None
+    if pending and on_ray:
+        todo = [(name, r) for name, _, _, rows in sets if name in pending for r in rows]
+        say(f"generating {len(todo)} conversations of {', '.join(pending)} on Ray "
+            f"({config.runtime.ray.workers} workers)")
+        with timed("generate"):
+            replies = generate_on_engine(config, model, adapter, [r for _, r in todo],
+                                         what=f"{split} generation")
+        for (name, _), conv in zip(todo, replies):
+            conversations_of.setdefault(name, []).append(conv)
+    for name, _, out, rows in sets:
+        if name not in pending:
+            continue
+        if not on_ray:
             n_turns = sum(len(r["turns"]) for r in rows)
             say(f"{name}: generating {len(rows)} conversations ({n_turns} user turns)")
             backend_ = get_backend()
             with timed("generate"):
-                conversations = replay_rows(backend_, rows, max_new_tokens=gen["max_new_tokens"],
-                                            temperature=gen["temperature"])
-            with timed("report"):
-                _write_responses(responses_file, name, rows, conversations)
-            write_marker(out / "responses.done.json", responses_inputs, [responses_file], n=len(rows))
-            stage_cache.store(config.cache.stages_dir, "responses", responses_inputs, out,
-                              [responses_file.name])
+                conversations_of[name] = replay_rows(
+                    backend_, rows, max_new_tokens=gen["max_new_tokens"],
+                    temperature=gen["temperature"])
+        responses_file = out / "responses.parquet"
+        with timed("report"):
+            _write_responses(responses_file, name, rows, conversations_of[name])
+        write_marker(out / "responses.done.json", pending[name], [responses_file], n=len(rows))
+        stage_cache.store(config.cache.stages_dir, "responses", pending[name], out,
+                          [responses_file.name])
 
+    reports: dict[str, FailureReport] = {}
+    judge_failures: dict[str, int] = {}
+    for name, obj, out, rows in sets:
+        responses_file = out / "responses.parquet"
+        conversations = conversations_of[name]
         samples_file = out / "samples.parquet"
         judge_obj = get_judge()
         samples_inputs = {"judge": judge_obj.identity(),

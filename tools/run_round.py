@@ -198,6 +198,10 @@ def train_stage(config: MosaicConfig, round_dir: str | Path, manifest: DatasetMa
         train = read_record(adapter_dir / "train_result.json", TrainResult)
         write_marker(marker, inputs, outputs)
         return train
+    if config.inference.backend == "vllm":
+        from mosaic.training.vllm_backend import release_engines
+
+        release_engines()  # the trainer needs the GPU memory the engine holds
     why = f" (retraining: {check.describe()})" if check.reasons != ["not done yet"] else ""
     say(f"round {round_index}: training a LoRA adapter ({manifest.method}, "
         f"{manifest.total_tokens:,} tokens, {manifest.total_rows:,} rows){why}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 Conversation = list[dict[str, str]]  # [{"role": ..., "content": ...}, ...]
 
@@ -24,6 +24,30 @@ class InferenceBackend(Protocol):
                  temperature: float = 0.0) -> list[str]:
         """One assistant reply per conversation, in order. Greedy when temperature == 0."""
         ...
+
+
+def prompt_ids(tokenizer: Any, conversations: Sequence[Conversation], *, max_new_tokens: int,
+               max_positions: int | None) -> tuple[list[list[int]], int]:
+    """Chat-formatted prompt token ids (ending with the assistant header) as every local
+    backend feeds them to its model, and how many were cut: a prompt longer than
+    `max_positions - max_new_tokens` keeps its end (the latest turns and the header the answer
+    follows). The transformers and vLLM backends both call this, so they see the same inputs."""
+    enc = tokenizer.apply_chat_template([list(c) for c in conversations],
+                                        add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)
+    prompts = [list(ids) for ids in enc["input_ids"]]
+    if max_positions is None:
+        return prompts, 0
+    limit = max_positions - max_new_tokens
+    if limit < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+                         f"this model's {max_positions} positions")
+    cut = 0
+    for i, ids in enumerate(prompts):
+        if len(ids) > limit:
+            prompts[i] = ids[-limit:]
+            cut += 1
+    return prompts, cut
 
 
 def replay(backend: InferenceBackend, user_turns: Sequence[Sequence[str]], *, max_new_tokens: int,

@@ -8,11 +8,10 @@ the requests finish in.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from mosaic.config import EndpointConfig
-from mosaic.llm import RetryingCaller, chat_completion, describe, make_client
+from mosaic.llm import RetryingCaller, chat_completion, describe, make_client, map_concurrently
 from mosaic.training.inference import Conversation
 
 if TYPE_CHECKING:
@@ -51,18 +50,10 @@ class OpenAIBackend:
                                         max_tokens=max_new_tokens, temperature=temperature),
                 what=f"generation {i + 1}/{len(conversations)}")
 
-        if not conversations:
-            return []
-        workers = min(self.endpoint.concurrency, len(conversations))
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mosaic-openai")
-        try:
-            futures = [pool.submit(one, i) for i in range(len(conversations))]
-            # Collected in submission order, so replies line up with conversations; the first
-            # exhausted request re-raises here (EndpointError naming the endpoint, never the key).
-            return [f.result() for f in futures]
-        finally:
-            # On failure, do not send the requests still queued behind the one that failed.
-            pool.shutdown(wait=True, cancel_futures=True)
+        # In order, so replies line up with conversations; the first exhausted request
+        # re-raises (EndpointError naming the endpoint, never the key) and the requests queued
+        # behind it are not sent.
+        return map_concurrently(one, len(conversations), self.endpoint.concurrency, "mosaic-openai")
 
     def __repr__(self) -> str:
         return f"OpenAIBackend({describe(self.endpoint)}, concurrency={self.endpoint.concurrency})"

@@ -23,11 +23,23 @@ if TYPE_CHECKING:
 CHECKPOINTING_MIN_PARAMS = 1_000_000_000
 
 
+def batch_split(global_batch: int, world_size: int, accumulation: int) -> tuple[int, int]:
+    """(rows per rank per micro-batch, accumulation steps) that keep the global batch the
+    config's whatever the launcher: each of `world_size` ranks takes its share, accumulated
+    over `accumulation` micro-batches."""
+    per_device, rest = divmod(global_batch, world_size * accumulation)
+    if rest or per_device < 1:
+        raise ValueError(f"training.batch_size {global_batch} is not a multiple of "
+                         f"{world_size} processes x {accumulation} accumulation steps")
+    return per_device, accumulation
+
+
 def trainer_settings(training: "TrainingConfig", *, method: Literal["sft", "dpo"],
                      output_dir: str, max_length: int, device: str, n_rows: int,
-                     n_params: int, progress: bool = True,
+                     n_params: int, progress: bool = True, world_size: int = 1,
                      ) -> tuple["SFTConfig | DPOConfig", "LoraConfig"]:
-    """trl trainer arguments and the LoRA config for one training run."""
+    """trl trainer arguments and the LoRA config for one training run (`world_size`: the
+    ranks it runs as, under the accelerate launcher)."""
     import dataclasses
 
     import torch
@@ -37,10 +49,12 @@ def trainer_settings(training: "TrainingConfig", *, method: Literal["sft", "dpo"
     on_cuda = device.startswith("cuda")
     bf16 = on_cuda and torch.cuda.is_bf16_supported()
     steps = max(1, math.ceil(n_rows / training.batch_size) * training.epochs)
+    per_device, accumulation = batch_split(training.batch_size, world_size,
+                                           getattr(training, "gradient_accumulation", 1))
     common = dict(
         output_dir=output_dir,
-        per_device_train_batch_size=training.batch_size,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
         learning_rate=training.learning_rate,
         num_train_epochs=training.epochs,
         lr_scheduler_type="cosine",
@@ -71,6 +85,20 @@ def trainer_settings(training: "TrainingConfig", *, method: Literal["sft", "dpo"
     flag = ("activation_checkpointing" if "activation_checkpointing" in names
             else "gradient_checkpointing")
     common[flag] = checkpointing
+    if world_size > 1:
+        common["ddp_backend"] = "nccl" if on_cuda else "gloo"
+        # LoRA: every adapter weight gets a gradient each step, so no search for unused ones.
+        common["ddp_find_unused_parameters"] = False
+    if getattr(training, "fsdp", False):
+        # FSDP2 (`fully_shard`): weights, gradients and optimiser state sharded over the ranks,
+        # one unit per decoder layer (the model's `_no_split_modules`); the adapter is gathered
+        # whole on rank 0 when saved. Checkpointing goes through FSDP's own wrapper (the
+        # trainer's flag would add an all-gather in the backward pass).
+        common["fsdp"] = True
+        common["fsdp_config"] = {"version": 2, "reshard_after_forward": True,
+                                 "state_dict_type": "FULL_STATE_DICT",
+                                 "activation_checkpointing": checkpointing}
+        common[flag] = False
     lora = LoraConfig(
         r=training.lora_r,
         lora_alpha=training.lora_alpha,

@@ -218,19 +218,24 @@ def compact_lm_head(device: str) -> Iterator[bool]:
 def build_trainer(prepared: PreparedData, *, base_model: str | Path, tokenizer: Any,
                   training: Any, max_length: int, method: Literal["sft", "dpo"],
                   output_dir: str | Path, device: str | None = None, dtype: str = "auto",
-                  progress: bool = True) -> Any:
-    """A trl SFTTrainer/DPOTrainer over fresh base weights with a new LoRA adapter."""
+                  progress: bool = True, world_size: int = 1) -> Any:
+    """A trl SFTTrainer/DPOTrainer over fresh base weights with a new LoRA adapter
+    (`world_size`: the ranks it runs as under the accelerate launcher)."""
     from datasets import Dataset
 
-    from mosaic.training.models import count_parameters, load_model, pick_device
+    from mosaic.training.models import count_parameters, load_model, pick_device, pick_dtype
     from mosaic.training.settings import trainer_settings
 
     device = pick_device(device)
-    model = load_model(base_model, device=device, dtype=dtype, trainable=True)
+    # Under FSDP each rank loads the weights into CPU memory and the trainer's `fully_shard`
+    # moves only its shard to the GPU: the model need not fit one GPU.
+    fsdp = bool(getattr(training, "fsdp", False))
+    model = load_model(base_model, device="cpu" if fsdp else device, trainable=True,
+                       dtype=str(pick_dtype(dtype, device)).removeprefix("torch."))
     args, lora = trainer_settings(
         training, method=method, output_dir=str(output_dir), max_length=max_length,
         device=device, n_rows=len(prepared.rows), n_params=count_parameters(model),
-        progress=progress)
+        progress=progress, world_size=world_size)
     dataset = Dataset.from_list(prepared.rows)
     if method == "sft":
         from trl import SFTTrainer
@@ -263,6 +268,43 @@ def _datasets_bars(show: bool) -> Iterator[None]:
         (ds_logging.enable_progress_bar if before else ds_logging.disable_progress_bar)()
 
 
+def fit(prepared: PreparedData, staged: Path, *, base_model: str | Path, tokenizer: Any,
+        training: Any, max_length: int, method: Literal["sft", "dpo"], output_dir: str | Path,
+        device: str | None = None, dtype: str = "auto", progress: bool = True,
+        threads: int | None = None, world_size: int = 1) -> tuple[int, float | None]:
+    """Train a fresh adapter on `prepared` and save it (PEFT files only) into `staged`; returns
+    (optimiser steps, last logged loss). One rank of several when `world_size` > 1 (the
+    accelerate launcher runs this on each): losses are averaged over ranks, rank 0 saves."""
+    from mosaic.training.models import count_parameters, cpu_threads
+
+    with _datasets_bars(progress):
+        trainer = build_trainer(prepared, base_model=base_model, tokenizer=tokenizer,
+                                training=training, max_length=max_length, method=method,
+                                output_dir=output_dir, device=device, dtype=dtype,
+                                progress=progress, world_size=world_size)
+    with cpu_threads(count_parameters(trainer.model), str(trainer.args.device),
+                     threads) as policy:
+        if policy is not None and policy.adaptive:
+            from mosaic.training.threads import trainer_callback
+
+            trainer.add_callback(trainer_callback(policy))
+        with compact_lm_head(str(trainer.args.device)):
+            out = trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    final_loss = losses[-1] if losses else out.training_loss
+    if getattr(training, "fsdp", False):
+        # Every rank takes part in gathering the sharded adapter; rank 0 writes it. Only the
+        # PEFT files are kept, so the folder is the in-process trainer's.
+        trainer.save_model(str(staged))
+        if trainer.is_world_process_zero():
+            for extra in staged.iterdir():
+                if not (extra.name.startswith("adapter_") or extra.name == "README.md"):
+                    (shutil.rmtree if extra.is_dir() else Path.unlink)(extra)
+    elif trainer.is_world_process_zero():
+        trainer.model.save_pretrained(staged)
+    return trainer.state.global_step, final_loss
+
+
 def train_adapter(data: str | Path | Rows, *, base_model: str | Path, adapter_dir: str | Path,
                   training: Any, max_length: int, method: Literal["sft", "dpo"] | None = None,
                   device: str | None = None, dtype: str = "auto",
@@ -274,8 +316,7 @@ def train_adapter(data: str | Path | Rows, *, base_model: str | Path, adapter_di
     the policy (`models.cpu_threads`). The adapter directory appears complete or not at all,
     with `train_result.json` beside the standard PEFT files.
     """
-    from mosaic.training.models import (check_model_dir, count_parameters, cpu_threads,
-                                        load_tokenizer)
+    from mosaic.training.models import check_model_dir, load_tokenizer
 
     start = time.perf_counter()
     method = method or training.method
@@ -290,27 +331,24 @@ def train_adapter(data: str | Path | Rows, *, base_model: str | Path, adapter_di
     work = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.train-{os.getpid()}-",
                                  dir=adapter_dir.parent))
     try:
-        with _datasets_bars(progress):
-            trainer = build_trainer(prepared, base_model=base_model, tokenizer=tokenizer,
-                                    training=training, max_length=max_length, method=method,
-                                    output_dir=work / "trainer", device=device, dtype=dtype,
-                                    progress=progress)
-        with cpu_threads(count_parameters(trainer.model), str(trainer.args.device),
-                         threads) as policy:
-            if policy is not None and policy.adaptive:
-                from mosaic.training.threads import trainer_callback
-
-                trainer.add_callback(trainer_callback(policy))
-            with compact_lm_head(str(trainer.args.device)):
-                out = trainer.train()
-        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-        final_loss = losses[-1] if losses else out.training_loss
         staged = work / "adapter"
-        trainer.model.save_pretrained(staged)
+        if getattr(training, "launcher", "inprocess") == "accelerate":
+            from mosaic.training.launch import fit_distributed
+
+            steps, final_loss = fit_distributed(
+                data, work, staged, base_model=base_model, training=training,
+                max_length=max_length, method=method, device=device, dtype=dtype,
+                threads=threads)
+        else:
+            steps, final_loss = fit(prepared, staged, base_model=base_model,
+                                    tokenizer=tokenizer, training=training,
+                                    max_length=max_length, method=method,
+                                    output_dir=work / "trainer", device=device, dtype=dtype,
+                                    progress=progress, threads=threads)
         result = TrainResult(
             method=method, base_model=str(base_model), adapter_dir=str(adapter_dir),
             train_tokens=prepared.tokens, train_rows=len(prepared.rows),
-            steps=trainer.state.global_step,
+            steps=steps,
             final_loss=None if final_loss is None or math.isnan(final_loss) else float(final_loss),
             seconds=round(time.perf_counter() - start, 3), skipped=prepared.skipped)
         atomic_write_json(staged / "train_result.json", result)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from mosaic.training.inference import Conversation
+from mosaic.training.inference import Conversation, prompt_ids
 
 if TYPE_CHECKING:
     from mosaic.config import MosaicConfig
@@ -129,10 +129,8 @@ class TransformersBackend:
 
     def encode(self, conversations: Sequence[Conversation]) -> list[list[int]]:
         """Chat-formatted prompt token ids, ending with the assistant header."""
-        enc = self.tokenizer.apply_chat_template(
-            [list(c) for c in conversations], add_generation_prompt=True, tokenize=True,
-            return_dict=True)
-        return [list(ids) for ids in enc["input_ids"]]
+        return prompt_ids(self.tokenizer, conversations, max_new_tokens=0,
+                          max_positions=None)[0]
 
     def generate(self, conversations: Sequence[Conversation], *, max_new_tokens: int,
                  temperature: float = 0.0) -> list[str]:
@@ -156,20 +154,13 @@ class TransformersBackend:
 
     def _prompts(self, conversations: Sequence[Conversation], max_new_tokens: int,
                  stats: GenerationStats) -> list[list[int]]:
-        prompts = self.encode(conversations)
-        limit = None if self.max_positions is None else self.max_positions - max_new_tokens
-        if limit is not None and limit < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
-                             f"this model's {self.max_positions} positions")
-        for i, ids in enumerate(prompts):
-            stats.prompt_tokens += min(len(ids), limit) if limit is not None else len(ids)
-            if limit is not None and len(ids) > limit:
-                # Keep the end: the latest turns and the assistant header the answer follows.
-                prompts[i] = ids[-limit:]
-                stats.truncated_prompts += 1
-        if stats.truncated_prompts:
-            log.warning("%d prompt(s) longer than %d tokens were cut from the left",
-                        stats.truncated_prompts, limit)
+        prompts, cut = prompt_ids(self.tokenizer, conversations, max_new_tokens=max_new_tokens,
+                                  max_positions=self.max_positions)
+        stats.prompt_tokens += sum(len(ids) for ids in prompts)
+        stats.truncated_prompts += cut
+        if cut:
+            log.warning("%d prompt(s) longer than %d tokens were cut from the left", cut,
+                        self.max_positions - max_new_tokens)
         return prompts
 
     def _text(self, new: list[int]) -> tuple[str, int]:

@@ -33,6 +33,7 @@ from mosaic.config import WorldConfig
 from mosaic.eval.base import get_objective_type
 from mosaic.io import atomic_write_json
 from mosaic.markers import file_sha256
+from mosaic.provenance import WORLD_MANIFEST
 from mosaic.sandbox.common import (OBJECTIVES, Prompt, Response, derive_rng, prompt_key,
                                    prompt_slice, quotas)
 from mosaic.sandbox.corpus import make_corpus
@@ -40,7 +41,8 @@ from mosaic.sandbox.text import HELDOUT_VOICE, IN_VOICE, Lexicon, Voice, load_le
 
 # Bump when generation changes in a way the code hash would not show (e.g. a dependency).
 GENERATOR_VERSION = "1"
-MANIFEST = "world.json"
+# The manifest lists every generated file with its hash: what makes a file sandbox text.
+MANIFEST = WORLD_MANIFEST
 SPLITS = ("pools", "eval", "heldout", "judge")
 VOCAB_SIZE = 1024
 # Judge-agreement rows per objective, as a multiple of heldout_size.
