@@ -163,3 +163,28 @@ def test_a_gguf_source_is_summarised_without_converting_and_bad_sources_say_why(
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(GGUFError, match="not a readable GGUF file"):
         gguf_summary(str(tmp_path / "bad.gguf"))
+
+
+def test_doctor_checks_a_gguf_model_base_without_converting_it(tmp_path):
+    from mosaic.config import MosaicConfig
+    from mosaic.tools.doctor import _check_model
+
+    def checks(base: str) -> list:
+        cfg = MosaicConfig.model_validate({"objectives": {"s": {"type": "jailbreak"}},
+                                           "model": {"base": base,
+                                                     "cache_dir": str(tmp_path / "models")}})
+        found: list = []
+        _check_model(cfg, found.append)
+        return found
+
+    found = checks(SMOLLM2)
+    if found[0].status == "problem" and "not installed" in found[0].detail:
+        pytest.skip(found[0].detail)
+    [ok] = found
+    assert ok.status == "ok" and "134.5M parameters" in ok.detail and "apache-2.0" in ok.detail
+    assert not (tmp_path / "models").exists()  # a preflight converts nothing
+    [missing] = checks("package:no_such_pkg/model.gguf")
+    assert missing.status == "problem" and "--no-deps" in missing.fix
+    (tmp_path / "bad.gguf").write_bytes(b"junk")
+    [bad] = checks(str(tmp_path / "bad.gguf"))
+    assert bad.status == "problem" and "not a readable GGUF file" in bad.detail
