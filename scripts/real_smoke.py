@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/real_smoke.py            # the whole run (configs/real-smoke.yaml)
     .venv/bin/python scripts/real_smoke.py --quick    # 12 prompts a pool, 10 an eval set
+    .venv/bin/python scripts/real_smoke.py --stages doctor,run   # some stages only
 
 Stages, each a `mosaic` command (printed before it runs, so the transcript can be replayed):
 
@@ -38,6 +39,7 @@ CONFIG = ROOT / "configs" / "real-smoke.yaml"
 LICENCE = ("per row: metadata.licence (MIT or ODC-BY sources; see "
            "mosaic/resources/real_text/README.md)")
 # objective -> (type, raw pool file, raw eval file)
+STAGES = ["import", "replies", "annotate", "doctor", "run"]
 OBJECTIVES = {
     "jailbreak": ("jailbreak", "jailbreak_pool.jsonl", "jailbreak_eval.jsonl"),
     "overrefusal": ("overrefusal", "overrefusal_pool.jsonl", "overrefusal_eval.jsonl"),
@@ -76,7 +78,13 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="12 prompts a pool, 10 an eval set")
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "real-smoke")
     ap.add_argument("--config", type=Path, default=CONFIG)
+    ap.add_argument("--stages", default=",".join(STAGES),
+                    help=f"comma-separated stages to run, in order (default: all of {STAGES})")
     args = ap.parse_args()
+    wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in STAGES]
+    if unknown:
+        ap.error(f"unknown stage(s) {unknown}; stages are {STAGES}")
     pool_limit, eval_limit = (12, 10) if args.quick else (None, None)
     data = args.data
     for sub in ("raw", "prompts", "pools", "eval"):
@@ -90,19 +98,18 @@ def main() -> int:
     config = str(args.config)
     times: dict[str, float] = {}
 
-    def stage(name: str):
-        class _Timer:
-            def __enter__(self):
-                self.t = time.perf_counter()
-                print(f"\n=== {name} ===", flush=True)
+    def run(name: str, body) -> None:
+        if name not in wanted:
+            return
+        print(f"\n=== {name} ===", flush=True)
+        start = time.perf_counter()
+        body()
+        times[name] = time.perf_counter() - start
 
-            def __exit__(self, *exc):
-                times[name] = time.perf_counter() - self.t
-
-        return _Timer()
-
-    with stage("import"):
+    def import_stage() -> None:
         for name, (otype, pool_raw, eval_raw) in OBJECTIVES.items():
+            for stale in (data / "prompts").glob(f"{name}.*.parquet"):
+                stale.unlink()  # from an earlier import with other limits
             common = ["--objective", name, "--type", otype, "--license", LICENCE, "--id", "id",
                       "--prompt", "prompt", "--keep", "source", "--keep", "licence",
                       "--keep", "origin"]
@@ -122,20 +129,24 @@ def main() -> int:
                 mosaic("import", str(answered), "--kind", "pool", *common,
                        "--response", "response",
                        "--out", str(data / "prompts" / f"{name}.answered.parquet"), env=env)
-    with stage("replies"):
+
+    def replies_stage() -> None:
         for name in OBJECTIVES:
             files = sorted(str(p) for p in (data / "prompts").glob(f"{name}.*.parquet"))
             mosaic("generate-replies", *files, "--objective", name, "--config", config,
                    "--candidates", "2", "--temperature", "0.8",
                    "--out", str(data / "pools" / f"{name}.parquet"), env=env)
-    with stage("annotate"):
+
+    def annotate_stage() -> None:
         for name in OBJECTIVES:
             mosaic("annotate", str(data / "pools" / f"{name}.parquet"), "--objective", name,
                    "--config", config, env=env)
-    with stage("doctor"):
-        mosaic("doctor", config, env=env)
-    with stage("run"):
-        mosaic("run", config, env=env)
+
+    run("import", import_stage)
+    run("replies", replies_stage)
+    run("annotate", annotate_stage)
+    run("doctor", lambda: mosaic("doctor", config, env=env))
+    run("run", lambda: mosaic("run", config, env=env))
 
     print("\nstage      wall time")
     for name, seconds in times.items():
