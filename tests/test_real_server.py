@@ -8,8 +8,8 @@ executed unchecked, and the audit log records what it proposed and what the chec
 
 Skipped unless llama-cpp-python's server is installed (it compiles llama.cpp: minutes). To run:
 
-    CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_OPENMP=OFF" \\
-        .venv/bin/pip install "llama-cpp-python[server]"
+    CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \\
+        -DGGML_OPENMP=OFF" .venv/bin/pip install -e ".[llama-server]"
     .venv/bin/python -m pytest tests/test_real_server.py -s
 """
 
