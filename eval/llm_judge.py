@@ -27,7 +27,7 @@ from mosaic.eval.judge import (Channel, Conversation, JudgeBase, JudgeCapabiliti
                                JudgeFailure)
 from mosaic.io import atomic_write_json
 from mosaic.llm import (EndpointError, RetryingCaller, TokenUsage, chat_completion, make_client,
-                        map_concurrently)
+                        map_concurrently, response_format)
 from mosaic.prompts import environment, render
 
 if TYPE_CHECKING:
@@ -85,6 +85,13 @@ def parse_atoms(text: str, allowed: Mapping[str, tuple[int, ...]]) -> tuple[dict
     return {k: obj[k] for k in allowed}, []
 
 
+def atoms_schema(allowed: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """The JSON schema of a valid reply (for servers that constrain decoding to it): exactly
+    the `allowed` keys, each an integer from its set."""
+    return {"type": "object", "additionalProperties": False, "required": list(allowed),
+            "properties": {k: {"type": "integer", "enum": list(v)} for k, v in allowed.items()}}
+
+
 class LLMJudge(JudgeBase):
     """`Judge` over an OpenAI-compatible chat endpoint, with a content-hash disk cache."""
 
@@ -126,7 +133,12 @@ class LLMJudge(JudgeBase):
         names = sorted(n for n in env.list_templates() if n.startswith("judges/"))
         return {"judge": self.name, "model": self.endpoint.model,
                 "templates": hashlib.sha256(self._template_text(*names).encode()).hexdigest(),
-                "max_format_retries": self.max_format_retries}
+                "max_format_retries": self.max_format_retries, **self._constrained()}
+
+    def _constrained(self) -> dict[str, str]:
+        # Constrained decoding changes the replies; unconstrained keys stay as they were.
+        fmt = self.endpoint.response_format
+        return {"response_format": fmt} if fmt != "none" else {}
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -184,6 +196,7 @@ class LLMJudge(JudgeBase):
             "atoms": {k: list(v) for k, v in self.atom_spec(objective_type, channel).items()},
             "conversation": [[m["role"], m["content"]] for m in conversation],
             "max_format_retries": self.max_format_retries,
+            **self._constrained(),
         }
         blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")
         return hashlib.sha256(blob).hexdigest()
@@ -255,12 +268,14 @@ class LLMJudge(JudgeBase):
              spec: Mapping[str, tuple[int, ...]]) -> dict[str, int] | JudgeFailure:
         messages = self._messages(objective_type, channel, conversation, spec)
         allowed = ", ".join(f"{k}: {'/'.join(map(str, v))}" for k, v in spec.items())
+        constrain = response_format(self.endpoint, f"{objective_type}_{channel}_atoms",
+                                    atoms_schema(spec))
         reply, errors = "", []
         for attempt in range(self.max_format_retries + 1):
             try:
                 reply = self.caller(
                     lambda: chat_completion(self.client, self.endpoint.model, messages,
-                                            temperature=0.0, usage=self.usage),
+                                            temperature=0.0, usage=self.usage, **constrain),
                     what=f"judge request ({objective_type}/{channel}, sample {index})")
             except EndpointError as e:
                 if not self.record_endpoint_errors:

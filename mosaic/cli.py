@@ -262,6 +262,48 @@ def evaluate_cmd(
     _say(f"wrote {out / split}")
 
 
+@app.command("generate-replies")
+def generate_replies_cmd(
+    prompts: list[Path] = typer.Argument(..., help="Prompts: pool or eval files (parquet/jsonl "
+                                                   "with `messages`); the model answers every "
+                                                   "user turn itself."),
+    objective: str = typer.Option(..., "--objective", help="Objective name from the config."),
+    out: Path = typer.Option(..., "--out", help="Pool file to write (parquet or jsonl)."),
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config", help="Run config (YAML): the model "
+                                                                 "(model.base) and inference."),
+    candidates: int = typer.Option(3, "--candidates", min=1,
+                                   help="Replies per prompt: one greedy, the rest sampled."),
+    temperature: float = typer.Option(0.8, "--temperature", min=0.0,
+                                      help="Sampling temperature of candidates after the first."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1,
+                                       help="Tokens per reply (default: inference.max_new_tokens)."),
+    seed: int = typer.Option(None, "--seed", help="Sampling seed (default: the config's seed)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Only the first N prompts."),
+    keep_source: bool = typer.Option(True, "--keep-source/--no-keep-source",
+                                     help="Keep a reply a pool file already holds for a prompt "
+                                          "as one more candidate."),
+) -> None:
+    """Answer each prompt several times with the run's own base model and write an unscored
+    pool (one row per reply, replies of one prompt share its prompt_id); grade it next with
+    `mosaic annotate`, or let `mosaic run` annotate it with the configured judge."""
+    import logging
+
+    from mosaic.tools.pool_replies import ReplyPoolError, generate_pool_replies
+
+    cfg = _load(config)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = generate_pool_replies(cfg, prompts, out, objective=objective,
+                                       candidates=candidates, temperature=temperature,
+                                       max_new_tokens=max_new_tokens, seed=seed, limit=limit,
+                                       keep_source=keep_source, progress=_progress)
+    except (*_user_errors(), ReplyPoolError) as e:
+        _fail(e)
+    _say(f"wrote {result.rows:,} replies to {result.prompts:,} prompts in {out} "
+         f"({result.source_replies:,} from the file itself; {result.seconds:.0f}s; dropped "
+         f"{result.duplicates_dropped} duplicate and {result.empty_dropped} empty replies)")
+
+
 @app.command("build-dataset")
 def build_dataset_cmd(
     action: Path = typer.Argument(..., help="Data action (JSON file)."),
@@ -1112,10 +1154,11 @@ def base_model_cmd(
     sample: int = typer.Option(0, help="Also replay this many eval rows per objective through "
                                        "the model (greedy) and print its last answers."),
 ) -> None:
-    """Build the sandbox base model if not cached (or check a local model.base); print where it
-    is, its size, build time and loss curve."""
+    """Build the sandbox base model if not cached, convert a GGUF model.base once (or check a
+    local model directory); print where it is, its size, build time and loss curve."""
     from mosaic.sandbox.base_model import ensure_base_model, sandbox_base_model
     from mosaic.training.base_model import BaseModelError
+    from mosaic.training.gguf_convert import ensure_converted, is_gguf_source
     from mosaic.training.models import ModelLoadError
 
     cfg = _load(config)
@@ -1140,6 +1183,16 @@ def base_model_cmd(
                 _say(f"  built on {m['cpu']} ({m['torch_cpu_capability']}), torch {m['torch']}, "
                      f"transformers {m['transformers']}, {m['threads']} thread(s)"
                      + (f", {m['env']}" if m["env"] else ""))
+        elif is_gguf_source(cfg.model.base):
+            conv = ensure_converted(cfg.model.base, cfg.model.cache_dir)
+            path = conv.path
+            how = "found in cache" if conv.cached else f"converted in {conv.seconds:.0f}s"
+            name = conv.metadata.get("general.name") or Path(conv.gguf_file).name
+            _say(f"GGUF model {name!r} {how}: {path}")
+            _say(f"  {conv.params / 1e6:.1f}M parameters (float32), from {conv.gguf_file} "
+                 f"(sha256 {conv.gguf_sha256[:12]}, licence "
+                 f"{conv.metadata.get('general.license', 'not stated')}); end of turn "
+                 f"{conv.end_of_turn}")
         else:
             path = ensure_base_model(cfg)
             _say(f"local base model: {path}")

@@ -40,6 +40,11 @@ class EndpointConfig(Section):
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(3, ge=0)
     concurrency: int = Field(8, ge=1)
+    # Constrained JSON where a reply must be JSON (the judge's atoms, the planner's action):
+    # "json_schema" sends OpenAI's {"type": "json_schema", ...} (OpenAI, vLLM, llama.cpp's own
+    # llama-server); "json_object_schema" sends {"type": "json_object", "schema": ...}, which
+    # llama-cpp-python's server turns into a grammar; "none" asks in the prompt only.
+    response_format: Literal["none", "json_schema", "json_object_schema"] = "none"
     # What the endpoint charges, for cost estimates (`mosaic annotate`, `mosaic doctor`); None:
     # not known, and no cost is printed.
     price_per_1k_input: float | None = Field(None, ge=0)
@@ -85,7 +90,9 @@ class WorldConfig(Section):
 
 
 class ModelConfig(Section):
-    # "sandbox" builds (once, cached) the tiny vulnerable base model; otherwise a local HF path.
+    # "sandbox" builds (once, cached) the tiny vulnerable base model; a GGUF file (a path, or
+    # package:<module>/<file> inside an installed package) is converted once into a local HF
+    # directory under cache_dir (mosaic.training.gguf_convert); otherwise a local HF path.
     base: str = "sandbox"
     cache_dir: str = ".cache/models"
     max_length: int = Field(320, ge=16)

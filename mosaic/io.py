@@ -148,3 +148,31 @@ def publish_dir(staged: str | Path, final: str | Path) -> None:
     _fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+T = TypeVar("T")
+
+
+def build_dir_once(final: str | Path, done_file: str, build: Callable[[Path], T],
+                   read: Callable[[Path], T], *, verb: str = "build") -> T:
+    """The directory `final`, built by `build(staging_dir)` unless `final/done_file` exists
+    (then `read(final)`). One process builds per directory (a file lock beside it): a second
+    one waits and then reads what the first published. The directory appears complete or not
+    at all; `build`'s result is returned as is (its staging path is the caller's to fix)."""
+    import fcntl
+
+    final = Path(final)
+    if (final / done_file).is_file():
+        return read(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / done_file).is_file():
+            return read(final)
+        work = Path(tempfile.mkdtemp(prefix=f".{final.name}.{verb}-", dir=final.parent))
+        try:
+            result = build(work)
+            publish_dir(work, final)
+            return result
+        finally:
+            shutil.rmtree(work, ignore_errors=True)

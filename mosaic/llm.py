@@ -303,3 +303,16 @@ def chat_message(client: "openai.OpenAI", model: str, messages: Sequence[dict[st
     if not choices or getattr(choices[0], "message", None) is None:
         raise MalformedResponse(f"response has no message: {str(response)[:200]!r}")
     return choices[0].message
+
+
+def response_format(endpoint: EndpointConfig, name: str, schema: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """Request options asking `endpoint` to constrain a reply to the JSON `schema`, in the
+    dialect its config names (`response_format`); {} when it asks in the prompt only. The reply
+    is still parsed and checked by the caller: a server may ignore the request."""
+    if endpoint.response_format == "json_schema":
+        return {"response_format": {"type": "json_schema",
+                                    "json_schema": {"name": name, "schema": schema}}}
+    if endpoint.response_format == "json_object_schema":
+        return {"response_format": {"type": "json_object", "schema": schema}}
+    return {}

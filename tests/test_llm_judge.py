@@ -204,3 +204,23 @@ def test_every_judge_template_renders_with_sample_data():
               "role": "Agent", "prompt": "p", "channel": "response"}
     for name in names:
         assert render(name, **sample).strip()
+
+
+@pytest.mark.parametrize("dialect", ["json_object_schema", "json_schema"])
+def test_a_constrained_endpoint_gets_the_atoms_schema_and_its_own_cache_keys(openai_server,
+                                                                            tmp_path, dialect):
+    plain = make_judge(openai_server, tmp_path)
+    ep = plain.endpoint.model_copy(update={"response_format": dialect})
+    judge = LLMJudge(ep, tmp_path / "judge-cache", backoff_s=0.01)
+    openai_server.push(json.dumps(JB_SAFE))
+    assert judge.response_atoms("jailbreak", [CONV], [{}]) == [JB_SAFE]
+    (req,) = openai_server.requests
+    fmt = req.body["response_format"]
+    schema = fmt["schema"] if dialect == "json_object_schema" else fmt["json_schema"]["schema"]
+    assert schema["required"] == list(JB_SAFE) and schema["additionalProperties"] is False
+    assert schema["properties"]["step_leak"] == {"type": "integer", "enum": [0, 1]}
+    # Constrained replies are cached apart from unconstrained ones; unconstrained keys are
+    # unchanged by the option's existence.
+    assert judge.cache_key("jailbreak", "response", CONV) != \
+        plain.cache_key("jailbreak", "response", CONV)
+    assert "response_format" not in plain.identity() and judge.identity()["response_format"] == dialect

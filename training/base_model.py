@@ -31,15 +31,12 @@ has not been verified to remove it.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
 import os
 import platform
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mosaic.io import atomic_write_json
+from mosaic.io import atomic_write_json, build_dir_once
 
 # Bump when the training procedure changes in a way the spec does not capture.
 BUILDER_VERSION = 2
@@ -216,28 +213,17 @@ def build_base_model(corpus: str | Path | list[dict[str, Any]], tokenizer_dir: s
               "tokenizer_hash": tokenizer_hash(tokenizer_dir)}
     key = cache_key(spec, hashes["corpus_hash"], hashes["tokenizer_hash"], seed)
     final = Path(cache_dir) / f"sandbox-base-{key}"
-    if (final / INFO_FILE).is_file():
-        return _read_info(final)
 
-    final.parent.mkdir(parents=True, exist_ok=True)
+    def train(work: Path) -> BaseModelInfo:
+        with _pinned():
+            info = _train(conversations, tokenizer_dir, work, spec=spec, seed=seed, key=key,
+                          progress=progress, source=source, hashes=hashes)
+        info.path = final
+        return info
+
     # One builder per cache entry: a second process (an evaluation started beside a run) waits
     # for the first and then finds the model, instead of training it again.
-    with open(final.parent / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (final / INFO_FILE).is_file():
-            return _read_info(final)
-        work = Path(tempfile.mkdtemp(prefix=f".{final.name}.build-", dir=final.parent))
-        try:
-            with _pinned():
-                info = _train(conversations, tokenizer_dir, work, spec=spec, seed=seed, key=key,
-                              progress=progress, source=source, hashes=hashes)
-            from mosaic.io import publish_dir
-
-            publish_dir(work, final)
-            info.path = final
-            return info
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    return build_dir_once(final, INFO_FILE, train, _read_info)
 
 
 def _conversations(rows: list[dict[str, Any]], source: str) -> list[list[dict[str, str]]]:

@@ -56,8 +56,8 @@ def pick_dtype(dtype: str, device: str) -> "torch.dtype":
 def check_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
-        raise ModelLoadError(f"model directory not found: {path} (model.base must be 'sandbox' "
-                             f"or a local Hugging Face model directory)")
+        raise ModelLoadError(f"model directory not found: {path} (model.base must be 'sandbox', "
+                             f"a local Hugging Face model directory or a GGUF file)")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a Hugging Face model directory: no config.json")
     return path

@@ -71,6 +71,30 @@ TOOLS: list[dict[str, Any]] = [
 ]
 
 
+# Tokens of a schema-constrained answer: an action is a few hundred; a small model kept inside
+# a grammar can otherwise write digits or rationale until the context ends.
+ANSWER_MAX_TOKENS = 1024
+
+
+def action_schema(ctx: PlanContext) -> dict[str, Any]:
+    """The data action's JSON schema narrowed to this run's objectives (for servers that
+    constrain decoding): the mixture names each of them once. The check still validates
+    everything the schema cannot say (sums, slices, focus keys, capacity, limits)."""
+    from mosaic.schemas import DataAction
+
+    schema = DataAction.model_json_schema()
+    names = list(ctx.objectives)
+    props = schema["properties"]
+    props["mixture"] = {"type": "object", "additionalProperties": False, "required": names,
+                        "properties": {n: {"type": "number", "minimum": 0, "maximum": 1}
+                                       for n in names}}
+    props["objectives"] = {"type": "object", "additionalProperties": False,
+                           "properties": {n: {"$ref": "#/$defs/ObjectiveAction"} for n in names}}
+    props["rationale"] = {"type": "string", "maxLength": 600}
+    schema["required"] = ["mixture", "rationale"]
+    return schema
+
+
 def _extract_action(text: str) -> str:
     """The reply's JSON object: the whole reply, or the one inside a code fence, or the span from
     the first '{' to the last '}'. What comes back is still only text for the check."""
@@ -157,19 +181,31 @@ class LLMPlanner:
         return json.dumps(data, ensure_ascii=False)
 
     def propose(self, ctx: PlanContext) -> Proposal:
-        from mosaic.llm import EndpointError, MalformedResponse, chat_message
+        from mosaic.llm import EndpointError, MalformedResponse, chat_message, response_format
         from mosaic.tools.planner_tools import summarise
 
         messages = self.messages(ctx)
         calls: list[ToolCall] = []
         meta = {"planner": self.name, "model": self.endpoint.model, "prompt_hash": _templates_hash()}
+        constrain = response_format(self.endpoint, "data_action", action_schema(ctx))
+
+        def ask(answer: bool) -> Any:
+            # The answer request forbids tool calls and, where the endpoint constrains decoding,
+            # asks for the action's schema (servers apply it only without tool choice "auto").
+            extra = {"tool_choice": "none", **constrain} if answer else {"tool_choice": "auto"}
+            if answer and constrain:
+                extra["max_tokens"] = ANSWER_MAX_TOKENS
+            return self.caller(lambda: chat_message(
+                self.client, self.endpoint.model, messages, temperature=0.0, tools=TOOLS,
+                **extra), what=f"planner request (round {ctx.round})")
+
         for step in range(self.max_tool_rounds + 1):
             last = step == self.max_tool_rounds
             try:
-                message = self.caller(lambda: chat_message(
-                    self.client, self.endpoint.model, messages, temperature=0.0,
-                    tools=TOOLS, tool_choice="none" if last else "auto"),
-                    what=f"planner request (round {ctx.round})")
+                message = ask(last)
+                if not last and constrain and not getattr(message, "tool_calls", None):
+                    # Done with tools: ask again for the action itself, under the schema.
+                    message = ask(True)
             except (EndpointError, MalformedResponse) as e:
                 return Proposal(raw="", tool_calls=calls, error=str(e), **meta)
             tool_calls = getattr(message, "tool_calls", None) or []

@@ -1,6 +1,7 @@
 """The run's base model: the sandbox's tiny vulnerable model (trained once from the world's
-base corpus by `mosaic.training.base_model` and cached by content hash), or the local Hugging
-Face directory `model.base` names."""
+base corpus by `mosaic.training.base_model` and cached by content hash), a GGUF file converted
+once into a local model directory (`mosaic.training.gguf_convert`), or the local Hugging Face
+directory `model.base` names."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from mosaic.config import MosaicConfig
 from mosaic.sandbox.world import ensure_world
 from mosaic.training.base_model import BaseModelError, BaseModelInfo, BaseModelSpec, build_base_model
+from mosaic.training.gguf_convert import ensure_converted, is_gguf_source
 from mosaic.training.models import check_model_dir
 
 
@@ -33,15 +35,23 @@ def sandbox_base_model(config: MosaicConfig, *, progress: bool = True) -> BaseMo
 
 def ensure_base_model(config: MosaicConfig, *, progress: bool = True) -> Path:
     """The base model directory of a run: the cached sandbox model (built on first use) when
-    `model.base` is "sandbox", else the local Hugging Face directory it names."""
+    `model.base` is "sandbox", the converted directory (converted on first use) when it names a
+    GGUF file, else the local Hugging Face directory it names."""
     if config.model.base == "sandbox":
         return sandbox_base_model(config, progress=progress).path
+    if is_gguf_source(config.model.base):
+        return ensure_converted(config.model.base, config.model.cache_dir,
+                                progress=progress).path
     return check_model_dir(config.model.base)
 
 
 def tokenizer_dir(config: MosaicConfig) -> Path:
     """Where a run's tokenizer lives, without building the model: the sandbox world's
-    tokenizer (the sandbox base model is saved with that same tokenizer), or model.base."""
+    tokenizer (the sandbox base model is saved with that same tokenizer), the converted GGUF
+    model's directory (converted on first use: its tokenizer is made in the conversion), or
+    model.base."""
     if config.model.base == "sandbox":
         return ensure_world(config.world).tokenizer_dir
+    if is_gguf_source(config.model.base):
+        return ensure_converted(config.model.base, config.model.cache_dir, progress=False).path
     return check_model_dir(config.model.base)
