@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/real_server_smoke.py                 # serve SmolLM2, 1 round
     .venv/bin/python scripts/real_server_smoke.py --rounds 2
+    .venv/bin/python scripts/real_server_smoke.py --data data/real-smoke --budget 3000  # --quick data
     .venv/bin/python scripts/real_server_smoke.py --base-url http://127.0.0.1:8000/v1 \\
         --model smollm2                                            # a server already running
 
@@ -95,6 +96,8 @@ def main() -> int:
                     help="the real-smoke data (scripts/real_smoke.py writes it)")
     ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "real-smoke-llm")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--budget", type=int, help="training tokens per round (default: the "
+                                               "config's; 3000 for the --quick data)")
     ap.add_argument("--base-url", help="a running OpenAI-compatible server (…/v1) instead of "
                                        "starting llama-cpp-python's")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the served model's name")
@@ -132,6 +135,8 @@ def main() -> int:
         "MOSAIC__judge__kind": "llm",
         "MOSAIC__judge__endpoint": endpoint,
     })
+    if args.budget is not None:
+        env["MOSAIC__budget__max_tokens"] = str(args.budget)
     for name in OBJECTIVES:
         env[f"MOSAIC__objectives__{name}__pool"] = str(args.data / "pools" / f"{name}.parquet")
         env[f"MOSAIC__objectives__{name}__eval"] = str(args.data / "eval" / f"{name}.parquet")
