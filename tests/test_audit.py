@@ -157,14 +157,14 @@ def test_audit_cli_prints_rounds_diff_and_json(run_dir):
 def test_unknown_and_human_events_show_generically(copy):
     # What chat will log: shown by author and data without code of its own.
     note = "<script>alert(1)</script> [red]ok[/red]"
-    AuditLog(copy).append("human_decision", {"decision": "approve", "note": note},
+    AuditLog(copy).append("human_decision", {"decision": "reject", "reason": note},
                           round=3, author="human", event_id="r3/human/0")
     report = build_audit_report(copy)
     event = report.rounds[3].events[-1]
     assert (event.event, event.author) == ("human_decision", "human")
     text = flat(invoke("audit", copy, "--round", 3).output)
     # printed literally: neither rich markup nor HTML
-    assert f'human_decision by human: {{"decision": "approve", "note": "{note}"}}' in text
+    assert f'human_decision by human: {{"decision": "reject", "reason": "{note}"}}' in text
     html = render_html_report(report)
     assert "human_decision" in html and "by human" in html and "a-human" in html
     assert "[red]ok[/red]" in html and "<script" not in html.lower()
@@ -328,6 +328,7 @@ def test_verify_names_an_executed_action_that_differs_from_the_round_folder(copy
 def test_verify_passes_on_a_run_stopped_between_deciding_and_building(copy):
     # As a run killed right after logging round 3's executed action leaves it.
     from mosaic.audit import line_hash
+    from mosaic.tools.archive import add_point, load_archive, new_archive, save_archive
 
     n = _seq_of(copy, "executed", 3)
     lines = _lines(copy)[:n]
@@ -335,6 +336,14 @@ def test_verify_passes_on_a_run_stopped_between_deciding_and_building(copy):
     (copy / "audit.head.json").write_text(json.dumps({"count": n, "last": line_hash(lines[-1])}))
     for name in ("dataset", "adapter", "eval", "heldout"):
         shutil.rmtree(copy / "round_3" / name)
+    # The archive and round summary as they were before round 3 was built: rebuilt from the
+    # earlier rounds' points, byte for byte what round 2's archive node wrote.
+    (copy / "round_3" / "round.json").unlink()
+    store = load_archive(copy)
+    rebuilt = new_archive(store.objectives, store.reference)
+    for point in store.points[:3]:
+        rebuilt, _ = add_point(rebuilt, point)
+    save_archive(rebuilt, copy)
     result = verify_run(copy)
     assert result.ok, result.problem
     assert "round 3: executed but not built yet (the run stopped here)" in result.checked
