@@ -70,6 +70,7 @@ def _load(config: Path):
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean the input is wrong (a message and exit code 2), not that MOSAIC is;
     the commands that evaluate, build or train catch them."""
+    from mosaic.audit import AuditRefused
     from mosaic.config import ConfigError
     from mosaic.data import DataFormatError
     from mosaic.eval.embedding_judge import EmbeddingJudgeError
@@ -81,8 +82,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mosaic.training.base_model import BaseModelError
     from mosaic.training.models import ModelLoadError
     from mosaic.training.train import TrainingDataError
-
-    from mosaic.audit import AuditRefused
 
     return (ConfigError, DataFormatError, FileNotFoundError, EndpointError, WorldError,
             ModelLoadError, BaseModelError, PoolError, TrainingDataError, RunConfigError,
@@ -982,6 +981,10 @@ def _write_run_report(run_dir: Path) -> None:
     _say(f"report: {path} (open it in a browser; it works offline)")
 
 
+_REPAIR_HELP = ("Accept an audit log shorter than its head (entries were lost) and continue; "
+                "the repair is logged. Without it such a run is refused.")
+
+
 @app.command("run")
 def run_cmd(
     config: Path = typer.Argument(DEFAULT_CONFIG, help="Run config (YAML)."),
@@ -999,10 +1002,6 @@ def run_cmd(
         run_main(cfg)
     except _user_errors() as e:
         _fail(e)
-
-
-_REPAIR_HELP = ("Accept an audit log shorter than its head (entries were lost) and continue; "
-                "the repair is logged. Without it such a run is refused.")
 
 
 def _audit_reopen(run_dir: Path, repair: bool) -> None:
