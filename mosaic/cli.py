@@ -1107,9 +1107,11 @@ def audit_cmd(
                                                        "versioned: AuditReport, RoundDiff or "
                                                        "RunVerification)."),
     verify: bool = typer.Option(False, "--verify",
-                                help="Re-check the hash chain, every executed action against "
+                                help="Re-check the hash chain and head (its HMAC with "
+                                     "MOSAIC_AUDIT_HMAC_KEY), every executed action against "
                                      "the saved config and pools, every manifest's budget and "
-                                     "file hashes; exit 1 naming the first bad entry."),
+                                     "file hashes, and every file the log recorded by sha256; "
+                                     "exit 1 naming the first bad entry."),
     html: Path = typer.Option(None, "--html", metavar="OUT.html",
                               help="Write the run's self-contained HTML report here."),
     anchor: bool = typer.Option(False, "--anchor",
