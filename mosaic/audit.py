@@ -242,6 +242,22 @@ def _chain(lines: list[bytes]) -> tuple[list[str], Verification | None]:
     return hashes, None
 
 
+def _results_without_log(run_dir: Path, lines: list[bytes]) -> str | None:
+    """An empty or missing log in a folder that already holds results: the log was deleted
+    (the loop logs `run_started` before anything is evaluated, so a crash cannot leave this)."""
+    if lines:
+        return None
+    found = [p.name for p in sorted(run_dir.glob("round_*"))
+             if p.is_dir() and p.name.removeprefix("round_").isdigit()][:2]
+    if (run_dir / "archive.json").is_file():
+        found.insert(0, "archive.json")
+    if not found:
+        return None
+    state = "empty" if (run_dir / LOG_FILE).is_file() else "gone"
+    return (f"the run folder holds results ({', '.join(found)}, ...) but its audit log is "
+            f"{state}: the log was deleted or emptied")
+
+
 def _parse_anchor(expect: str) -> tuple[int | None, str]:
     text = expect.strip().lower()
     n, _, digest = text.rpartition(":")
@@ -272,6 +288,9 @@ def verify_log(run_dir: str | Path, *, expect: str | None = None,
     hashes, broken = _chain(lines)
     if broken is not None:
         return broken
+    emptied = _results_without_log(run_dir, lines)
+    if emptied is not None:
+        return Verification(False, 0, emptied)
     key = _key(environ)
     head = _read_head(head_path)
     problem = _head_problem(lines, hashes, head, head_path.name, key)
@@ -319,8 +338,10 @@ def reopen_problem(run_dir: str | Path, *, environ: dict[str, str] | None = None
     if broken is not None:
         return (f"{run_dir / LOG_FILE}: {broken.problem}; run `mosaic audit {run_dir} --verify` "
                 f"and restore the log before continuing", False)
-    problem = _head_problem(lines, hashes, _read_head(run_dir / HEAD_FILE), HEAD_FILE,
-                            _key(environ))
+    emptied = _results_without_log(run_dir, lines)
+    problem = ((emptied, None, True) if emptied is not None else
+               _head_problem(lines, hashes, _read_head(run_dir / HEAD_FILE), HEAD_FILE,
+                             _key(environ)))
     if problem is None:
         return None
     text, _line, repairable = problem

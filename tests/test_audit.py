@@ -510,6 +510,21 @@ def test_a_missing_head_or_an_edited_last_line_refuses_to_reopen(copy, tmp_path)
     assert out.exit_code == 2 and "was changed after it was written" in flat(out.output)
 
 
+def test_a_deleted_log_in_a_folder_with_results_refuses_to_reopen(copy):
+    from mosaic.audit import AuditRefused
+
+    (copy / "audit.jsonl").unlink()
+    (copy / "audit.head.json").unlink()
+    out = invoke("run", "--resume", copy)
+    assert out.exit_code == 2, out.output
+    assert "holds results (archive.json, round_0" in flat(out.output)
+    assert "audit log is gone" in flat(out.output)
+    with pytest.raises(AuditRefused, match="the log was deleted or emptied"):
+        AuditLog(copy)
+    assert not (copy / "audit.jsonl").exists()  # the refusal wrote nothing
+    _fails(copy, "audit.jsonl does not exist")
+
+
 def test_the_repair_flag_accepts_a_shortened_log_and_is_logged(copy):
     head = json.loads((copy / "audit.head.json").read_text())
     kept = _cut(copy, 2)
