@@ -15,11 +15,48 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from mosaic.eval.base import get_objective_type
 from mosaic.schemas import (L1, DataAction, ExampleView, FailureReport, ObjectiveAction,
                             PoolCapacity, SliceDiagnosis)
 
 Which = Literal["failed", "passed", "any"]
+
+
+# ---- the arguments a model may pass (the LLM planner's tool schemas are made from these) -------
+
+
+class ToolArgs(BaseModel):
+    """Arguments of one tool call from a model: unknown keys are an error the model is told."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DiagnoseSliceArgs(ToolArgs):
+    objective: str = Field(description="an objective of this run")
+    slice: str = Field(description="one of the objective type's slices")
+
+
+class InspectExamplesArgs(ToolArgs):
+    objective: str = Field(description="an objective of this run")
+    slice: str | None = Field(None, description="only samples of this slice")
+    which: Which = Field("failed", description="failed samples first (lowest score), passed "
+                                               "ones (highest score), or any")
+    n: int = Field(3, ge=1, le=10, description="how many samples")
+
+
+class PoolCapacityArgs(ToolArgs):
+    objective: str = Field(description="an objective of this run")
+    method: Literal["sft", "dpo"] = "sft"
+    quality_threshold: float | None = Field(None, description="drop pool rows whose quality "
+                                                              "score is below this")
+    include: dict[str, Any] | None = Field(None, description="focus criteria: rows to prefer")
+    exclude: dict[str, Any] | None = Field(None, description="focus criteria: rows to leave out")
+
+
+class DryRunActionArgs(ToolArgs):
+    action: dict[str, Any] = Field(description="a data action (the JSON you would answer with)")
 
 
 def _samples(eval_dir: Path, objective: str) -> list[dict[str, Any]]:
