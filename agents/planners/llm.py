@@ -219,9 +219,11 @@ class LLMPlanner:
 
     # ---- the subgraph ---------------------------------------------------------------------------
 
-    def build_graph(self) -> Any:
-        """The planner's agent loop as a compiled LangGraph graph (no checkpointer of its own:
-        invoked inside the loop graph's plan node it uses the loop's)."""
+    def build_graph(self, *, checkpointer: Any = None) -> Any:
+        """The planner's agent loop as a compiled LangGraph graph. With no checkpointer of its
+        own (the default) it uses the loop's when invoked inside the plan node; pass the run's
+        saver to read a conversation back (`get_state_history` with the plan task's
+        `checkpoint_ns`)."""
         from langgraph.prebuilt import ToolNode
 
         g = StateGraph(PlannerState, context_schema=PlannerRun)
@@ -233,7 +235,7 @@ class LLMPlanner:
                                 {"tools": "tools", "model": "model", "answer": "answer", END: END})
         g.add_conditional_edges("tools", self._after_tools, {"model": "model", "answer": "answer"})
         g.add_edge("answer", END)
-        return g.compile(name="llm_planner")
+        return g.compile(checkpointer=checkpointer, name="llm_planner")
 
     def _ask(self, run: PlannerRun, messages: list[AnyMessage], *, answer: bool) -> Any:
         from mosaic.llm import chat_message

@@ -111,6 +111,7 @@ def dry_run_action(args: DryRunActionArgs, tools: PlannerTools) -> ActionVerdict
 # The registry is this explicit list: what the planner may call, in the order it is shown.
 PLANNER_TOOLS: list[StructuredTool] = [diagnose_slice, inspect_examples, pool_capacity,
                                        dry_run_action]
+TOOLS_BY_NAME: dict[str, StructuredTool] = {t.name: t for t in PLANNER_TOOLS}
 
 
 def _clean(schema: Any) -> Any:
