@@ -181,6 +181,42 @@ def test_malformed_and_unknown_tool_calls_are_answered_with_errors_the_model_rea
     assert assistant["tool_calls"][0]["function"]["arguments"] == "{not json"
 
 
+def test_a_bug_in_the_check_behind_dry_run_is_a_crash_not_a_message_to_the_model(openai_server):
+    from test_heuristic_planner import FakeTools, context, reports
+
+    class BrokenCheck(FakeTools):
+        def dry_run_action(self, action):
+            raise KeyError("a defect inside the check")
+
+    planner = LLMPlanner(_endpoint(openai_server, timeout_s=5), backoff_s=0.01)
+    openai_server.push(ToolCalls((("dry_run_action", {"action": VALID}),)),
+                       Text(json.dumps(VALID)))
+    with pytest.raises(KeyError, match="a defect inside the check"):
+        planner.propose(context(reports(), tools=BrokenCheck()))
+    assert len(openai_server.requests) == 1  # the model was never told the bug was its error
+
+
+def test_pool_capacity_answers_a_malformed_focus_value_with_the_checks_words():
+    import numpy as np
+    from synthetic_pools import synthetic_eval, synthetic_pool
+
+    from mosaic.tools.dataset.hashing import eval_prompt_hashes
+    from mosaic.tools.dataset.pools import PreparedPools
+    from mosaic.tools.planner_tools import pool_capacity
+
+    pool, counts = synthetic_pool("overrefusal", 300, seed=21, objective="boundary")
+    hashes = eval_prompt_hashes(synthetic_eval(pool, "overrefusal", 8, seed=31).column("messages"))
+    prepared = PreparedPools({"boundary": pool}, {"boundary": "overrefusal"},
+                             {"boundary": counts}, np.asarray(hashes), max_length=400)
+    ok = pool_capacity(prepared, "boundary", 20_000, include={"friction": ["low"]})
+    assert ok.total_tokens > 0
+    for bad, words in (({"friction": 5}, "must be a non-empty list"),
+                       ({"friction": [[1]]}, "is not a value of friction"),
+                       ({"friction": "mid"}, "must be a non-empty list")):
+        with pytest.raises(ValueError, match=words):  # a TypeError before
+            pool_capacity(prepared, "boundary", 20_000, include=bad)
+
+
 def test_the_tool_budget_ends_in_an_answer_request_without_tools(openai_server):
     from test_heuristic_planner import context, reports
 

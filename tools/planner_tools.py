@@ -145,11 +145,21 @@ def pool_capacity(pools: Any, objective: str, budget: int, *, method: str = "sft
 
     if objective not in pools.tables:
         raise ValueError(f"no pool for objective {objective!r}; pools: {pools.objectives}")
+    from mosaic.tools.validate_action import _focus_value_problems
+
     otype = pools.types[objective]
-    for key in (*(include or {}), *(exclude or {})):
-        if key not in otype.focus_keys:
-            raise ValueError(f"{key!r} is not a focus key of {objective!r}; keys: "
-                             f"{', '.join(sorted(otype.focus_keys))}")
+    for which, criteria in (("include", include or {}), ("exclude", exclude or {})):
+        for key, value in criteria.items():
+            if key not in otype.focus_keys:
+                raise ValueError(f"{key!r} is not a focus key of {objective!r}; keys: "
+                                 f"{', '.join(sorted(otype.focus_keys))}")
+            # The check's own rules for a value, so a malformed one (a number where a list
+            # goes) is the caller's error, said the way the check says it, not a TypeError.
+            problems = _focus_value_problems(otype, key, value, f"$.{which}.{key}", None)
+            if problems:
+                raise ValueError("; ".join(f"{p.path}: {p.message}" + (f" ({p.hint})" if p.hint
+                                                                        else "")
+                                           for p in problems))
     cands = pools.candidates(method)[objective]
     focus = FocusCriteria(include=dict(include or {}), exclude=dict(exclude or {}))
     oa = ObjectiveAction(focus=focus if (include or exclude) else None,

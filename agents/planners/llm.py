@@ -36,7 +36,8 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 
 from mosaic.agents.planners.base import PlanContext
-from mosaic.agents.planners.llm_tools import PLANNER_TOOLS, PlannerRun, openai_schema, tool_error
+from mosaic.agents.planners.llm_tools import (PLANNER_TOOLS, PlannerRun, error_content,
+                                              openai_schema, tool_error)
 from mosaic.config import EndpointConfig
 from mosaic.eval.base import get_objective_type
 from mosaic.schemas import Proposal, ToolCall
@@ -125,8 +126,8 @@ def _ai_message(message: Any) -> tuple[AIMessage, list[ToolMessage]]:
         except ValueError as e:
             invalid.append({"name": name, "args": text, "id": c.id, "error": str(e),
                             "type": "invalid_tool_call"})
-            errors.append(ToolMessage(tool_error(e), tool_call_id=c.id, name=name,
-                                      status="error"))
+            errors.append(ToolMessage(error_content(f"{type(e).__name__}: {e}"),
+                                      tool_call_id=c.id, name=name, status="error"))
             continue
         valid.append({"name": name, "args": args, "id": c.id, "type": "tool_call"})
     extra = {"tool_calls": raw_calls} if raw_calls else {}

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from langchain_core.tools import ToolException
 from pydantic import BaseModel
 
 from mosaic.agents.planners.base import PlanContext, PlannerTools
@@ -58,16 +59,25 @@ def tool_content(result: Any, *, untrusted: bool) -> str:
     return json.dumps(data, ensure_ascii=False)
 
 
-def planner_tool(args_model: type[ToolArgs], *, untrusted: bool = False
+def planner_tool(args_model: type[ToolArgs], *, untrusted: bool = False,
+                 model_errors: tuple[type[Exception], ...] = (ValueError,)
                  ) -> Callable[[Callable[[Any, PlannerTools], Any]], "StructuredTool"]:
     """Declare a planner tool: name from the function, description from its docstring,
     arguments from `args_model`. The tool's content is the result's JSON; its artifact is the
-    short summary the audit log keeps."""
-    from langchain_core.tools import StructuredTool
+    short summary the audit log keeps.
+
+    `model_errors` are the exceptions that mean the model asked for something that does not
+    exist (an unknown objective or slice, a focus key the type lacks): the model is told and
+    may try again. Anything else a tool raises is a defect and propagates: the run stops with a
+    traceback instead of the planner being told a bug was its mistake."""
+    from langchain_core.tools import StructuredTool, ToolException
 
     def wrap(fn: Callable[[Any, PlannerTools], Any]) -> StructuredTool:
         def run(**kwargs: Any) -> tuple[str, str]:
-            result = fn(args_model.model_validate(kwargs), current_tools())
+            try:
+                result = fn(args_model.model_validate(kwargs), current_tools())
+            except model_errors as e:
+                raise ToolException(f"{type(e).__name__}: {e}") from e
             return tool_content(result, untrusted=untrusted), summarise(result)
 
         description = " ".join((inspect.getdoc(fn) or fn.__name__).split())
@@ -101,7 +111,8 @@ def pool_capacity(args: PoolCapacityArgs, tools: PlannerTools) -> PoolCapacity:
                                args.include, args.exclude)
 
 
-@planner_tool(DryRunActionArgs)
+# The check answers every bad action with a verdict; an exception from it is a bug in the check.
+@planner_tool(DryRunActionArgs, model_errors=())
 def dry_run_action(args: DryRunActionArgs, tools: PlannerTools) -> ActionVerdict:
     """Run a data action through the check without building anything; returns the verdict
     (status, problems with hints, notes)."""
@@ -140,6 +151,12 @@ def openai_schema(tool: "StructuredTool") -> dict[str, Any]:
                                              "parameters": _clean(args_model.model_json_schema())}}
 
 
-def tool_error(error: Exception) -> str:
-    """A failed tool call is the model's error: it is told what went wrong, as JSON."""
-    return json.dumps({"error": f"{type(error).__name__}: {error}"})
+def error_content(message: str) -> str:
+    """What the model reads for a call that failed through its own fault."""
+    return json.dumps({"error": message})
+
+
+def tool_error(error: ToolException) -> str:
+    """ToolNode's handler for the model's errors only (arguments the schema rejects, or a
+    `model_errors` exception of the tool); its annotation is what ToolNode catches."""
+    return error_content(str(error))
