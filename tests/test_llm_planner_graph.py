@@ -217,6 +217,44 @@ def test_pool_capacity_answers_a_malformed_focus_value_with_the_checks_words():
             pool_capacity(prepared, "boundary", 20_000, include=bad)
 
 
+def test_inside_a_graph_node_each_step_streams_and_is_checkpointed_under_the_node(openai_server):
+    """What LangGraph's tooling sees when a node proposes: the planner's own steps, namespaced
+    under the node's task, in `stream(subgraphs=True)` and in the parent's checkpointer."""
+    from typing import TypedDict
+
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import END, START, StateGraph
+    from test_heuristic_planner import context, reports
+
+    planner = LLMPlanner(_endpoint(openai_server, timeout_s=5), backoff_s=0.01)
+    openai_server.push(ToolCalls((("pool_capacity", {"objective": "safety"}),)),
+                       Text(json.dumps(VALID)))
+
+    class Outer(TypedDict, total=False):
+        raw: str
+
+    def plan(state: Outer) -> Outer:
+        return {"raw": planner.propose(context(reports())).raw}
+
+    outer = StateGraph(Outer)
+    outer.add_node("plan", plan)
+    outer.add_edge(START, "plan")
+    outer.add_edge("plan", END)
+    saver = InMemorySaver()
+    config = {"configurable": {"thread_id": "t"}}
+    events = list(outer.compile(checkpointer=saver).stream({}, config, stream_mode="updates",
+                                                           subgraphs=True))
+    inner = [(ns, node) for ns, update in events if ns for node in update]
+    assert [node for _, node in inner] == ["model", "tools", "model"]
+    (ns,) = {ns[0] for ns, _ in inner}
+    assert ns.startswith("plan:")
+    assert events[-1] == ((), {"plan": {"raw": json.dumps(VALID)}})
+    history = list(planner.build_graph(checkpointer=saver).get_state_history(
+        {"configurable": {"thread_id": "t", "checkpoint_ns": ns}}))
+    tool_msgs = [m for m in history[0].values["messages"] if m.type == "tool"]
+    assert [m.name for m in tool_msgs] == ["pool_capacity"] and tool_msgs[0].artifact
+
+
 def test_the_tool_budget_ends_in_an_answer_request_without_tools(openai_server):
     from test_heuristic_planner import context, reports
 
