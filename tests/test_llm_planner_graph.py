@@ -97,6 +97,11 @@ def test_tools_are_declared_once_schema_and_node_from_the_same_model():
     inspect = next(t for t in TOOLS if t["function"]["name"] == "inspect_examples")
     n = inspect["function"]["parameters"]["properties"]["n"]
     assert (n["minimum"], n["maximum"]) == (1, 10)
+    # an optional argument is shown as its type (left out, not null), still accepted as null
+    capacity = next(t for t in TOOLS if t["function"]["name"] == "pool_capacity")
+    assert capacity["function"]["parameters"]["properties"]["quality_threshold"]["type"] == "number"
+    assert TOOLS_BY_NAME["pool_capacity"].args_schema.model_validate(
+        {"objective": "safety", "quality_threshold": None}).quality_threshold is None
 
 
 def test_a_crash_after_tool_calls_resumes_the_conversation_without_reissuing_them(

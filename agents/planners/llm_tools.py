@@ -143,12 +143,26 @@ def _clean(schema: Any) -> Any:
     return out
 
 
+def _optional(prop: dict[str, Any]) -> dict[str, Any]:
+    """`X | None = None` as plain X: an optional argument is left out, not sent as null. Fewer
+    branches for a grammar-constrained server, and the argument model still accepts null."""
+    options = prop.get("anyOf")
+    if prop.get("default", ...) is None and isinstance(options, list) and len(options) == 2 \
+            and {"type": "null"} in options:
+        (kept,) = [o for o in options if o != {"type": "null"}]
+        return {**kept, **{k: v for k, v in prop.items() if k not in ("anyOf", "default")}}
+    return prop
+
+
 def openai_schema(tool: "StructuredTool") -> dict[str, Any]:
     """The function tool the endpoint is sent, from the tool's own argument model."""
     args_model = tool.args_schema
     assert isinstance(args_model, type) and issubclass(args_model, BaseModel)
+    parameters = _clean(args_model.model_json_schema())
+    parameters["properties"] = {name: _optional(prop)
+                                for name, prop in parameters.get("properties", {}).items()}
     return {"type": "function", "function": {"name": tool.name, "description": tool.description,
-                                             "parameters": _clean(args_model.model_json_schema())}}
+                                             "parameters": parameters}}
 
 
 def error_content(message: str) -> str:
