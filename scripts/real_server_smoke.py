@@ -67,7 +67,8 @@ def start_server(model: str, log_path: Path, threads: int) -> tuple[subprocess.P
     port = _free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", model,
            "--chat_format", "chatml-function-calling", "--n_ctx", "8192",
-           "--n_threads", str(threads), "--host", "127.0.0.1", "--port", str(port)]
+           "--n_threads", str(threads), "--n_threads_batch", str(threads),
+           "--host", "127.0.0.1", "--port", str(port)]
     print(f"$ {' '.join(shlex.quote(c) for c in cmd)}  > {log_path}", flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as out:
@@ -108,7 +109,10 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=600.0,
                     help="seconds per request (a loaded 2-core machine needs minutes for the "
                          "planner's ~3k-token prompt)")
-    ap.add_argument("--threads", type=int, default=2, help="the server's threads")
+    # One thread: on this 2-core machine under other processes' load (1-minute load ~8-10) a
+    # 4-token reply took 16 s on 2 llama.cpp threads and 0.27 s on one (a thread that shares
+    # its core waits at every op's barrier). Raise it on a machine of your own.
+    ap.add_argument("--threads", type=int, default=1, help="the server's threads (default 1)")
     args = ap.parse_args()
 
     missing = [o for o in OBJECTIVES for part in ("pools", "eval")
