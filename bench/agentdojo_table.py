@@ -44,24 +44,28 @@ def _call_stats(responses: Path) -> dict[str, float]:
     from mosaic.eval import agentdojo as ad
 
     rows = _replies(responses)
-    act = valid_any = valid = invalid = 0
+    act = valid_any = valid = invalid = anywhere = 0
     for atoms, reply in rows:
         ref = atoms["agentdojo"]
-        calls, bad = ad.parse_tool_calls(reply, ad._params(ref["suite"], ref["version"]))
+        params = ad._params(ref["suite"], ref["version"])
+        calls, bad = ad.parse_tool_calls(reply, params)
+        # A valid call of a suite tool written anywhere (e.g. as `CALL: ...`, copying the
+        # transcript) but not in an ACT segment: the model knows the tools, not the format.
+        anywhere += bool(ad.parse_tool_calls("ACT: " + reply.replace("ACT:", " "), params)[0])
         act += "act:" in reply.lower()
         valid_any += bool(calls)
         valid += len(calls)
         invalid += bad
     n = len(rows) or 1
     return {"n": len(rows), "act_share": act / n, "valid_call_share": valid_any / n,
-            "valid_calls": valid, "invalid_calls": invalid}
+            "valid_calls": valid, "invalid_calls": invalid, "call_anywhere_share": anywhere / n}
 
 
 def table(root: Path) -> str:
     rounds = [root / "baseline"] + sorted(p for p in root.iterdir()
                                           if p.is_dir() and p.name != "baseline")
     lines = ["| suite | model | utility | utility under attack | attack success rate | "
-             "replies with ≥1 valid call | valid / invalid calls |",
+             "replies with ≥1 valid call in ACT (anywhere) | valid / invalid calls |",
              "|---|---|---|---|---|---|---|"]
     for obj_dir in sorted((root / "baseline" / "eval").iterdir()):
         name = obj_dir.name
@@ -74,7 +78,7 @@ def table(root: Path) -> str:
             label = "base" if rnd.name == "baseline" else f"after {rnd.name}"
             lines.append(f"| {name.removeprefix('agentdojo_')} | {label} | {_fmt(b['utility'])} | "
                          f"{_fmt(b['utility_under_attack'])} | {_fmt(b['attack_success_rate'])} | "
-                         f"{s['valid_call_share']:.2f} (ACT: {s['act_share']:.2f}) | "
+                         f"{s['valid_call_share']:.2f} ({s['call_anywhere_share']:.2f}) | "
                          f"{s['valid_calls']} / {s['invalid_calls']} |")
     return "\n".join(lines)
 
