@@ -118,6 +118,8 @@ class LoopDriver:
                                    progress=self._progress or (lambda e: None),
                                    say=self._say or (lambda m: None), review=self._review,
                                    rounds=self.rounds, base_model=base_model)
+            # Bound: routers run outside a stream too (update_state), and read the context.
+            self.graph = self.bound_graph()
             self._stack = stack.pop_all()
         return self
 
@@ -227,6 +229,8 @@ class LoopDriver:
         from langgraph._internal._constants import CONFIG_KEY_RUNTIME
         from langgraph.runtime import Runtime
 
+        if self.graph.config and CONFIG_KEY_RUNTIME in (self.graph.config.get("configurable") or {}):
+            return self.graph
         return self.graph.with_config({"configurable": {CONFIG_KEY_RUNTIME:
                                                         Runtime(context=self.ctx)}})
 
