@@ -219,9 +219,13 @@ def decide(state: LoopState, ctx: LoopContext, answer: dict[str, Any]) -> dict[s
     edits = [ChatEdit.model_validate(e) for e in answer.get("edits") or []]
     command = answer.get("text") or "; ".join(e.command() for e in edits)
 
+    # The answer's digest is in the id: a crash after logging replays the same answer as a
+    # no-op, while a different answer given after the crash is logged as what it is.
+    answer_id = _action_hash({"edits": answer.get("edits") or [], "text": command})[:12]
+
     def log(event: str, part: str, data: dict[str, Any]) -> None:
         ctx.audit.append(event, {**data, "command": command}, round=k, author="human",
-                         event_id=f"r{k}/human/{seq}/{part}")
+                         event_id=f"r{k}/human/{seq}/{answer_id}/{part}")
 
     def stay(message: str) -> dict[str, Any]:
         return {"decision": "review", "review_message": message, "human_seq": seq + 1}
