@@ -47,6 +47,9 @@ class LoopContext:
     # The base model directory, resolved (built, converted or checked) once when the run opened;
     # None when the evaluation backend is an endpoint and no local model is configured.
     base_model: Path | None = None
+    # The audit seq of this opening's run_started / run_resumed entry: a run that finishes
+    # again after being extended or cut back logs its finish again (one per opening).
+    opening: int = 0
     progress: Callable[[StageEvent], None] = lambda e: None
     say: Callable[[str], None] = lambda msg: None  # detailed messages from the tools
     review: bool = False  # pause before each action executes, for a person (mosaic chat)

@@ -435,7 +435,7 @@ def finish(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
     ctx.audit.append("run_finished", {"rounds": rounds,
                                       "front": store.front if store else [],
                                       "hypervolume": store.hypervolume if store else None},
-                     event_id=f"finished/{rounds}")
+                     event_id=f"finished/{rounds}/{ctx.opening}")
     # The one place a run becomes finished: drivers read this flag, never an empty `next`
     # (LangGraph leaves `next` empty too when a step's writes are saved but its checkpoint not).
     return {"finished": True, "rounds": rounds}

@@ -164,9 +164,11 @@ class LoopDriver:
         if not values:
             self._input = {"rounds": self.rounds, "history": [], "round": 0}
             # An id: a crash before the first checkpoint starts the run again, not twice.
-            audit.append("run_started", {"rounds": self.rounds, "planner": self.ctx.planner.name,
-                                         "run_dir": str(self.run_dir), **mode},
-                         event_id="run_started")
+            entry = audit.append("run_started", {"rounds": self.rounds,
+                                                 "planner": self.ctx.planner.name,
+                                                 "run_dir": str(self.run_dir), **mode},
+                                 event_id="run_started")
+            self.ctx.opening = entry["seq"]
             return "new"
         if values.get("finished"):
             if self.rounds <= values.get("rounds", 0):
@@ -174,17 +176,20 @@ class LoopDriver:
             # Reopen the finished graph after its last round: the router goes on to plan.
             self.graph.update_state(self.gcfg, {"rounds": self.rounds, "finished": False},
                                     as_node="archive")
-            audit.append("run_resumed", {"extended_to": self.rounds, "round": values.get("round"),
-                                         "settings_changed": self.changes, **mode})
+            entry = audit.append("run_resumed", {"extended_to": self.rounds,
+                                                 "round": values.get("round"),
+                                                 "settings_changed": self.changes, **mode})
+            self.ctx.opening = entry["seq"]
             return "extended"
         if (snapshot.next == ("plan",) and not snapshot.interrupts
                 and values.get("round", 1) > self.rounds):
             # Between rounds, with loop.rounds lowered to the rounds that ran: route to finish
             # (the routers read the driver's rounds) instead of planning another round.
             self.graph.update_state(self.gcfg, None, as_node="archive")
-        audit.append("run_resumed", {"at": list(snapshot.next), "round": values.get("round"),
-                                     "rounds": self.rounds, "settings_changed": self.changes,
-                                     **mode})
+        entry = audit.append("run_resumed", {"at": list(snapshot.next),
+                                             "round": values.get("round"), "rounds": self.rounds,
+                                             "settings_changed": self.changes, **mode})
+        self.ctx.opening = entry["seq"]
         return "resumed"
 
     def advance(self, resume: Any = None) -> dict[str, Any] | None:
