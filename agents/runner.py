@@ -4,8 +4,9 @@ all open a run folder and move its graph through `LoopDriver`.
 Opening a run (`with LoopDriver(config) as driver`): the objective types are checked, the run
 folder's lock is taken (one process per folder), the base model is resolved once (built, converted
 or checked; the stages receive its path), the checkpoint is read and the requested `loop.rounds`
-checked against what already ran, and only then are the settings saved or compared
-(`open_run`), so a refused opening writes nothing. `begin()` says how the run goes on and logs
+checked against what already ran, the audit log is opened (it refuses a log its head does not
+vouch for), and only then are the settings saved or compared (`open_run`), so a refused opening
+writes nothing. `begin()` says how the run goes on and logs
 it: "new", "resumed" (a killed or paused run; the node that did not complete runs again),
 "extended" (a finished run whose `loop.rounds` was raised) or "finished" (nothing to do).
 `advance()` streams the graph until it pauses for a person (chat's review node) or finishes.
@@ -72,8 +73,8 @@ def resolve_base_model(config: MosaicConfig) -> Path | None:
 
 class LoopDriver:
     """Opens a run folder and drives its graph. Raises RunBusyError (another process holds the
-    folder) or RunConfigError (settings that may not change, or `loop.rounds` below what ran)
-    when entered; nothing is written then."""
+    folder), RunConfigError (settings that may not change, or `loop.rounds` below what ran) or
+    AuditRefused (a log its head does not vouch for) when entered; nothing is written then."""
 
     def __init__(self, config: MosaicConfig, *, planner: Planner | None = None,
                  fallback: Planner | None = None,
@@ -109,12 +110,13 @@ class LoopDriver:
             self.gcfg = graph_config(self.rounds)
             snapshot = self.graph.get_state(self.gcfg)
             self._check_rounds(dict(snapshot.values or {}))
+            audit = AuditLog(self.run_dir)  # refuses a log its head does not vouch for
             self.changes = open_run(self.config)
             planner = self._planner or make_planner(self.config)
             fallback = self._fallback or (planner if isinstance(planner, HeuristicPlanner)
                                           else HeuristicPlanner())
             self.ctx = LoopContext(config=self.config, run_dir=self.run_dir, planner=planner,
-                                   fallback=fallback, audit=AuditLog(self.run_dir),
+                                   fallback=fallback, audit=audit,
                                    progress=self._progress or (lambda e: None),
                                    say=self._say or (lambda m: None), review=self._review,
                                    rounds=self.rounds, base_model=base_model)
