@@ -106,6 +106,53 @@ def test_rounds_lowered_below_what_ran_are_refused_and_nothing_is_written(finish
     assert "round 2 is under way" in " ".join(result.output.split())
 
 
+# ---- a step's writes saved, its checkpoint lost ---------------------------------------------------
+
+
+@pytest.mark.slow
+def test_writes_saved_without_their_checkpoint_resume_instead_of_finishing(finished_run, tmp_path,
+                                                                           monkeypatch):
+    """The window the old drivers took for "finished": a node's writes are in the checkpoint
+    database but the checkpoint after it is not (a crash between the two), so LangGraph shows an
+    empty `next`. Made here by deleting the newest checkpoint of a run stopped in training."""
+    import sqlite3
+
+    import mosaic.tools.run_round as run_round
+    from mosaic.agents.runner import CHECKPOINT_FILE, THREAD_ID, open_checkpointer
+    from mosaic.agents.graph import build_graph
+
+    cfg = _copy(finished_run, tmp_path, rounds=2)
+
+    def crash(*a, **k):
+        raise _Stop("killed while training")
+
+    monkeypatch.setattr(run_round, "train_stage", crash)
+    with pytest.raises(_Stop):
+        run_loop(cfg, planner=ScriptedPlanner([json.dumps(GOOD)]))
+    monkeypatch.undo()
+    db = sqlite3.connect(tmp_path / "run" / CHECKPOINT_FILE)
+    with db:
+        (newest,) = db.execute("SELECT max(checkpoint_id) FROM checkpoints WHERE thread_id = ? "
+                               "AND checkpoint_ns = ''", (THREAD_ID,)).fetchone()
+        db.execute("DELETE FROM checkpoints WHERE checkpoint_id = ?", (newest,))
+        db.execute("DELETE FROM writes WHERE checkpoint_id = ?", (newest,))
+    db.close()
+    gcfg = {"configurable": {"thread_id": THREAD_ID}}
+    with open_checkpointer(tmp_path / "run") as saver:
+        snapshot = build_graph(checkpointer=saver).get_state(gcfg)
+    assert snapshot.next == () and not snapshot.values.get("finished")  # looks "done"
+
+    said = []
+    out = run_loop(cfg, planner=ScriptedPlanner([]), on_start=said.append)
+    assert said == ["resumed"] and out.ran
+    assert out.state["finished"] and [h["round"] for h in out.state["history"]] == [0, 1, 2]
+    log = read_log(cfg.run_dir)
+    assert [e["round"] for e in log if e["event"] == "trained"] == [1, 2]
+    ids = [e["id"] for e in log if e["id"]]
+    assert len(ids) == len(set(ids))
+    assert verify_log(cfg.run_dir).ok
+
+
 # ---- a bug in the check --------------------------------------------------------------------------
 
 
