@@ -503,13 +503,13 @@ def _capacity_problems(action: DataAction, ctx: ActionContext, notes: list[str])
 
 
 def validate_action(raw: str | bytes | dict[str, Any], context: ActionContext) -> ActionVerdict:
-    """Check a proposed action; never raises on bad input (the verdict says what is wrong)."""
-    try:
-        return _validate(raw, context)
-    except Exception as e:  # a bug here must still reach the planner and the audit log as data
-        return ActionVerdict(status="invalid", problems=[Problem(
-            code="check_failed", path="$", message=f"the check itself failed: {type(e).__name__}: {e}",
-            hint="this is a MOSAIC bug, not a problem with the action; report it")])
+    """Check a proposed action; never raises on bad input (the verdict says what is wrong).
+
+    An exception from here is a defect in the check, not a verdict on the action: it propagates
+    (a crash with a traceback, exit 1), because turning it into an "invalid" verdict would send
+    the planner to revise a valid action, refuse it, skip the round and exit 0 as if all went
+    well."""
+    return _validate(raw, context)
 
 
 def _validate(raw: str | bytes | dict[str, Any], ctx: ActionContext) -> ActionVerdict:
