@@ -21,6 +21,20 @@ from mosaic.redact import looks_secret
 
 ENV_PREFIX = "MOSAIC__"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Names that become path components (objective names are folder names under every round; the
+# run name labels reports): a letter or digit first, so "", ".", ".." and hidden names are out,
+# and no separators, so "../../X" cannot write outside the run folder.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+SAFE_NAME_HINT = ("1-64 letters, digits, '_', '-' or '.', starting with a letter or digit "
+                  "(it becomes a folder name)")
+
+
+def check_safe_name(value: str, what: str) -> str:
+    """`value` if it can be a path component; otherwise a ValueError saying what is allowed."""
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value):
+        shown = repr(value) if isinstance(value, str) and len(value) <= 80 else "(too long)"
+        raise ValueError(f"{what} {shown} is not a safe name: use {SAFE_NAME_HINT}")
+    return value
 
 
 class ConfigError(ValueError):
@@ -29,6 +43,15 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # Most settings are paths or become part of one; the OS refuses a NUL byte in a path
+        # with a bare ValueError deep inside a stage, so it is refused here, naming the field.
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("contains a NUL byte (\\x00), which no file name or URL may hold")
+        return value
 
 
 class EndpointConfig(Section):
@@ -281,7 +304,7 @@ class LoopConfig(Section):
 
 
 class MosaicConfig(Section):
-    name: str = "mosaic"
+    name: str = "mosaic"  # the run's name (a safe identifier: see SAFE_NAME)
     run_dir: str = "runs/sandbox"
     seed: int = 0
     budget: BudgetConfig = BudgetConfig()
@@ -297,6 +320,24 @@ class MosaicConfig(Section):
     loop: LoopConfig = LoopConfig()
     cache: CacheConfig = CacheConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_run_name(cls, value: str) -> str:
+        return check_safe_name(value, "run name")
+
+    @field_validator("objectives")
+    @classmethod
+    def _safe_objective_names(cls, value: dict[str, ObjectiveConfig]) -> dict[str, ObjectiveConfig]:
+        folded: dict[str, str] = {}
+        for name in value:
+            check_safe_name(name, "objective name")
+            # On case-insensitive file systems (macOS, Windows) these would share one folder.
+            if name.lower() in folded:
+                raise ValueError(f"objective names {folded[name.lower()]!r} and {name!r} differ "
+                                 f"only in case; their folders would collide; rename one")
+            folded[name.lower()] = name
+        return value
 
     @model_validator(mode="after")
     def _check_objectives(self) -> "MosaicConfig":
