@@ -10,6 +10,7 @@ run returns its results without recomputing, unless `loop.rounds` was raised, wh
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,16 @@ def open_checkpointer(run_dir: Path):
     """A SqliteSaver on the run's checkpoint file (one saver per file; close it when done)."""
     from langgraph.checkpoint.sqlite import SqliteSaver
 
-    return SqliteSaver.from_conn_string(str(run_dir / CHECKPOINT_FILE))
+    from mosaic.redact import RedactingSerde
+
+    @contextmanager
+    def saver():
+        with SqliteSaver.from_conn_string(str(run_dir / CHECKPOINT_FILE)) as s:
+            # No state the checkpoint saves may carry a secret (mosaic.redact).
+            s.serde = RedactingSerde(s.serde)
+            yield s
+
+    return saver()
 
 
 def run_loop(config: MosaicConfig, *, planner: Planner | None = None,

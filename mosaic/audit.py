@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mosaic.io import atomic_write_json
+from mosaic.redact import redact
 
 LOG_FILE = "audit.jsonl"
 HEAD_FILE = "audit.head.json"
@@ -205,7 +206,9 @@ class AuditLog:
             return self._ids[event_id]
         entry = {"seq": self._seq + 1, "time": _now(), "event": event, "round": round,
                  "author": author, "id": event_id, "data": data or {}, "prev": self._prev}
-        line = json.dumps(entry, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+        # Redacted before it is hashed and written: a secret never enters the chain.
+        line = redact(json.dumps(entry, sort_keys=True, ensure_ascii=False,
+                                 default=str)).encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line + b"\n")

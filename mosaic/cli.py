@@ -30,6 +30,15 @@ app = typer.Typer(
 # emoji=False: ":name:" codes in data (instruction ids, file names) are text, not emoji.
 console = Console(emoji=False)
 
+
+@app.callback()
+def _every_command() -> None:
+    # Whatever a command prints (our messages, library warnings, log lines) passes the one
+    # redaction first: a key from the environment or a URL never reaches a terminal or a log.
+    from mosaic.redact import install_stream_redaction
+
+    install_stream_redaction()
+
 DEFAULT_CONFIG = Path("configs/sandbox.yaml")
 
 

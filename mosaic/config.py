@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mosaic.redact import looks_secret
+from mosaic.redact import looks_secret, redact_url, register_config_secrets
 
 ENV_PREFIX = "MOSAIC__"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -453,11 +453,47 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None,
     if overrides:
         data = _merge(data, overrides)
     try:
-        return MosaicConfig.model_validate(data)
+        config = MosaicConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(str(path), e, _env_vars(environ))) from None
+    # From here on, every text MOSAIC prints or writes hides the keys and URL credentials
+    # this config points at (mosaic.redact).
+    register_config_secrets(config)
+    return config
+
+
+_ENDPOINT_PATHS = (("inference", "endpoint"), ("judge", "endpoint"), ("planner", "endpoint"),
+                   ("chat", "endpoint"), ("judge", "guard", "fallback_endpoint"))
+
+
+def public_settings(config: MosaicConfig) -> dict[str, Any]:
+    """The settings as saved and shown: credentials in endpoint URLs (`user:pass@`,
+    `?api_key=`) are ***; keys themselves are never held (endpoints name their variable)."""
+    data = config.model_dump(mode="json")
+    for path in _ENDPOINT_PATHS:
+        node: Any = data
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get("base_url"):
+            node["base_url"] = redact_url(node["base_url"])
+    return data
+
+
+def masked_urls(config: MosaicConfig) -> list[str]:
+    """Endpoint URL fields whose credentials were masked when saved (`***`): a run resumed
+    from its saved settings needs them given again."""
+    out = []
+    for path in _ENDPOINT_PATHS:
+        node: Any = config
+        for key in path:
+            node = getattr(node, key, None)
+        url = getattr(node, "base_url", None)
+        if url and redact_url(url) == url and "***" in url:
+            out.append(".".join(path) + ".base_url")
+    return out
 
 
 def dump_config(config: MosaicConfig) -> str:
-    """YAML of the resolved settings, as saved into the run folder (no secrets are held)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """YAML of the resolved settings, as saved into the run folder and printed by `mosaic
+    config` (no secrets: see `public_settings`)."""
+    return yaml.safe_dump(public_settings(config), sort_keys=False)

@@ -53,7 +53,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """`text` written atomically, secrets redacted (mosaic.redact: every text MOSAIC writes)."""
+    from mosaic.redact import redact
+
+    atomic_write_bytes(path, redact(text).encode("utf-8"))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from mosaic.config import ConfigError, MosaicConfig, dump_config
+from mosaic.config import ENV_PREFIX, ConfigError, MosaicConfig, dump_config, masked_urls, public_settings
 from mosaic.io import atomic_write_text
 from mosaic.markers import changed_inputs
 
@@ -94,7 +94,17 @@ def saved_config(run_dir: str | Path) -> MosaicConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a MOSAIC run folder: it has no {CONFIG_FILE}")
-    return load_config(path)
+    config = load_config(path)
+    # URL credentials are saved as *** (mosaic.config.public_settings): they come back from
+    # the environment, never from the run folder.
+    masked = masked_urls(config)
+    if masked:
+        raise ConfigError(
+            f"{path}: the credentials in {', '.join(masked)} are not saved in the run folder; "
+            f"give the URL again to resume, e.g. "
+            + " ".join(f"{ENV_PREFIX}{m.replace('.', '__')}=https://user:pass@host/v1"
+                       for m in masked))
+    return config
 
 
 def open_run(config: MosaicConfig) -> list[str]:
@@ -114,7 +124,7 @@ def open_run(config: MosaicConfig) -> list[str]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise RunConfigError(f"{path} cannot be read ({type(e).__name__}); restore it or start "
                              f"a new run folder") from None
-    new = config.model_dump(mode="json")
+    new = public_settings(config)  # as saved: URL credentials are *** on both sides
     changes = changed_inputs(old, new)
     unsafe = [c for c in changes if not _safe(c.split(":", 1)[0])]
     if unsafe:
