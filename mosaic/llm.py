@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mosaic.config import EndpointConfig
-from mosaic.redact import redact, register_secrets, url_secrets
+from mosaic.redact import redact, redact_url, register_secrets, url_secrets
 
 if TYPE_CHECKING:
     import openai
@@ -61,6 +61,12 @@ def make_client(endpoint: EndpointConfig, *, max_retries: int | None = None,
     """
     import openai
 
+    if endpoint.base_url and redact_url(endpoint.base_url) == endpoint.base_url \
+            and "***" in endpoint.base_url:
+        # Settings saved in a run folder hold URLs with their credentials masked.
+        raise EndpointError(f"{endpoint.base_url} has its credentials masked (***): a run folder "
+                            f"never keeps them; give the full URL again with the MOSAIC__... "
+                            f"override of this endpoint's base_url", "masked_credentials")
     # Whatever this client sends may come back in a reply or an error: from now on the
     # process hides it wherever it prints or writes (mosaic.redact).
     register_secrets(endpoint_secrets(endpoint))
