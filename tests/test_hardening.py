@@ -4,6 +4,7 @@ message with exit code 2, never a traceback, and a failed start leaves nothing b
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,129 @@ def test_a_nul_byte_in_run_dir_is_a_config_error_naming_the_field(tmp_path):
     path = tmp_path / "nul.yaml"
     path.write_text('objectives: {s: {type: jailbreak}}\nrun_dir: "runs/a\\0b"\n')
     user_error(invoke("run", path), "run_dir", "NUL byte")
+
+
+# ---- OS errors a user can fix --------------------------------------------------------------
+
+
+def _tiny(tiny_run_config, tmp_path: Path, **update) -> Path:
+    """The tiny run config (tests/conftest.py) as a YAML file, baseline only, no held-out."""
+    settings = tiny_run_config.model_dump(mode="json")
+    settings.update(run_dir=str(tmp_path / "run"), loop={"rounds": 0}, **update)
+    for objective in settings["objectives"].values():
+        objective["heldout"] = None
+    return write_config(tmp_path, settings)
+
+
+def test_os_problems_are_classified_user_or_defect():
+    import errno
+    import sqlite3
+
+    from mosaic.cli import _os_problem
+
+    full = _os_problem(OSError(errno.ENOSPC, "No space left on device", "/r/x.json"))
+    assert "No space left on device" in full and "/r/x.json" in full and "--resume" in full
+    assert "read-only" in _os_problem(OSError(errno.EROFS, "Read-only file system"))
+    assert "permissions" in _os_problem(PermissionError(errno.EACCES, "Permission denied"))
+    assert "check the path" in _os_problem(NotADirectoryError(errno.ENOTDIR, "Not a directory"))
+    assert "free some space" in _os_problem(sqlite3.OperationalError("database or disk is full"))
+    # Not the user's to fix: the traceback is the report.
+    assert _os_problem(OSError(errno.EBADF, "Bad file descriptor")) is None
+    assert _os_problem(ValueError("x")) is None
+
+
+def test_a_run_dir_under_a_file_is_a_message_not_a_traceback(tiny_run_config, tmp_path):
+    (tmp_path / "file.txt").write_text("not a folder")
+    config = _tiny(tiny_run_config, tmp_path)
+    result = invoke("run", config, env={"MOSAIC__run_dir": str(tmp_path / "file.txt" / "run")})
+    user_error(result, "Not a directory", "a part of that path is a file")
+
+
+@pytest.mark.parametrize("field, what", [("eval", "eval"), ("pool", "pool")])
+def test_a_0_row_input_fails_before_a_run_folder_is_made(tiny_run_config, tmp_path, field, what):
+    import pyarrow.parquet as pq
+
+    source = getattr(tiny_run_config.objectives["boundary"], field)
+    empty = tmp_path / f"empty-{what}.parquet"
+    pq.write_table(pq.read_table(source).slice(0, 0), empty)
+    # A copy of a world file is out of the rule judge's measured range; allowed here, so the
+    # data check is what answers.
+    config = _tiny(tiny_run_config, tmp_path,
+                   judge={**tiny_run_config.judge.model_dump(mode="json"),
+                          "allow_out_of_range": True})
+    result = invoke("run", config, env={f"MOSAIC__objectives__boundary__{field}": str(empty)})
+    user_error(result, "empty-", "no rows")
+    assert not (tmp_path / "run").exists()
+    # The corrected config then starts normally (nothing left behind to refuse it): checked
+    # up to the folder being made, which is all a failed start could have spoiled.
+    missing = invoke("run", config, env={f"MOSAIC__objectives__boundary__{field}":
+                                         str(tmp_path / "nope.parquet")})
+    user_error(missing, f"objectives.boundary.{field}: file not found")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_mid_run_is_a_message_and_the_resume_gives_identical_results(
+        tiny_run_config, tmp_path, monkeypatch):
+    """ENOSPC is raised from the atomic writer (mosaic.io._temp_beside, where every atomic
+    write starts) on its 4th call, in the middle of the baseline; after "freeing space" the
+    resumed run's files equal an uninterrupted run's."""
+    import errno
+    import hashlib
+
+    import mosaic.io as io_module
+
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    reference = invoke("run", _tiny(tiny_run_config, ref_dir))
+    assert reference.exit_code == 0, reference.output
+
+    config = _tiny(tiny_run_config, tmp_path)
+    real, calls = io_module._temp_beside, []
+
+    def full_disk(path):
+        calls.append(path)
+        if len(calls) >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path.parent))
+        return real(path)
+
+    monkeypatch.setattr(io_module, "_temp_beside", full_disk)
+    out = user_error(invoke("run", config), "No space left on device", "free some space",
+                     "--resume")
+    assert "Traceback" not in out
+    monkeypatch.setattr(io_module, "_temp_beside", real)  # space freed
+    resumed = invoke("run", "--resume", tmp_path / "run")
+    assert resumed.exit_code == 0, resumed.output
+
+    def digests(run: Path) -> dict[str, str]:
+        files = sorted(p for p in (run / "round_0").rglob("*.parquet"))
+        return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in files}
+
+    ref, got = digests(ref_dir / "run"), digests(tmp_path / "run")
+    assert ref and got == ref
+    scores = [json.loads((run / "round_0" / "eval" / "eval_report.json").read_text())
+              for run in (ref_dir / "run", tmp_path / "run")]
+    assert scores[0]["reports"] == scores[1]["reports"]
+    assert not list((tmp_path / "run").rglob("*.tmp"))  # no half-written leftovers
+
+
+# ---- chat input ------------------------------------------------------------------------------
+
+
+def test_note_and_reject_take_free_text_and_every_line_has_a_size_limit():
+    from mosaic.agents.chat import ChatInputError, parse_command
+    from mosaic.chat_input import MAX_INPUT_CHARS
+
+    assert parse_command("/note don't add 'more' \"safety\" data").text == \
+        "don't add 'more' \"safety\" data"
+    assert parse_command("/Reject   it's too much; try boundary  ").text == \
+        "it's too much; try boundary"
+    assert parse_command("/mix safety=0.5 boundary=0.5").weights == {"safety": 0.5,
+                                                                     "boundary": 0.5}
+    with pytest.raises(ChatInputError, match="needs a text"):
+        parse_command("/note   ")
+    with pytest.raises(ChatInputError, match="unknown command /notes"):
+        parse_command("/notes x")
+    with pytest.raises(ChatInputError, match=f"at most {MAX_INPUT_CHARS:,}"):
+        parse_command("/note " + "x" * 1_000_000)
