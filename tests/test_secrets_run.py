@@ -83,7 +83,6 @@ def test_no_planted_key_in_any_form_reaches_the_terminal_or_the_run_folder(
     # The echo did reach the run, redacted: the planner's rationale is in the audit log.
     audit = (run / "audit.jsonl").read_text()
     assert "Your key is <redacted>" in audit and "Bearer <redacted>" in audit
-    assert "Basic <redacted>" in audit and "http://***@example.test/v1?api_key=***" in audit
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["chat"]["endpoint"]["base_url"] == "http://***@127.0.0.1:9/v1?api_key=***"
 
