@@ -6,27 +6,22 @@ faster than Trainer and has nothing to tune. The result is a normal `save_pretra
 (model + tokenizer with chat template) that loads offline, named by the hash of everything that
 determines it, so a changed corpus, tokenizer, spec or seed builds a new one.
 
-Reproducibility. On one machine kind and software stack a build is bit-for-bit repeatable: the
-data order comes from `random.Random(seed)`, initialisation from a seeded torch generator
-(forked, so the caller's random state neither feeds nor sees the build), nothing draws random
-numbers during training (the Llama config has no dropout), and the build pins its intra-op
-thread count (BUILD_THREADS) instead of following the runtime thread policy, because the
-summation order of some CPU kernels depends on it (on the sandbox machine 1, 2 and 4 threads
-agree, 8 give other weights). The world and its BPE tokenizer are byte-identical across
-processes, PYTHONHASHSEED values and tokenizer thread counts.
-
-What still varies is the machine: torch dispatches its vectorised CPU kernels by instruction set
-(`torch.backends.cpu.get_cpu_capability()`: AVX512, AVX2, ...) and MKL picks its sgemm kernels by
-CPU, so the same inputs give weights that differ in the last bits, and 1,625 training steps turn
-that into different greedy answers. On the sandbox's AMD EPYC (AVX512), forcing
-ATEN_CPU_CAPABILITY=avx2 gives other weights and an eval baseline of safety 2.442 / boundary
-4.921 / instruction 1.688 instead of 2.442 / 4.934 / 1.708, while evaluating one model under
-either setting scores the same. Other torch, MKL or transformers versions can do the same. Each
-build therefore records the CPU, the instruction set torch used, the versions and any
-kernel-selecting environment variables in `mosaic_base_model.json` (`machine`), so a differing
-baseline can be traced to the machine that built the model. Setting ATEN_CPU_CAPABILITY and
-MKL_CBWR to the same values on two machines before starting mosaic narrows the difference but
-has not been verified to remove it.
+Reproducibility. A build gives the same weight bytes on any x86-64 machine with the same
+software stack. The data order comes from `random.Random(seed)`, initialisation from a seeded
+torch generator, nothing draws random numbers during training (the Llama config has no
+dropout), and the training runs in a process of its own whose kernels are pinned
+(REPRODUCIBLE_ENV): one thread, torch's baseline CPU kernels instead of the AVX2/AVX512 ones it
+would pick for the CPU (`ATEN_CPU_CAPABILITY=default`), MKL's conditional numerical
+reproducibility mode (`MKL_CBWR=COMPATIBLE`) and oneDNN held to SSE4.1. Unpinned, torch
+dispatches by instruction set and the weights differ in the last bits between an AVX512 and an
+AVX2 machine, which 1,625 training steps turn into other greedy answers (on the sandbox's AMD
+EPYC: a baseline of 2.442 / 4.934 / 1.708 against 2.442 / 4.921 / 1.688 with avx2 kernels, and
+2.400 / 4.956 / 1.688 on an Intel Xeon). The pins cannot be applied to a process that has
+already loaded torch, hence the separate process. What still varies: other torch, MKL,
+transformers or tokenizers versions (each build records them in `mosaic_base_model.json`,
+`machine`, with the CPU and kernel settings) and non-x86 CPUs. tests/
+test_base_model_determinism.py builds under different kernel settings of the calling process
+and compares the bytes.
 """
 
 from __future__ import annotations
@@ -47,7 +42,8 @@ from typing import Any
 from mosaic.io import atomic_write_json, build_dir_once
 
 # Bump when the training procedure changes in a way the spec does not capture.
-BUILDER_VERSION = 2
+# 3: built in a process with pinned kernels (REPRODUCIBLE_ENV): other weights than version 2.
+BUILDER_VERSION = 3
 INFO_FILE = "mosaic_base_model.json"
 # Intra-op threads of every build, whatever the runtime policy (models.cpu_threads) says: the
 # thread count is part of the recipe, since it changes the summation order of some CPU kernels.
@@ -55,6 +51,13 @@ INFO_FILE = "mosaic_base_model.json"
 BUILD_THREADS = 1
 # Environment variables that change which CPU kernels torch and MKL run (recorded per build).
 KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+# The build process's kernels, the same on every x86-64 machine: torch's baseline (not AVX2 or
+# AVX512) kernels, MKL's conditional-numerical-reproducibility mode "COMPATIBLE" (the same code
+# path on every Intel or compatible CPU), oneDNN held to SSE4.1, and one thread everywhere.
+REPRODUCIBLE_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE",
+                    "ONEDNN_MAX_CPU_ISA": "SSE41", "DNNL_MAX_CPU_ISA": "SSE41",
+                    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_USER_ERROR_EXIT = 3  # the build process's exit code for a BaseModelError (message in a file)
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,31 @@ def _pinned() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
+def _train_pinned(job: dict[str, Any], work: Path) -> BaseModelInfo:
+    """`_train` in a fresh Python process whose kernels are pinned (REPRODUCIBLE_ENV): torch
+    and MKL choose their kernels once, when they load, so the pins cannot be applied to a
+    process that has already imported torch (the CLI, a test session)."""
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=".base-model-job-", dir=work.parent) as tmp:
+        job_file, error_file = Path(tmp) / "job.pkl", Path(tmp) / "error.txt"
+        job_file.write_bytes(pickle.dumps({**job, "out_dir": work}))
+        env = {**os.environ, **REPRODUCIBLE_ENV}
+        proc = subprocess.run([sys.executable, "-m", "mosaic.training.base_model",
+                               str(job_file), str(error_file)], env=env, check=False)
+        if proc.returncode == _USER_ERROR_EXIT and error_file.is_file():
+            raise BaseModelError(error_file.read_text(encoding="utf-8"))
+        if proc.returncode != 0:
+            raise RuntimeError(f"the base model build process failed (exit {proc.returncode}); "
+                               f"its traceback is printed above")
+    info = _read_info(work)
+    info.cached = False
+    return info
+
+
 def build_base_model(corpus: str | Path | list[dict[str, Any]], tokenizer_dir: str | Path,
                      cache_dir: str | Path, *, spec: BaseModelSpec = BaseModelSpec(),
                      seed: int = 0, progress: bool = True) -> BaseModelInfo:
@@ -215,9 +243,9 @@ def build_base_model(corpus: str | Path | list[dict[str, Any]], tokenizer_dir: s
     final = Path(cache_dir) / f"sandbox-base-{key}"
 
     def train(work: Path) -> BaseModelInfo:
-        with _pinned():
-            info = _train(conversations, tokenizer_dir, work, spec=spec, seed=seed, key=key,
-                          progress=progress, source=source, hashes=hashes)
+        info = _train_pinned(dict(conversations=conversations, tokenizer_dir=tokenizer_dir,
+                                  spec=spec, seed=seed, key=key, progress=progress,
+                                  source=source, hashes=hashes), work)
         info.path = final
         return info
 
@@ -409,3 +437,27 @@ class _Bar:
     def __exit__(self, *exc: Any) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+def _main(job_file: str, error_file: str) -> int:
+    """The build process (`python -m mosaic.training.base_model JOB ERROR`): runs one pickled
+    build job written by `_train_pinned` (a file this same MOSAIC wrote a moment ago)."""
+    import pickle
+
+    job = pickle.loads(Path(job_file).read_bytes())
+    try:
+        with _pinned():
+            _train(job.pop("conversations"), job.pop("tokenizer_dir"), job.pop("out_dir"), **job)
+    except BaseModelError as e:
+        Path(error_file).write_text(str(e), encoding="utf-8")
+        return _USER_ERROR_EXIT
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    # Through the package's module, so pickled specs and errors are its classes, not __main__'s.
+    from mosaic.training.base_model import _main as main
+
+    sys.exit(main(*sys.argv[1:3]))
