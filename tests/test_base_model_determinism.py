@@ -1,6 +1,7 @@
-"""The base model build is repeatable on one machine: the same inputs give the same weight bytes
-whatever the caller's thread count and random state, and the BPE tokenizer trains to the same
-bytes (training/base_model.py, "Reproducibility")."""
+"""The base model build is repeatable: the same inputs give the same weight bytes whatever the
+caller's thread count, random state and CPU kernel settings (the build pins its kernels in a
+process of its own), and the BPE tokenizer trains to the same bytes (training/base_model.py,
+"Reproducibility")."""
 
 from __future__ import annotations
 
