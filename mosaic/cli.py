@@ -12,6 +12,7 @@ are a red message and exit code 2, never a traceback.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import NoReturn
 
@@ -38,6 +39,30 @@ def _every_command() -> None:
     from mosaic.redact import install_stream_redaction
 
     install_stream_redaction()
+    if not (sys.stdout.isatty() or sys.stderr.isatty()):
+        _quiet_libraries()
+
+
+# Libraries whose progress bars and FutureWarnings are noise in a log (`mosaic run > log`).
+_LIBRARIES = r"(transformers|torch|peft|trl|accelerate|datasets|huggingface_hub)(\.|$)"
+
+
+def _quiet_libraries() -> None:
+    """Without a terminal: no per-load `Loading weights` bars from transformers (it reads the
+    hub's switch when imported; training and Ray subprocesses inherit it through the
+    environment) and no library FutureWarnings; MOSAIC logs one line per stage instead."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # Child processes cannot take a module pattern from the environment: all FutureWarnings.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=_LIBRARIES)
+    if "transformers" in sys.modules:  # already imported (a test calling the CLI in-process)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 DEFAULT_CONFIG = Path("configs/sandbox.yaml")
 
@@ -1013,7 +1038,9 @@ def run_main(cfg) -> None:
         with LoopProgress(console, cfg.loop.rounds) as live:
             def progress(event) -> None:
                 live.event(event)
-                if event.status == "done" and event.stage in ("baseline", "evaluate"):
+                # Without a terminal, live.event already logged the stage with its figures.
+                if (console.is_terminal and event.status == "done"
+                        and event.stage in ("baseline", "evaluate")):
                     live.say(f"{'baseline' if event.round == 0 else f'round {event.round}'} "
                              f"evaluated in {event.seconds:.0f}s")
 

@@ -195,3 +195,61 @@ def test_note_and_reject_take_free_text_and_every_line_has_a_size_limit():
         parse_command("/notes x")
     with pytest.raises(ChatInputError, match=f"at most {MAX_INPUT_CHARS:,}"):
         parse_command("/note " + "x" * 1_000_000)
+
+
+# ---- output without a terminal ---------------------------------------------------------------
+
+
+def test_without_a_terminal_each_stage_is_one_line_with_its_figures():
+    import io
+
+    from rich.console import Console
+
+    from mosaic.agents.context import StageEvent
+    from mosaic.display import LoopProgress, stage_figures
+    from mosaic.schemas import RoundResult, TrainResult
+
+    baseline = RoundResult(round=0, status="baseline", scores={"safety": 2.4421, "boundary": 4.9},
+                           heldout_scores={"safety": 2.1, "boundary": None})
+    train = TrainResult(method="sft", base_model="b", adapter_dir="a", train_tokens=12345,
+                        train_rows=67, steps=9, final_loss=1.23456, seconds=3.0)
+    assert stage_figures(baseline) == ("eval safety 2.442 boundary 4.900; "
+                                       "held-out safety 2.100 boundary -")
+    assert stage_figures(train) == "67 rows, 12,345 tokens, 9 steps, final loss 1.235"
+    assert stage_figures(({"safety": 3.0}, None)) == "eval safety 3.000"
+
+    log = io.StringIO()
+    console = Console(file=log, force_terminal=False, width=200)
+    with LoopProgress(console, rounds=2) as live:
+        live.event(StageEvent("train", 1, "start"))
+        live.event(StageEvent("train", 1, "done", seconds=3.04,
+                              detail=stage_figures(train)))
+        live.event(StageEvent("baseline", 0, "done", seconds=12.0, detail="eval safety 2.442"))
+    assert log.getvalue().splitlines() == [
+        "round 1/2 · train done in 3.0s: 67 rows, 12,345 tokens, 9 steps, final loss 1.235",
+        "baseline · baseline done in 12.0s: eval safety 2.442"]
+
+
+def test_without_a_terminal_library_progress_bars_and_future_warnings_are_off(monkeypatch):
+    import warnings
+
+    from mosaic.cli import _quiet_libraries
+
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE", "PYTHONWARNINGS"):
+        monkeypatch.delenv(var, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        _quiet_libraries()
+        import os
+
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+        assert os.environ["PYTHONWARNINGS"] == "ignore::FutureWarning"  # child processes
+        warnings.warn_explicit("old API", FutureWarning, "modeling_utils.py", 1,
+                               module="transformers.modeling_utils")
+        warnings.warn_explicit("ours", FutureWarning, "x.py", 1, module="mosaic.x")
+    assert [str(w.message) for w in caught] == ["ours"]  # MOSAIC's own still show
+    from transformers.utils import logging as hf_logging
+
+    assert not hf_logging.is_progress_bar_enabled()
+    monkeypatch.undo()
+    hf_logging.enable_progress_bar()  # as it was for the tests that follow
