@@ -241,6 +241,16 @@ def _redact_state(value: Any) -> Any:
         return {k: _redact_state(v) for k, v in value.items()}
     if type(value) in (list, tuple):
         return type(value)(_redact_state(v) for v in value)
+    fields = getattr(type(value), "model_fields", None)
+    if isinstance(fields, dict) and hasattr(value, "model_copy"):
+        # A pydantic record in the state (a planner conversation's messages): its fields.
+        update = {}
+        for name in fields:
+            old = getattr(value, name, None)
+            new = _redact_state(old)
+            if new is not old and new != old:
+                update[name] = new
+        return value.model_copy(update=update) if update else value
     return value
 
 

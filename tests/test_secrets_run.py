@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,9 +65,19 @@ def test_no_planted_key_in_any_form_reaches_the_terminal_or_the_run_folder(
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOSAIC__")}
     env.update(PLANNER_KEY=SHORT_KEY, CHAT_KEY=LONG_KEY, COLUMNS="200")
     proc = subprocess.run([sys.executable, "-m", "mosaic", "run", str(config)], cwd=tmp_path,
-                          env=env, capture_output=True, timeout=900)
+                          env=env, capture_output=True, timeout=1500)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
+
+    # Output without a terminal is a log: one line per stage with its figures, no library
+    # progress bars or FutureWarnings (issue 16, item 8).
+    text = out.decode(errors="replace")
+    assert "Loading weights" not in text and "FutureWarning" not in text, text[-3000:]
+    assert re.search(r"baseline · baseline done in [\d.]+s: eval safety \d\.\d{3}", text), text
+    assert re.search(r"round 1/1 · build done in [\d.]+s: [\d,]+ rows, [\d,]+ tokens", text)
+    assert re.search(r"round 1/1 · train done in [\d.]+s: [\d,]+ rows, [\d,]+ tokens, "
+                     r"[\d,]+ steps, final loss", text)
+    assert re.search(r"round 1/1 · evaluate done in [\d.]+s: eval safety \d", text)
 
     # The server did receive and echo them: the scan below is not vacuous.
     sent = [r for r in openai_server.requests if r.answer == "text"]
