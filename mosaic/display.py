@@ -137,7 +137,9 @@ class LoopProgress:
             if e.status == "done":
                 where = "baseline" if e.round == 0 else f"round {e.round}/{self.rounds}"
                 figures = f": {e.detail}" if e.detail else ""
-                self.console.print(Text(f"{where} · {e.stage} done in {e.seconds:.1f}s{figures}"))
+                # soft_wrap: a log line stays one line whatever the console width.
+                self.console.print(Text(f"{where} · {e.stage} done in {e.seconds:.1f}s{figures}"),
+                                   soft_wrap=True)
             return
         self._start()
         now = time.monotonic()
