@@ -1,6 +1,6 @@
 """What pinning the base model build's kernels costs: the same training (the sandbox model's
 architecture, a short run) in a fresh process with the CPU's own kernels and with
-REPRODUCIBLE_ENV, alternating, with the load printed beside the figures (a shared machine).
+each pinned kernel set (KERNEL_SETS), alternating, with the load printed beside the figures (a shared machine).
 
     python bench/base_model_pin_bench.py [--tokens 20000] [--repeats 2]
 """
@@ -37,20 +37,21 @@ print(round(time.perf_counter() - t, 2))
 
 
 def main() -> None:
-    from mosaic.training.base_model import REPRODUCIBLE_ENV
+    from mosaic.training.base_model import KERNEL_SETS
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=20_000)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="pin-bench-"))
-    base = {k: v for k, v in os.environ.items() if k not in REPRODUCIBLE_ENV}
-    results: dict[str, list[float]] = {"cpu's own kernels": [], "pinned": []}
+    base = {k: v for k, v in os.environ.items() if k not in KERNEL_SETS["avx2"]}
+    results: dict[str, list[float]] = {"cpu's own kernels": [], "pinned baseline": [], "pinned avx2": []}
     for r in range(args.repeats):
         for name, extra in (("cpu's own kernels", {"OMP_NUM_THREADS": "1"}),
-                            ("pinned", REPRODUCIBLE_ENV)):
+                            ("pinned baseline", KERNEL_SETS["baseline"]),
+                            ("pinned avx2", KERNEL_SETS["avx2"])):
             script = SCRIPT.format(data=str(root / "world"), tokens=args.tokens,
-                                   out=str(root / f"{name[:3]}-{r}"))
+                                   out=str(root / f"{name.replace(' ', '_')}-{r}"))
             proc = subprocess.run([sys.executable, "-c", script], env={**base, **extra},
                                   capture_output=True, text=True, check=True)
             results[name].append(float(proc.stdout.strip().splitlines()[-1]))
@@ -59,8 +60,9 @@ def main() -> None:
           f"(load average {load[0]:.1f} / {load[1]:.1f} on {os.cpu_count()} cores):")
     for name, secs in results.items():
         print(f"  {name:18s} {min(secs):7.1f}s best of {len(secs)}  (all: {secs})")
-    ratio = min(results["pinned"]) / min(results["cpu's own kernels"])
-    print(f"  pinned / own: {ratio:.2f}x")
+    ratio = min(results["pinned baseline"]) / min(results["cpu's own kernels"])
+    avx2_ratio = min(results["pinned avx2"]) / min(results["cpu's own kernels"])
+    print(f"  pinned baseline / own: {ratio:.2f}x; pinned avx2 / own: {avx2_ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def test_builds_under_different_cpu_kernel_settings_give_identical_weights(tiny_
                                                                            tmp_path):
     """Two clean builds started under the kernel settings of two machine kinds (torch's AVX512
     or the CPU's best kernels and MKL's AVX512 code path, against AVX2 for both) give the same
-    weight bytes: the build process pins its kernels (REPRODUCIBLE_ENV). Unpinned, the same
+    weight bytes: the build process pins its kernels (reproducible_env()). Unpinned, the same
     training gives other bytes under those settings wherever the CPU has AVX512, so the
     comparison is not vacuous there."""
     import json
@@ -123,9 +123,12 @@ def test_builds_under_different_cpu_kernel_settings_give_identical_weights(tiny_
              for name, env in machines.items()}
     assert not any(b["cached"] for b in built.values())
     assert built["best"]["sha"] == built["avx2"]["sha"]
+    from mosaic.training.base_model import kernel_set, reproducible_env
+
     for b in built.values():
-        assert b["machine"]["torch_cpu_capability"] == "DEFAULT"
-        assert b["machine"]["env"]["MKL_CBWR"] == "COMPATIBLE"
+        assert b["machine"]["torch_cpu_capability"] == {"avx2": "AVX2",
+                                                        "baseline": "DEFAULT"}[kernel_set()]
+        assert b["machine"]["env"]["MKL_CBWR"] == reproducible_env()["MKL_CBWR"]
         assert b["machine"]["threads"] == 1
 
     if torch.backends.cpu.get_cpu_capability() == "AVX512":
