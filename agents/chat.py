@@ -33,6 +33,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from mosaic.chat_input import free_text_command, input_problem
 from mosaic.schemas import ChatEdit
 
 ACTION_OPS = ("mix", "buckets", "focus", "exclude", "ratio", "threshold", "method")
@@ -80,6 +81,15 @@ def _value(v: str) -> str | int:
 
 def parse_command(line: str) -> ChatEdit | LocalCommand:
     """One slash command as a typed edit or a local command; raises ChatInputError."""
+    problem = input_problem(line)
+    if problem:
+        raise ChatInputError(problem)
+    free = free_text_command(line)  # /note and /reject take their text as typed
+    if free is not None:
+        cmd, text = free
+        if not text:
+            raise ChatInputError(f"/{cmd} needs a text, e.g. /{cmd} too much safety data")
+        return ChatEdit(op=cmd, text=text)
     try:
         words = shlex.split(line.strip())
     except ValueError as e:

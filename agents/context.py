@@ -133,5 +133,8 @@ class LoopContext:
         out = fn()
         seconds = time.perf_counter() - start
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds
-        self.progress(StageEvent(stage, k, "done", seconds=seconds))
+        from mosaic.display import stage_figures
+
+        # The stage's figures in one line, for logs (mosaic.display.stage_figures).
+        self.progress(StageEvent(stage, k, "done", seconds=seconds, detail=stage_figures(out)))
         return out, seconds

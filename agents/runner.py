@@ -24,6 +24,7 @@ setting).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,16 @@ def open_checkpointer(run_dir: Path):
     """A SqliteSaver on the run's checkpoint file (one saver per file; close it when done)."""
     from langgraph.checkpoint.sqlite import SqliteSaver
 
-    return SqliteSaver.from_conn_string(str(run_dir / CHECKPOINT_FILE))
+    from mosaic.redact import RedactingSerde
+
+    @contextmanager
+    def saver():
+        with SqliteSaver.from_conn_string(str(run_dir / CHECKPOINT_FILE)) as s:
+            # No state the checkpoint saves may carry a secret (mosaic.redact).
+            s.serde = RedactingSerde(s.serde)
+            yield s
+
+    return saver()
 
 
 def resolve_base_model(config: MosaicConfig) -> Path | None:

@@ -12,6 +12,7 @@ are a red message and exit code 2, never a traceback.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import NoReturn
 
@@ -29,6 +30,39 @@ app = typer.Typer(
 )
 # emoji=False: ":name:" codes in data (instruction ids, file names) are text, not emoji.
 console = Console(emoji=False)
+
+
+@app.callback()
+def _every_command() -> None:
+    # Whatever a command prints (our messages, library warnings, log lines) passes the one
+    # redaction first: a key from the environment or a URL never reaches a terminal or a log.
+    from mosaic.redact import install_stream_redaction
+
+    install_stream_redaction()
+    if not (sys.stdout.isatty() or sys.stderr.isatty()):
+        _quiet_libraries()
+
+
+# Libraries whose progress bars and FutureWarnings are noise in a log (`mosaic run > log`).
+_LIBRARIES = r"(transformers|torch|peft|trl|accelerate|datasets|huggingface_hub)(\.|$)"
+
+
+def _quiet_libraries() -> None:
+    """Without a terminal: no per-load `Loading weights` bars from transformers (it reads the
+    hub's switch when imported; training and Ray subprocesses inherit it through the
+    environment) and no library FutureWarnings; MOSAIC logs one line per stage instead."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # Child processes cannot take a module pattern from the environment: all FutureWarnings.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=_LIBRARIES)
+    if "transformers" in sys.modules:  # already imported (a test calling the CLI in-process)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 DEFAULT_CONFIG = Path("configs/sandbox.yaml")
 
@@ -86,6 +120,43 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataFormatError, FileNotFoundError, EndpointError, WorldError,
             ModelLoadError, BaseModelError, PoolError, TrainingDataError, RunConfigError,
             EmbeddingJudgeError, JudgeRangeError, AuditRefused)
+
+
+def _os_problem(err: BaseException, run_dir: object | None = None) -> str | None:
+    """The message for an OS error the user can fix (a full disk, a read-only or missing
+    folder, a path that is not a folder, a name too long), or None for one that is MOSAIC's
+    defect (then the traceback is the report). SQLite says the same things in its own words."""
+    import errno
+    import sqlite3
+
+    if isinstance(err, sqlite3.OperationalError):
+        text = str(err).lower()
+        code = (errno.ENOSPC if "full" in text else errno.EROFS if "readonly" in text
+                else errno.EACCES if "unable to open" in text or "permission" in text else None)
+        where, why = None, str(err)
+    elif isinstance(err, OSError):
+        code, where, why = err.errno, err.filename, err.strerror or str(err)
+    else:
+        return None
+    fixes = {
+        errno.ENOSPC: "free some space, then run the same command again (or `mosaic run "
+                      "--resume RUN_DIR`): finished stages are kept and the run continues where "
+                      "it stopped",
+        errno.EDQUOT: "free some space within your quota, then run the same command again",
+        errno.EROFS: "the file system is read-only: choose a writable run_dir",
+        errno.EACCES: "you may not write there: fix its permissions or choose another run_dir",
+        errno.EPERM: "you may not write there: fix its permissions or choose another run_dir",
+        errno.ENOENT: "a folder on that path does not exist: check the path",
+        errno.ENOTDIR: "a part of that path is a file, not a folder: check the path",
+        errno.EISDIR: "that path is a folder where a file was expected: check the path",
+        errno.ENAMETOOLONG: "the path is too long: choose a shorter run_dir",
+        errno.ELOOP: "the path has a symbolic link loop: check the path",
+        errno.EMFILE: "too many open files: raise `ulimit -n` and run it again",
+    }
+    if code not in fixes:
+        return None
+    place = f" ({where})" if where else f" (run folder {run_dir})" if run_dir else ""
+    return f"cannot write or read a file{place}: {why}; {fixes[code]}"
 
 
 def _read_action_file(path: Path, what: str = "action") -> bytes:
@@ -844,6 +915,26 @@ def doctor_cmd(
         raise typer.Exit(2)
 
 
+def _input_precheck(cfg) -> None:
+    """Every pool, eval and held-out file of a new run read and validated before its run
+    folder is made: a missing file, a 0-row eval set or an empty pool found after the baseline
+    left a folder behind that then refused the corrected config. Raises the data error."""
+    from mosaic.data import load_eval_set, load_pool_table
+
+    if (Path(cfg.run_dir) / "config.yaml").is_file():
+        return  # a started run: its inputs were checked when it started (and are hashed)
+    for name, obj in cfg.objectives.items():
+        for field, path in (("pool", obj.pool), ("eval", obj.eval), ("heldout", obj.heldout)):
+            if not path:
+                continue
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"objectives.{name}.{field}: file not found: {path}")
+            if field == "pool":
+                load_pool_table(path, obj.type, name)
+            else:
+                load_eval_set(path, obj.type, name)
+
+
 def _judge_range_precheck(cfg) -> None:
     """Refuse at once (not after the base model is built) when the judge is outside its
     measured range on the eval files that exist now (the sandbox's are generated later, and
@@ -928,6 +1019,7 @@ def run_main(cfg) -> None:
     if cfg.world.kind == "sandbox":
         _sandbox_world(cfg)
         setup["world"] = time.perf_counter() - start
+    _input_precheck(cfg)  # before the base model (minutes on a fresh machine) and the folder
     if cfg.inference.backend != "openai" or cfg.model.base == "sandbox":
         t = time.perf_counter()
         _base_model(cfg)  # built before the live display, with its own progress bar
@@ -947,7 +1039,9 @@ def run_main(cfg) -> None:
         with LoopProgress(console, cfg.loop.rounds) as live:
             def progress(event) -> None:
                 live.event(event)
-                if event.status == "done" and event.stage in ("baseline", "evaluate"):
+                # Without a terminal, live.event already logged the stage with its figures.
+                if (console.is_terminal and event.status == "done"
+                        and event.stage in ("baseline", "evaluate")):
                     live.say(f"{'baseline' if event.round == 0 else f'round {event.round}'} "
                              f"evaluated in {event.seconds:.0f}s")
 
@@ -996,12 +1090,19 @@ def run_cmd(
     """The main job: baseline + loop.rounds planner rounds on a config (default
     configs/sandbox.yaml). Resumable: rerunning continues a killed run where it stopped, reprints
     a finished run without recomputing, and extends it when loop.rounds was raised."""
+    import sqlite3
+
     cfg = _saved_run(resume) if resume is not None else _load(config)
     _audit_reopen(Path(cfg.run_dir), repair_audit)
     try:
         run_main(cfg)
     except _user_errors() as e:
         _fail(e)
+    except (OSError, sqlite3.OperationalError) as e:
+        problem = _os_problem(e, cfg.run_dir)
+        if problem is None:
+            raise
+        _fail(problem)
 
 
 def _audit_reopen(run_dir: Path, repair: bool) -> None:
@@ -1032,11 +1133,19 @@ def _saved_run(run_dir: Path):
     from mosaic.config import ConfigError
     from mosaic.run_store import saved_config
 
+    from mosaic.config import ENV_PREFIX, masked_urls
+
     try:
         # The folder may have moved since the run started: it is where the run is now.
-        return saved_config(run_dir).model_copy(update={"run_dir": str(run_dir)})
+        cfg = saved_config(run_dir).model_copy(update={"run_dir": str(run_dir)})
     except ConfigError as e:
         _fail(e)
+    for field in masked_urls(cfg):
+        # Credentials in URLs are never saved: a request on the masked URL refuses to go out.
+        _say(f"note: {field} had credentials, which the run folder does not keep; give the full "
+             f"URL as {ENV_PREFIX}{field.replace('.', '__')}=... if this run needs that "
+             f"endpoint", "yellow")
+    return cfg
 
 
 def _base_model(cfg) -> None:
@@ -1062,9 +1171,11 @@ def chat_cmd(
     then approve, reject with a reason, edit focus/buckets/mixture/threshold, or set standing
     floors, ceilings, change limits and acceptance guards. /quit pauses; running this again
     continues at the same pause. Reads commands from stdin when it is not a terminal."""
+    import sqlite3
     import sys
 
     from mosaic.agents.chat_session import ChatSession
+    from mosaic.chat_input import MAX_INPUT_CHARS, input_problem
 
     cfg = _saved_run(target) if target.is_dir() else _load(target)
     _audit_reopen(Path(cfg.run_dir), repair_audit)
@@ -1073,13 +1184,29 @@ def chat_cmd(
     interactive = sys.stdin.isatty()
 
     def read_line(prompt: str) -> str | None:
-        if interactive:
-            try:
-                return console.input(prompt)
-            except EOFError:
-                return None
-        line = sys.stdin.readline()
-        return None if line == "" else line
+        # A line over the limit is refused here, before it reaches a command, the chat model,
+        # the audit log or the checkpoint (mosaic.chat_input); the person is asked again.
+        while True:
+            if interactive:
+                try:
+                    line = console.input(prompt)
+                except EOFError:
+                    return None
+            else:
+                line = sys.stdin.readline(MAX_INPUT_CHARS + 2)
+                if line == "":
+                    return None
+                size, rest = len(line), line
+                while rest and not rest.endswith("\n"):  # an overlong line: count, never keep
+                    rest = sys.stdin.readline(1 << 16)
+                    size += len(rest)
+                if size > len(line):
+                    _say(input_problem(line, size=size), "red")
+                    continue
+            problem = input_problem(line)
+            if problem is None:
+                return line
+            _say(problem, "red")
 
     _judge_warnings(cfg)
     if cfg.world.kind == "sandbox":
@@ -1091,6 +1218,11 @@ def chat_cmd(
         session.run()
     except _user_errors() as e:
         _fail(e)
+    except (OSError, sqlite3.OperationalError) as e:
+        problem = _os_problem(e, cfg.run_dir)
+        if problem is None:
+            raise
+        _fail(problem)
 
 
 # ---- a run explained: `mosaic audit` ------------------------------------------------------------
