@@ -4,7 +4,7 @@
 """
 
 from mosaic.config import ConfigError, EndpointConfig, MosaicConfig
-from mosaic.eval import ifeval, jailbreak, overrefusal  # noqa: F401  (registers the types)
+from mosaic.eval import agentic, ifeval, jailbreak, overrefusal  # noqa: F401  (registers the types)
 from mosaic.eval.base import (FocusKey, ObjectiveType, get_objective_type, objective_type_names,
                               register_objective_type)
 from mosaic.eval.judge import Judge

@@ -110,6 +110,10 @@ class WorldConfig(Section):
     eval_size: int = Field(240, ge=20)
     heldout_size: int = Field(240, ge=20)
     base_corpus_size: int = Field(6000, ge=100)
+    # The tool world (mosaic/sandbox/tool_world.py): adds the `agentic` objective's pools and
+    # eval sets and tool conversations to the base corpus (a different corpus, tokenizer and
+    # so base model cache entry); off, the world is byte-identical to one without it.
+    tool_world: bool = False
 
 
 class ModelConfig(Section):
