@@ -734,7 +734,10 @@ def annotate_cmd(
     except JudgeRangeError as e:
         _fail(e)
     atom_cache = AtomCache(cache or Path(cfg.judge.cache_dir) / "annotate.sqlite")
-    _say(f"annotating {pool} ({objective}, {type_name}) with {judge.name}; cache "
+    on_ray = cfg.runtime.engine == "ray"
+    where = (f" on Ray ({cfg.runtime.ray.workers} workers, each with its own judge)"
+             if on_ray else "")
+    _say(f"annotating {pool} ({objective}, {type_name}) with {judge.name}{where}; cache "
          f"{atom_cache.path} ({len(atom_cache):,} entries)")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("rows"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -745,7 +748,8 @@ def annotate_cmd(
             summary = annotate_file(
                 pool, type_name, judge, out=out, objective=objective, cache=atom_cache,
                 batch_size=batch, rescore=rescore, allow_out_of_range=allow, secrets=secrets,
-                progress=lambda done, total: progress.update(task, completed=done, total=total))
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+                ray_config=cfg if on_ray else None)
     except KeyboardInterrupt:
         _say(f"interrupted; {len(atom_cache):,} cached entries kept in {atom_cache.path}: rerun "
              f"the same command to resume", "yellow")
