@@ -84,3 +84,34 @@ def test_candidates_run_as_ray_tasks_give_the_local_outcome_and_keep_the_archive
 def test_no_candidates_is_an_error(tiny_run_config, tmp_path):
     with pytest.raises(ValueError, match="no candidates"):
         run_candidates(tiny_run_config, [], tmp_path, round_index=1)
+
+
+def test_mosaic_round_with_several_actions_runs_them_as_candidates(tiny_run_config, tmp_path):
+    from typer.testing import CliRunner
+
+    from mosaic.cli import app
+    from mosaic.config import dump_config
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(dump_config(tiny_run_config.model_copy(update={
+        "run_dir": str(tmp_path / "run")})))
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(BALANCED))
+    bad.write_text(json.dumps(BAD))
+    result = CliRunner().invoke(app, ["round", str(bad), str(good), "--config", str(cfg_file),
+                                      "--no-heldout"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())  # messages wrap at the console's width
+    assert f"candidate 1 ({bad}): the check rejected it" in flat and "nonsense" in flat
+    assert f"candidate 2 ({good}): hypervolume" in flat and "<- kept" in flat
+    assert "round 1 vs baseline" in flat
+    record = read_record(tmp_path / "run" / "manual" / "bad+good" / CANDIDATES_FILE,
+                         CandidateRound)
+    assert record.kept == 1 and record.candidates[0].result.status == "rejected"
+    # Only rejected candidates: exit 2, nothing trained.
+    only_bad = CliRunner().invoke(app, ["round", str(bad), str(bad), "--config", str(cfg_file),
+                                        "--no-heldout", "--round-dir", str(tmp_path / "r")],
+                                  terminal_width=200)
+    assert only_bad.exit_code == 2, only_bad.output
+    assert "rejected every candidate" in " ".join(only_bad.output.split())
+    assert not list((tmp_path / "r").rglob("adapter"))
