@@ -682,8 +682,9 @@ def annotate_cmd(
                                                  "POOL, atomically)."),
     judge_kind: str = typer.Option(None, "--judge", help="rule, llm or guard (default: the "
                                                          "config's judge.kind)."),
-    concurrency: int = typer.Option(None, "--concurrency", min=1, help="Requests in flight "
-                                                                      "(default: the judge "
+    concurrency: int = typer.Option(None, "--concurrency", min=1, help="Requests in flight, per "
+                                                                      "Ray worker on the ray "
+                                                                      "engine (default: the judge "
                                                                       "endpoint's concurrency)."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Rows per batch (default "
                                                                      "4 x concurrency, min 64); "
@@ -706,6 +707,7 @@ def annotate_cmd(
                                TimeElapsedColumn, TimeRemainingColumn)
 
     from mosaic.eval import build_judge
+    from mosaic.engine import RayUnavailableError
     from mosaic.eval.annotate import AtomCache, EndpointDown, annotate_file
     from mosaic.eval.judge import JudgeRangeError, check_judge_range
     from mosaic.llm import endpoint_secrets
@@ -754,7 +756,7 @@ def annotate_cmd(
         _say(f"interrupted; {len(atom_cache):,} cached entries kept in {atom_cache.path}: rerun "
              f"the same command to resume", "yellow")
         raise typer.Exit(130) from None
-    except (EndpointDown, *_user_errors()) as e:
+    except (EndpointDown, RayUnavailableError, *_user_errors()) as e:
         _fail(e)
     finally:
         atom_cache.close()
