@@ -476,6 +476,7 @@ def annotate_pool(df: pd.DataFrame, objective_type: str | ObjectiveType, judge: 
 # ---- on Ray Data ---------------------------------------------------------------------------------
 
 TALLY = "_tally"  # a batch's counts and its worker's judge stats, on the batch's first result
+DATA_ERROR = "_data_error"  # a batch's DataFormatError, on its first result
 
 
 class AnnotateStage:
@@ -507,10 +508,17 @@ class AnnotateStage:
                               "l3_prompt": [r["l3_prompt"] for r in rows],
                               "l3_response": [r["l3_response"] for r in rows]})
         counts: Counter[str] = Counter()
-        got = annotate_batch(frame, self.otype, self.judge, cache=self.cache,
-                             identity=self.identity if self.cache is not None else None,
-                             counts=counts, source=self.source,
-                             row_numbers=[r["row"] for r in rows])
+        try:
+            got = annotate_batch(frame, self.otype, self.judge, cache=self.cache,
+                                 identity=self.identity if self.cache is not None else None,
+                                 counts=counts, source=self.source,
+                                 row_numbers=[r["row"] for r in rows])
+        except DataFormatError as e:
+            # The data's error, not the worker's: sent back as a result (raised, Ray would
+            # rerun the batch max_retries times and hand the caller a wrapped exception).
+            error = {"path": e.path, "message": e.message, "row": e.row, "field": e.field,
+                     "line": e.line}
+            return [{DATA_ERROR: error}, *({} for _ in rows[1:])]
         cols = _result_columns(self.otype)
         results = [dict(zip(cols, values)) for values in
                    zip(*([_cell(v) for v in got[c].tolist()] for c in cols))]
@@ -561,6 +569,10 @@ def _annotate_on_ray(df: pd.DataFrame, todo: np.ndarray, otype: ObjectiveType, j
 
     def on_part(positions: list[int], results: list[Any]) -> None:
         nonlocal done
+        if results and DATA_ERROR in results[0]:
+            e = results[0][DATA_ERROR]
+            raise DataFormatError(e["path"], e["message"], row=e["row"], field=e["field"],
+                                  line=e["line"])
         for r in results:
             tally = r.pop(TALLY, None)
             if tally is None:

@@ -154,16 +154,24 @@ def _map_rows_ray(factory: Callable[..., Stage], rows: Sequence[dict[str, Any]],
     seen = [False] * len(rows)
     # Streamed block by block as the workers finish them (not gathered at the end), so a
     # caller can commit each batch's results while the rest are still running.
-    for part in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        positions = part.column(ORDER).to_pylist()
-        values = [json.loads(r) for r in part.column(RESULT).to_pylist()]
-        for i, r in zip(positions, values):
-            if seen[i]:
-                raise RuntimeError(f"{what}: row {i} came back twice from the Ray pipeline")
-            seen[i] = True
-            results[i] = r
-        if on_part is not None:
-            on_part(positions, values)
+    parts = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
+    try:
+        for part in parts:
+            positions = part.column(ORDER).to_pylist()
+            values = [json.loads(r) for r in part.column(RESULT).to_pylist()]
+            for i, r in zip(positions, values):
+                if seen[i]:
+                    raise RuntimeError(f"{what}: row {i} came back twice from the Ray pipeline")
+                seen[i] = True
+                results[i] = r
+            if on_part is not None:
+                on_part(positions, values)
+    finally:
+        # Stopped early (on_part raised): shut the pipeline and its actors down now, not when
+        # the traceback holding the iterator is collected; the next pipeline needs the CPUs.
+        close = getattr(parts, "close", None)
+        if close is not None:
+            close()
     missing = [i for i, s in enumerate(seen) if not s]
     if missing:
         raise RuntimeError(f"{what}: {len(missing)} of {len(rows)} rows did not come back from "

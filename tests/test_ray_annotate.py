@@ -15,7 +15,7 @@ from judge_script import JudgeScript
 from test_annotate import pool_frame
 
 from mosaic.config import MosaicConfig
-from mosaic.data import L1_COLUMNS, load_pool, write_table
+from mosaic.data import L1_COLUMNS, DataFormatError, load_pool, write_table
 from mosaic.eval import build_judge
 from mosaic.eval.annotate import AtomCache, annotate_file, annotate_pool
 from mosaic.eval.base import get_objective_type
@@ -135,3 +135,33 @@ def test_a_killed_annotation_worker_loses_and_doubles_no_row(openai_server, ray_
     local = load_pool(local_pool, "jailbreak")
     cols = ["l3_prompt", "l3_response", *L1_COLUMNS]
     pd.testing.assert_frame_equal(local[cols], out[cols])
+
+
+def test_bad_atoms_on_a_worker_are_the_data_error_naming_the_row(ray_cluster, tmp_path):
+    df = pool_frame(40)
+    df["l3_prompt"] = [None] * 40
+    df.loc[33, "l3_prompt"] = "{not json"
+    cfg = _on_ray(MosaicConfig.model_validate({
+        "objectives": {"safety": {"type": "jailbreak"}}, "world": {"kind": "files"},
+        "run_dir": str(tmp_path / "run")}))
+    df.attrs["source"] = "pool.parquet"
+    with pytest.raises(DataFormatError) as err:
+        annotate_pool(df, "jailbreak", RuleJudge(), batch_size=16, ray_config=cfg)
+    assert (err.value.path, err.value.row, err.value.field) == ("pool.parquet", 33, "l3_prompt")
+    assert "not valid JSON" in str(err.value)
+
+
+def test_an_endpoint_down_on_ray_stops_the_run(openai_server, ray_cluster, tmp_path):
+    from mosaic.eval.annotate import EndpointDown
+
+    openai_server.responder = JudgeScript()
+    df = pool_frame(24, dict.fromkeys(range(24), "always500"))
+    cfg = _on_ray(MosaicConfig.model_validate({
+        "objectives": {"safety": {"type": "jailbreak"}},
+        "judge": {"kind": "llm", "endpoint": {
+            "base_url": openai_server.base_url, "model": "judge-model",
+            "api_key_env": "MOSAIC_TEST_UNSET_KEY", "timeout_s": 60, "max_retries": 0}},
+        "world": {"kind": "files"}, "run_dir": str(tmp_path / "run")}))
+    judge = build_judge(cfg, request_cache=False, record_endpoint_errors=True)
+    with pytest.raises(EndpointDown, match="endpoint looks down"):
+        annotate_pool(df, "jailbreak", judge, batch_size=8, ray_config=cfg)
