@@ -165,3 +165,67 @@ def test_an_endpoint_down_on_ray_stops_the_run(openai_server, ray_cluster, tmp_p
     judge = build_judge(cfg, request_cache=False, record_endpoint_errors=True)
     with pytest.raises(EndpointDown, match="endpoint looks down"):
         annotate_pool(df, "jailbreak", judge, batch_size=8, ray_config=cfg)
+
+
+def test_a_run_that_dies_on_ray_resumes_without_rejudging_a_cached_row(openai_server, ray_cluster,
+                                                                      tmp_path, monkeypatch):
+    """No restarts: the SIGKILLed worker ends the run, as a killed `mosaic annotate` would; the
+    rerun asks the judge only about conversations whose atoms no worker had committed."""
+    import ray_stages
+    from judge_script import asked_conversations, cached_conversations
+
+    from mosaic.eval.annotate import judge_identity
+
+    n, batch = 64, 16
+    openai_server.responder = JudgeScript()
+    pool = tmp_path / "safety.parquet"
+    write_table(pool, pool_frame(n))
+    before = pool.read_bytes()
+    cfg = _on_ray(MosaicConfig.model_validate({
+        "objectives": {"safety": {"type": "jailbreak"}},
+        "judge": {"kind": "llm", "endpoint": {
+            "base_url": openai_server.base_url, "model": "judge-model",
+            "api_key_env": "MOSAIC_TEST_UNSET_KEY", "timeout_s": 60, "concurrency": 4}},
+        "world": {"kind": "files"}, "run_dir": str(tmp_path / "run")}))
+    cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={
+        "ray": cfg.runtime.ray.model_copy(update={"max_retries": 0})})})
+    cache = AtomCache(tmp_path / "atoms" / "annotate.sqlite")
+    victim = cache.path.parent / "victim.pid"
+    with monkeypatch.context() as patch:
+        patch.setattr("mosaic.eval.annotate.AnnotateStage", ray_stages.stall_first_responses)
+        done = threading.Event()
+
+        def kill_the_stalled_worker() -> None:
+            while not done.is_set():
+                if victim.is_file() and victim.read_text():
+                    os.kill(int(victim.read_text()), signal.SIGKILL)
+                    return
+                time.sleep(0.05)
+
+        killer = threading.Thread(target=kill_the_stalled_worker, daemon=True)
+        killer.start()
+        judge = build_judge(cfg, request_cache=False, record_endpoint_errors=True)
+        try:
+            # Ray's own error for a worker that died with no restart left.
+            with pytest.raises(ray_cluster.exceptions.RayError):
+                annotate_file(pool, "jailbreak", judge, objective="safety", cache=cache,
+                              batch_size=batch, ray_config=cfg)
+        finally:
+            done.set()
+            killer.join(timeout=5)
+    assert pool.read_bytes() == before  # nothing half-written
+    cached = cache.keys()
+    first_requests = len(openai_server.requests)
+    assert 0 < len(cached) < n // 2 + n
+
+    summary = annotate_file(pool, "jailbreak", judge, objective="safety", cache=cache,
+                            batch_size=batch, ray_config=cfg)
+    assert (summary.annotated, summary.failed) == (n, 0)
+    done_pool = load_pool(pool, "jailbreak")
+    prompt_cached, reply_cached = cached_conversations(done_pool, cached, judge_identity(judge))
+    asked_prompts, asked_replies = asked_conversations(openai_server.requests[first_requests:])
+    # The killed batch's prompts were committed before it stalled: they are not asked again.
+    assert len(prompt_cached) >= batch // 2
+    assert asked_prompts == set(range(n // 2)) - prompt_cached
+    assert asked_replies == set(range(n)) - reply_cached
+    cache.close()
