@@ -386,6 +386,10 @@ class EndpointDown(RuntimeError):
     """Every request of a batch failed for good: the endpoint is down, not a row's problem."""
 
 
+class WorkersLost(RuntimeError):
+    """The Ray pipeline failed for good (a worker died past its restarts, a node was lost)."""
+
+
 def _cell(value: Any) -> Any:
     """A frame cell as a plain JSON value (missing values of any kind become None)."""
     if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
@@ -592,11 +596,19 @@ def _annotate_on_ray(df: pd.DataFrame, todo: np.ndarray, otype: ObjectiveType, j
         if progress is not None:
             progress(done, len(rows))
 
-    results = map_rows(AnnotateStage, rows, kwargs={
-        "config": config.model_dump(mode="json"), "objective_type": otype.type_name,
-        "cache_path": str(cache.path.resolve()) if cache is not None else None,
-        "source": str(source)}, runtime=config.runtime, batch_rows=batch_size,
-        what="annotation", on_part=on_part)
+    import ray
+
+    try:
+        results = map_rows(AnnotateStage, rows, kwargs={
+            "config": config.model_dump(mode="json"), "objective_type": otype.type_name,
+            "cache_path": str(cache.path.resolve()) if cache is not None else None,
+            "source": str(source)}, runtime=config.runtime, batch_rows=batch_size,
+            what="annotation", on_part=on_part)
+    except ray.exceptions.RayError as e:
+        raise WorkersLost(f"the Ray pipeline failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''} (workers restart at most "
+                          f"runtime.ray.max_retries={config.runtime.ray.max_retries} times). "
+                          f"Rows labelled so far are cached: rerun to resume") from e
     stats: dict[str, Any] = {}
     for tally in latest.values():
         stats = _add_stats(stats, tally["stats"])

@@ -708,7 +708,7 @@ def annotate_cmd(
 
     from mosaic.eval import build_judge
     from mosaic.engine import RayUnavailableError
-    from mosaic.eval.annotate import AtomCache, EndpointDown, annotate_file
+    from mosaic.eval.annotate import AtomCache, EndpointDown, WorkersLost, annotate_file
     from mosaic.eval.judge import JudgeRangeError, check_judge_range
     from mosaic.llm import endpoint_secrets
 
@@ -756,6 +756,9 @@ def annotate_cmd(
         _say(f"interrupted; {len(atom_cache):,} cached entries kept in {atom_cache.path}: rerun "
              f"the same command to resume", "yellow")
         raise typer.Exit(130) from None
+    except WorkersLost as e:
+        _say(str(e), "red")
+        raise typer.Exit(1) from None
     except (EndpointDown, RayUnavailableError, *_user_errors()) as e:
         _fail(e)
     finally:

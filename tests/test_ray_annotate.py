@@ -17,7 +17,7 @@ from test_annotate import pool_frame
 from mosaic.config import MosaicConfig
 from mosaic.data import L1_COLUMNS, DataFormatError, load_pool, write_table
 from mosaic.eval import build_judge
-from mosaic.eval.annotate import AtomCache, annotate_file, annotate_pool
+from mosaic.eval.annotate import AtomCache, WorkersLost, annotate_file, annotate_pool
 from mosaic.eval.base import get_objective_type
 from mosaic.eval.rule_judge import RuleJudge
 
@@ -206,13 +206,14 @@ def test_a_run_that_dies_on_ray_resumes_without_rejudging_a_cached_row(openai_se
         killer.start()
         judge = build_judge(cfg, request_cache=False, record_endpoint_errors=True)
         try:
-            # Ray's own error for a worker that died with no restart left.
-            with pytest.raises(ray_cluster.exceptions.RayError):
+            with pytest.raises(WorkersLost, match="rerun to resume") as died:
                 annotate_file(pool, "jailbreak", judge, objective="safety", cache=cache,
                               batch_size=batch, ray_config=cfg)
         finally:
             done.set()
             killer.join(timeout=5)
+    # Ray's own error for a worker that died with no restart left, said plainly.
+    assert isinstance(died.value.__cause__, ray_cluster.exceptions.RayError)
     assert pool.read_bytes() == before  # nothing half-written
     cached = cache.keys()
     first_requests = len(openai_server.requests)
