@@ -19,7 +19,7 @@ cluster is idle (the previous pipeline's actors gone). Target on the 2-core sand
 
     .venv/bin/python bench/ray_bench.py                  # sandbox world, all rows, 3 repeats
     .venv/bin/python bench/ray_bench.py --quick          # tiny world and model: a smoke run
-    .venv/bin/python bench/ray_bench.py --stages annotation
+    .venv/bin/python bench/ray_bench.py --stages annotation --pool-copies 10   # 108,000 rows
 
 Prints a table and writes `ray_bench.json` to `--out`. Contended machines give contended
 figures: the 1-minute load average (os.getloadavg) is printed beside every figure.
@@ -52,9 +52,14 @@ def eval_rows(cfg, limit: int | None) -> list[dict[str, Any]]:
     return rows
 
 
-def unannotated_pools(cfg) -> dict[str, tuple[str, Any]]:
+def unannotated_pools(cfg, copies: int = 1) -> dict[str, tuple[str, Any]]:
     """Each objective's pool as a team would import it: no L1, L2 or response atoms, and no
-    prompt atoms where a judge labels them (instruction prompt atoms come with the data)."""
+    prompt atoms where a judge labels them (instruction prompt atoms come with the data).
+    `copies` > 1 repeats each pool, each copy's conversations marked " [copy k]" at the end of
+    their last message (so the judge labels every copy, not once per batch): a larger pool
+    where the judging, not the workers' start, is most of the time."""
+    import pandas as pd
+
     from mosaic.data import L1_COLUMNS, load_pool
     from mosaic.eval.base import get_objective_type
 
@@ -65,7 +70,18 @@ def unannotated_pools(cfg) -> dict[str, tuple[str, Any]]:
         if not otype.prompt_atoms_from_data:
             drop.add("l3_prompt")
         df = load_pool(obj.pool, obj.type, name)
-        out[name] = (obj.type, df.drop(columns=[c for c in df.columns if c in drop]))
+        df = df.drop(columns=[c for c in df.columns if c in drop])
+        if copies > 1:
+            parts = [df]
+            for k in range(1, copies):
+                part = df.copy()
+                part["id"] = [f"{i}#copy{k}" for i in part["id"]]
+                part["messages"] = [[*list(m)[:-1], {**dict(list(m)[-1]), "content":
+                                                     f"{list(m)[-1]['content']} [copy {k}]"}]
+                                    for m in part["messages"]]
+                parts.append(part)
+            df = pd.concat(parts, ignore_index=True)
+        out[name] = (obj.type, df)
     return out
 
 
@@ -82,6 +98,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="generation: rows per batch to a worker")
     parser.add_argument("--annotate-batch", type=int, default=256,
                         help="annotation: rows per batch to a worker")
+    parser.add_argument("--pool-copies", type=int, default=1,
+                        help="annotation: each pool repeated this many times, each copy's "
+                             "text marked (a larger pool; 1: the sandbox's pools as they are)")
     parser.add_argument("--stages", default="generation,annotation",
                         help="stages to time (generation, annotation)")
     parser.add_argument("--workers", default="1,2", help="pool sizes to time")
@@ -162,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return time.perf_counter() - start, got
 
     # ---- annotation ------------------------------------------------------------------------
-    pools = unannotated_pools(cfg) if "annotation" in stages else {}
+    pools = unannotated_pools(cfg, args.pool_copies) if "annotation" in stages else {}
     judge = build_judge(cfg, request_cache=False, record_endpoint_errors=True)
     scratch = Path(tempfile.mkdtemp(prefix="ray-bench-cache-"))
 
@@ -228,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "generation": {"rows": len(rows), "batch_rows": args.batch_rows}
                if "generation" in stages else None,
                "annotation": {"rows": n_pool_rows, "batch_rows": args.annotate_batch,
-                              "judge": cfg.judge.kind} if "annotation" in stages else None,
+                              "judge": cfg.judge.kind, "pool_copies": args.pool_copies}
+               if "annotation" in stages else None,
                "results": results, "best_seconds": best, "speedup_2_vs_1": speedups,
                "target": 1.6, "load_average_end": load(),
                "same_as_local": {s_: checks.get(s_, False) for s_ in stages}}
