@@ -185,18 +185,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     judge = build_judge(cfg, request_cache=False, record_endpoint_errors=True)
     scratch = Path(tempfile.mkdtemp(prefix="ray-bench-cache-"))
 
-    def annotate(config) -> tuple[float, dict[str, Any]]:
-        """Every pool annotated (one pipeline per pool), a fresh atom cache: seconds, frames."""
+    def annotate(config) -> tuple[float, dict[str, Any], float]:
+        """Every pool annotated (one pipeline per pool), a fresh atom cache: seconds, frames,
+        and the busiest worker's seconds in the stage itself (summed over the pools)."""
         cache = AtomCache(Path(tempfile.mkdtemp(dir=scratch)) / "annotate.sqlite")
-        seconds, frames = 0.0, {}
+        seconds, busiest, frames = 0.0, 0.0, {}
         try:
             for name, (type_name, df) in pools.items():
                 wait_idle()
                 start = time.perf_counter()
-                frames[name] = annotate_pool(df, type_name, judge, batch_size=args.annotate_batch,
-                                             cache=cache, ray_config=config).frame
+                got = annotate_pool(df, type_name, judge, batch_size=args.annotate_batch,
+                                    cache=cache, ray_config=config)
                 seconds += time.perf_counter() - start
-            return seconds, frames
+                frames[name] = got.frame
+                busiest += max(got.worker_seconds.values(), default=0.0)
+            return seconds, frames, busiest
         finally:
             cache.close()
 
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                 None)
         record("generation", "local", s_)
     if "annotation" in stages:
-        s_, references["annotation"] = annotate(None)
+        s_, references["annotation"], _ = annotate(None)
         record("annotation", "local", s_)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
@@ -229,12 +232,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     record("generation", f"ray_{w}", s_, workers=w)
                 if "annotation" in stages:
                     on_ray = cfg.model_copy(update={"runtime": ray_runtime(w)})
-                    s_, frames = annotate(on_ray)
+                    s_, frames, busiest = annotate(on_ray)
                     for name, frame in frames.items():
                         # Raises (and so fails the bench) where a row or value differs.
                         pd.testing.assert_frame_equal(frame, references["annotation"][name])
                     checks["annotation"] = True
                     record("annotation", f"ray_{w}", s_, workers=w)
+                    busy = results["annotation"][f"ray_{w}"].setdefault("busiest_worker_s", [])
+                    busy.append(busiest)
+                    print(f"    busiest worker {busiest:.1f}s in the stage itself; the rest is "
+                          f"Ray starting workers and moving rows", flush=True)
     finally:
         ray.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -252,22 +259,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "results": results, "best_seconds": best, "speedup_2_vs_1": speedups,
                "target": 1.6, "load_average_end": load(),
                "same_as_local": {s_: checks.get(s_, False) for s_ in stages}}
-    out.mkdir(parents=True, exist_ok=True)
-    from mosaic.io import atomic_write_json
-
-    atomic_write_json(out / "ray_bench.json", summary)
     print(f"{'stage':<11} {'setting':<8} {'best s':>8} {'rows/s':>9} {'load':>6}")
     for stage, by in best.items():
         n = len(rows) if stage == "generation" else n_pool_rows
         for k, sec in by.items():
             ld = results[stage][k]["load"][results[stage][k]["seconds"].index(sec)]
             print(f"{stage:<11} {k:<8} {sec:>8.1f} {n / sec:>9.1f} {ld:>6.2f}")
+    ann = results.get("annotation", {})
+    if {"ray_1", "ray_2"} <= set(ann):
+        stage_speedup = min(ann["ray_1"]["busiest_worker_s"]) / max(
+            min(ann["ray_2"]["busiest_worker_s"]), 1e-9)
+        summary["annotation_busy_speedup_2_vs_1"] = stage_speedup
+        print(f"annotation, the stage itself (busiest worker's seconds): 2 workers vs 1: "
+              f"{stage_speedup:.2f}x")
     for stage, sp in speedups.items():
         if sp is not None:
             verdict = "meets" if sp >= 1.6 else "misses"
             print(f"{stage}: 2 workers vs 1: {sp:.2f}x ({verdict} the 1.6x target); results "
                   f"identical to the local path; load average {load():.2f} at the end "
                   f"({os.cpu_count()} CPUs)")
+    out.mkdir(parents=True, exist_ok=True)
+    from mosaic.io import atomic_write_json
+
+    atomic_write_json(out / "ray_bench.json", summary)
     print(f"results in {out / 'ray_bench.json'}")
     return summary
 

@@ -370,6 +370,9 @@ class Annotated:
     # The judges' request counts, tokens and cost, summed over the Ray workers (None on the
     # local engine: the caller's judge holds them).
     judge_stats: dict[str, Any] | None = None
+    # Seconds each Ray worker spent annotating its batches (from the batches that came back):
+    # beside the stage's wall time, what Ray's start and transfers cost. Empty on local.
+    worker_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _column(values: list[Any]) -> Any:
@@ -433,8 +436,9 @@ def annotate_pool(df: pd.DataFrame, objective_type: str | ObjectiveType, judge: 
         return Annotated(out, [], 0, counts)
     cols = _result_columns(otype)
     judge_stats: dict[str, Any] | None = None
+    worker_seconds: dict[str, float] = {}
     if ray_config is not None and ray_config.runtime.engine == "ray":
-        results, judge_stats = _annotate_on_ray(df, todo, otype, judge, ray_config, cache=cache,
+        results, judge_stats, worker_seconds = _annotate_on_ray(df, todo, otype, judge, ray_config, cache=cache,
                                                 batch_size=batch_size, counts=counts,
                                                 source=source, progress=progress)
     else:
@@ -474,7 +478,7 @@ def annotate_pool(df: pd.DataFrame, objective_type: str | ObjectiveType, judge: 
     failures = [RowFailure(row=int(i), id=ids[int(i)], error=new[ERROR_COLUMN][j],
                            reason=new[REASON_COLUMN][j], last_reply=new[REPLY_COLUMN][j])
                 for j, i in enumerate(todo) if new[ERROR_COLUMN][j] is not None]
-    return Annotated(out, failures, int(todo.size), counts, judge_stats)
+    return Annotated(out, failures, int(todo.size), counts, judge_stats, worker_seconds)
 
 
 # ---- on Ray Data ---------------------------------------------------------------------------------
@@ -505,6 +509,7 @@ class AnnotateStage:
         self.source = source
         self.worker = uuid4().hex  # a restarted worker is another one (its stats start at 0)
         self.batches = 0
+        self.seconds = 0.0  # spent in annotate_batch
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         frame = pd.DataFrame({"id": [r["id"] for r in rows],
@@ -512,6 +517,7 @@ class AnnotateStage:
                               "l3_prompt": [r["l3_prompt"] for r in rows],
                               "l3_response": [r["l3_response"] for r in rows]})
         counts: Counter[str] = Counter()
+        start = time.perf_counter()
         try:
             got = annotate_batch(frame, self.otype, self.judge, cache=self.cache,
                                  identity=self.identity if self.cache is not None else None,
@@ -527,8 +533,10 @@ class AnnotateStage:
         results = [dict(zip(cols, values)) for values in
                    zip(*([_cell(v) for v in got[c].tolist()] for c in cols))]
         self.batches += 1
+        self.seconds += time.perf_counter() - start
         # Stats are cumulative per worker: the driver keeps each worker's latest and sums them.
         results[0][TALLY] = {"worker": self.worker, "batch": self.batches, "counts": dict(counts),
+                             "seconds": self.seconds,
                              "identity": self.identity,
                              "stats": _py(dict(getattr(self.judge, "stats", {}) or {}))}
         return results
@@ -552,7 +560,7 @@ def _annotate_on_ray(df: pd.DataFrame, todo: np.ndarray, otype: ObjectiveType, j
                      config: Any, *, cache: AtomCache | None, batch_size: int,
                      counts: Counter[str], source: str,
                      progress: Callable[[int, int], None] | None,
-                     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                     ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, float]]:
     from mosaic.engine import map_rows
 
     def atoms(v: Any) -> str | None:
@@ -612,7 +620,7 @@ def _annotate_on_ray(df: pd.DataFrame, todo: np.ndarray, otype: ObjectiveType, j
     stats: dict[str, Any] = {}
     for tally in latest.values():
         stats = _add_stats(stats, tally["stats"])
-    return results, stats
+    return results, stats, {w: t["seconds"] for w, t in latest.items()}
 
 
 @dataclass

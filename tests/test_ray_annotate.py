@@ -61,6 +61,9 @@ def test_annotation_on_ray_matches_the_local_path_on_the_sandbox_pools(tiny_run_
         assert local.counts == ray.counts and sum(ray.counts.values()) > 0
         assert local_cache.keys() == ray_cache.keys()
         assert seen[-1] == (300, 300) and len(seen) == 5  # progress per batch as it came back
+        # Each worker's own time in the stage came back with its batches.
+        assert local.worker_seconds == {} and 1 <= len(ray.worker_seconds) <= 2
+        assert all(t > 0 for t in ray.worker_seconds.values())
         local_cache.close()
         ray_cache.close()
 
