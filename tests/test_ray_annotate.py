@@ -218,6 +218,12 @@ def test_a_run_that_dies_on_ray_resumes_without_rejudging_a_cached_row(openai_se
     # Ray's own error for a worker that died with no restart left, said plainly.
     assert isinstance(died.value.__cause__, ray_cluster.exceptions.RayError)
     assert pool.read_bytes() == before  # nothing half-written
+    # The failed pipeline's other worker may still be finishing (and committing) its batch, as a
+    # killed run's would not: the cache is read once every worker is gone.
+    deadline = time.monotonic() + 120
+    while ray_cluster.available_resources().get("CPU", 0) < ray_cluster.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, "the failed pipeline's workers did not stop"
+        time.sleep(0.1)
     cached = cache.keys()
     first_requests = len(openai_server.requests)
     assert 0 < len(cached) < n // 2 + n
