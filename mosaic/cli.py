@@ -754,8 +754,9 @@ def annotate_cmd(
                                                  "POOL, atomically)."),
     judge_kind: str = typer.Option(None, "--judge", help="rule, llm or guard (default: the "
                                                          "config's judge.kind)."),
-    concurrency: int = typer.Option(None, "--concurrency", min=1, help="Requests in flight "
-                                                                      "(default: the judge "
+    concurrency: int = typer.Option(None, "--concurrency", min=1, help="Requests in flight, per "
+                                                                      "Ray worker on the ray "
+                                                                      "engine (default: the judge "
                                                                       "endpoint's concurrency)."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Rows per batch (default "
                                                                      "4 x concurrency, min 64); "
@@ -778,7 +779,8 @@ def annotate_cmd(
                                TimeElapsedColumn, TimeRemainingColumn)
 
     from mosaic.eval import build_judge
-    from mosaic.eval.annotate import AtomCache, EndpointDown, annotate_file
+    from mosaic.engine import RayUnavailableError
+    from mosaic.eval.annotate import AtomCache, EndpointDown, WorkersLost, annotate_file
     from mosaic.eval.judge import JudgeRangeError, check_judge_range
     from mosaic.llm import endpoint_secrets
 
@@ -806,7 +808,10 @@ def annotate_cmd(
     except JudgeRangeError as e:
         _fail(e)
     atom_cache = AtomCache(cache or Path(cfg.judge.cache_dir) / "annotate.sqlite")
-    _say(f"annotating {pool} ({objective}, {type_name}) with {judge.name}; cache "
+    on_ray = cfg.runtime.engine == "ray"
+    where = (f" on Ray ({cfg.runtime.ray.workers} workers, each with its own judge)"
+             if on_ray else "")
+    _say(f"annotating {pool} ({objective}, {type_name}) with {judge.name}{where}; cache "
          f"{atom_cache.path} ({len(atom_cache):,} entries)")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("rows"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -817,12 +822,16 @@ def annotate_cmd(
             summary = annotate_file(
                 pool, type_name, judge, out=out, objective=objective, cache=atom_cache,
                 batch_size=batch, rescore=rescore, allow_out_of_range=allow, secrets=secrets,
-                progress=lambda done, total: progress.update(task, completed=done, total=total))
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+                ray_config=cfg if on_ray else None)
     except KeyboardInterrupt:
         _say(f"interrupted; {len(atom_cache):,} cached entries kept in {atom_cache.path}: rerun "
              f"the same command to resume", "yellow")
         raise typer.Exit(130) from None
-    except (EndpointDown, *_user_errors()) as e:
+    except WorkersLost as e:
+        _say(str(e), "red")
+        raise typer.Exit(1) from None
+    except (EndpointDown, RayUnavailableError, *_user_errors()) as e:
         _fail(e)
     finally:
         atom_cache.close()
@@ -1429,7 +1438,9 @@ def _sample_answers(cfg, model_dir: Path, n: int) -> None:
 
 @app.command("round")
 def round_cmd(
-    action: Path = typer.Argument(..., help="Data action (JSON file) to check, build and train on."),
+    actions: list[Path] = typer.Argument(..., help="Data action (JSON file) to check, build and "
+                                                   "train on; several: candidates for the round, "
+                                                   "the archive's best is kept."),
     config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Run config (YAML)."),
     round_dir: Path = typer.Option(None, "--round-dir", help="Round folder (default "
                                    "<run_dir>/manual/<action file stem>)."),
@@ -1439,30 +1450,40 @@ def round_cmd(
 ) -> None:
     """Run one round by hand: check the action, build its training set, LoRA-train from the
     base model, evaluate. Rerunning on the same folder finishes only what did not finish, and
-    redoes a stage whose inputs (budget, seed, pools, training settings, ...) changed."""
+    redoes a stage whose inputs (budget, seed, pools, training settings, ...) changed. With
+    several actions, each is a candidate run in <round-dir>/candidates/<j> (as Ray tasks side
+    by side on runtime.engine: ray); the one giving the archive the largest hypervolume over
+    the baseline is kept, and every one is recorded in <round-dir>/candidates.json."""
     from mosaic.tools.run_round import RoundConflictError, dataset_stage, run_baseline, run_round
     from mosaic.tools.validate_action import format_problems
 
     cfg = _load(config)
-    if not action.is_file():
-        _fail(f"action file not found: {action}")
-    # Read (capped) and decoded before anything runs: an unreadable action is the person's
-    # error, and finding it after the baseline evaluation would waste that time.
-    raw = _read_action_file(action)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        _fail(f"action file {action} is not UTF-8 text (invalid byte at offset {e.start}); "
-              f"save it as UTF-8 JSON")
+    texts = []
+    for action in actions:
+        if not action.is_file():
+            _fail(f"action file not found: {action}")
+        # Read (capped) and decoded before anything runs: an unreadable action is the person's
+        # error, and finding it after the baseline evaluation would waste that time.
+        raw = _read_action_file(action)
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            _fail(f"action file {action} is not UTF-8 text (invalid byte at offset {e.start}); "
+                  f"save it as UTF-8 JSON")
     base_dir = Path(cfg.run_dir) / "manual"
-    round_dir = round_dir or base_dir / action.stem
+    round_dir = round_dir or base_dir / (actions[0].stem if len(actions) == 1
+                                         else "+".join(a.stem for a in actions))
     _judge_warnings(cfg)
+    if len(actions) > 1:
+        _round_candidates(cfg, actions, texts, round_dir, base_dir, index, heldout)
+        return
+    text = texts[0]
     try:
         # Check first: a bad action is rejected in seconds, before the baseline (and on a
         # fresh machine the base model) is built.
         verdict, _ = dataset_stage(cfg, text, round_dir, round_index=index, progress=_progress)
         if not verdict.ok:
-            _say(f"the check rejected {action}:", "red")
+            _say(f"the check rejected {actions[0]}:", "red")
             _say(format_problems(verdict))
             raise typer.Exit(2)
         baseline = run_baseline(cfg, base_dir / "baseline", heldout=heldout, progress=_progress)
@@ -1472,6 +1493,41 @@ def round_cmd(
         _fail(e)
     _print_round_comparison(baseline, result)
     _say(f"round folder: {round_dir}")
+
+
+def _round_candidates(cfg, actions: list[Path], texts: list[str], round_dir: Path,
+                      base_dir: Path, index: int, heldout: bool) -> None:
+    from mosaic.io import read_record
+    from mosaic.schemas import EvalReport
+    from mosaic.tools.archive import add_point, new_archive, point_from_reports
+    from mosaic.tools.candidates import Candidate, run_candidates
+    from mosaic.tools.run_round import RoundConflictError, run_baseline
+    from mosaic.tools.validate_action import format_problems
+
+    try:
+        baseline = run_baseline(cfg, base_dir / "baseline", heldout=heldout, progress=_progress)
+        # The baseline is the archive's first point: a candidate is kept for what it adds to it.
+        report = read_record(base_dir / "baseline" / "eval" / "eval_report.json", EvalReport)
+        archive, _ = add_point(new_archive(list(cfg.objectives)), point_from_reports(0, report))
+        got = run_candidates(cfg, [Candidate(action=t, author="human") for t in texts],
+                             round_dir, round_index=index, archive=archive, heldout=heldout,
+                             progress=_progress)
+    except (RoundConflictError, *_user_errors()) as e:
+        _fail(e)
+    for c, action in zip(got.candidates, actions):
+        if c.result.status == "rejected":
+            _say(f"candidate {c.index + 1} ({action}): the check rejected it:", "red")
+            _say(format_problems(c.result.verdict))
+            continue
+        d = c.decision
+        _say(f"candidate {c.index + 1} ({action}): hypervolume {d.hypervolume_after:.4f}"
+             f"{' (on the front)' if d.on_front else ''}{'  <- kept' if c.kept else ''}")
+    if got.kept_outcome is None:
+        _say("the check rejected every candidate", "red")
+        raise typer.Exit(2)
+    _print_round_comparison(baseline, got.kept_outcome.result)
+    _say(f"round folder: {round_dir} (every candidate in {round_dir / 'candidates'}, the record "
+         f"in {round_dir / 'candidates.json'})")
 
 
 def _print_round_comparison(baseline, result) -> None:
