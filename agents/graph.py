@@ -17,8 +17,6 @@ says so (`finished` in the state).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from langgraph.graph import END, START, StateGraph
@@ -54,20 +52,3 @@ def build_graph(*, checkpointer: Any = None) -> Any:
         g.add_conditional_edges(name, nodes.after_round, {"plan": "plan", "finish": "finish"})
     g.add_edge("finish", END)
     return g.compile(checkpointer=checkpointer)
-
-
-@contextmanager
-def make_graph(config: dict[str, Any] | None = None) -> Iterator[Any]:
-    """Factory for LangGraph's own tooling (langgraph.json): the run of the config named by
-    `configurable.mosaic_config` (default configs/sandbox.yaml), opened by the same driver as
-    `mosaic run` -- run lock held while the graph is in use, settings checked against the run
-    folder, base model resolved, start or resume logged -- with its `LoopContext` bound as the
-    graph's default context (a server passes none of its own). A context manager, so the lock
-    is released when the tooling is done with the graph."""
-    from mosaic.agents.runner import LoopDriver
-    from mosaic.config import load_config
-
-    path = ((config or {}).get("configurable") or {}).get("mosaic_config", "configs/sandbox.yaml")
-    with LoopDriver(load_config(path)) as driver:
-        driver.begin()
-        yield driver.bound_graph()

@@ -23,7 +23,7 @@ setting).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +33,7 @@ from mosaic.agents.context import LoopContext, StageEvent
 from mosaic.agents.crashpoints import crash_point
 from mosaic.agents.planners.base import Planner
 from mosaic.agents.state import LoopState
-from mosaic.config import MosaicConfig
+from mosaic.config import MosaicConfig, load_config
 
 CHECKPOINT_FILE = "checkpoints.sqlite"
 THREAD_ID = "loop"
@@ -275,3 +275,17 @@ def run_loop(config: MosaicConfig, *, planner: Planner | None = None,
             raise RuntimeError(f"the loop paused for a person outside chat: {pause}")
         return LoopOutcome(state=driver.values, ran=True,  # type: ignore[arg-type]
                            timings=dict(driver.ctx.timings))
+
+
+@contextmanager
+def make_graph(config: dict[str, Any] | None = None) -> Iterator[Any]:
+    """Factory for LangGraph's own tooling (langgraph.json): the run of the config named by
+    `configurable.mosaic_config` (default configs/sandbox.yaml), opened by the same driver as
+    `mosaic run` -- run lock held while the graph is in use, settings checked against the run
+    folder, base model resolved, start or resume logged -- with its `LoopContext` bound as the
+    graph's default context (a server passes none of its own). A context manager, so the lock
+    is released when the tooling is done with the graph."""
+    path = ((config or {}).get("configurable") or {}).get("mosaic_config", "configs/sandbox.yaml")
+    with LoopDriver(load_config(path)) as driver:
+        driver.begin()
+        yield driver.bound_graph()

@@ -190,12 +190,12 @@ def test_a_bug_in_the_check_is_a_crash_not_a_skipped_round(finished_run, tmp_pat
 
 @pytest.mark.slow
 def test_the_langgraph_json_entry_takes_the_lock_and_the_settings_check(finished_run, tmp_path):
-    from mosaic.agents.graph import make_graph
+    from mosaic.agents.runner import make_graph
     from mosaic.agents.runner import THREAD_ID
 
     root = Path(__file__).resolve().parents[1]
     entry = json.loads((root / "langgraph.json").read_text())["graphs"]["mosaic"]
-    assert entry == "./agents/graph.py:make_graph"
+    assert entry == "./agents/runner.py:make_graph"
     cfg = _copy(finished_run, tmp_path, rounds=2)
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(dump_config(cfg))
