@@ -1,5 +1,9 @@
 """LoRA SFT and DPO rounds with trl: validate the file, train from fresh base weights, save the adapter.
 
+Methods: `sft`, `dpo` (reference log-probs computed once, before the first step, with the adapter
+disabled) and `sft+dpo` (SFT on the pairs' chosen answers, then DPO on the same pairs from there,
+the reference being the SFT'd adapter, frozen as trl's "ref" copy).
+
 Rows trl would choke on deep inside its pipeline (no assistant turn, empty conversations,
 samples longer than the model's max length, which trl would silently truncate) are skipped
 here with counts per reason; a structurally malformed file is an error naming file, row and field.
@@ -27,6 +31,8 @@ from mosaic.schemas import TrainResult
 log = logging.getLogger("mosaic.training")
 
 Rows = Sequence[dict[str, Any]]
+Method = Literal["sft", "dpo", "sft+dpo"]
+METHODS = ("sft", "dpo", "sft+dpo")
 
 
 class TrainingDataError(ValueError):
@@ -172,7 +178,7 @@ def prepare_dpo_rows(rows: Rows, tokenizer: Any, max_length: int,
 
 
 def load_prepared(data: str | Path | Rows, tokenizer: Any, max_length: int,
-                  method: Literal["sft", "dpo"]) -> PreparedData:
+                  method: Method) -> PreparedData:
     """Read (if a path) and validate training data; skips are logged, nothing left is an error."""
     source = str(data) if isinstance(data, (str, Path)) else "<rows>"
     rows = read_rows(data) if isinstance(data, (str, Path)) else list(data)
@@ -218,9 +224,10 @@ def compact_lm_head(device: str) -> Iterator[bool]:
 def build_trainer(prepared: PreparedData, *, base_model: str | Path, tokenizer: Any,
                   training: Any, max_length: int, method: Literal["sft", "dpo"],
                   output_dir: str | Path, device: str | None = None, dtype: str = "auto",
-                  progress: bool = True, world_size: int = 1) -> Any:
+                  progress: bool = True, world_size: int = 1, model: Any = None) -> Any:
     """A trl SFTTrainer/DPOTrainer over fresh base weights with a new LoRA adapter
-    (`world_size`: the ranks it runs as under the accelerate launcher)."""
+    (`world_size`: the ranks it runs as under the accelerate launcher). Given `model` (a
+    PEFT model from an SFT stage), DPO trains that adapter on, against a frozen copy of it."""
     from datasets import Dataset
 
     from mosaic.training.models import count_parameters, load_model, pick_device, pick_dtype
@@ -230,8 +237,10 @@ def build_trainer(prepared: PreparedData, *, base_model: str | Path, tokenizer: 
     # Under FSDP each rank loads the weights into CPU memory and the trainer's `fully_shard`
     # moves only its shard to the GPU: the model need not fit one GPU.
     fsdp = bool(getattr(training, "fsdp", False))
-    model = load_model(base_model, device="cpu" if fsdp else device, trainable=True,
-                       dtype=str(pick_dtype(dtype, device)).removeprefix("torch."))
+    continuing = model is not None
+    if model is None:
+        model = load_model(base_model, device="cpu" if fsdp else device, trainable=True,
+                           dtype=str(pick_dtype(dtype, device)).removeprefix("torch."))
     args, lora = trainer_settings(
         training, method=method, output_dir=str(output_dir), max_length=max_length,
         device=device, n_rows=len(prepared.rows), n_params=count_parameters(model),
@@ -245,8 +254,11 @@ def build_trainer(prepared: PreparedData, *, base_model: str | Path, tokenizer: 
     else:
         from trl import DPOTrainer
 
+        # Continuing an adapter, trl copies it as the frozen "ref" adapter the reference
+        # log-probs come from; a fresh one's reference is the base (adapter disabled).
         trainer = DPOTrainer(model=model, args=args, train_dataset=dataset,
-                             processing_class=tokenizer, peft_config=lora)
+                             processing_class=tokenizer,
+                             peft_config=None if continuing else lora)
     if not progress:
         # Without its bar, Trainer prints every log dict to stdout instead: quiet means quiet.
         from transformers import PrinterCallback
@@ -268,20 +280,15 @@ def _datasets_bars(show: bool) -> Iterator[None]:
         (ds_logging.enable_progress_bar if before else ds_logging.disable_progress_bar)()
 
 
-def fit(prepared: PreparedData, staged: Path, *, base_model: str | Path, tokenizer: Any,
-        training: Any, max_length: int, method: Literal["sft", "dpo"], output_dir: str | Path,
-        device: str | None = None, dtype: str = "auto", progress: bool = True,
-        threads: int | None = None, world_size: int = 1) -> tuple[int, float | None]:
-    """Train a fresh adapter on `prepared` and save it (PEFT files only) into `staged`; returns
-    (optimiser steps, last logged loss). One rank of several when `world_size` > 1 (the
-    accelerate launcher runs this on each): losses are averaged over ranks, rank 0 saves."""
+def sft_rows_of_pairs(prepared: PreparedData) -> PreparedData:
+    """The SFT stage of `sft+dpo`: each pair's prompt + chosen answer as one conversation."""
+    rows = [{"messages": r["prompt"] + r["chosen"]} for r in prepared.rows]
+    return PreparedData(rows, prepared.tokens, prepared.lengths)
+
+
+def _train_stage(trainer: Any, threads: int | None) -> float | None:
     from mosaic.training.models import count_parameters, cpu_threads
 
-    with _datasets_bars(progress):
-        trainer = build_trainer(prepared, base_model=base_model, tokenizer=tokenizer,
-                                training=training, max_length=max_length, method=method,
-                                output_dir=output_dir, device=device, dtype=dtype,
-                                progress=progress, world_size=world_size)
     with cpu_threads(count_parameters(trainer.model), str(trainer.args.device),
                      threads) as policy:
         if policy is not None and policy.adaptive:
@@ -291,7 +298,33 @@ def fit(prepared: PreparedData, staged: Path, *, base_model: str | Path, tokeniz
         with compact_lm_head(str(trainer.args.device)):
             out = trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    final_loss = losses[-1] if losses else out.training_loss
+    return losses[-1] if losses else out.training_loss
+
+
+def fit(prepared: PreparedData, staged: Path, *, base_model: str | Path, tokenizer: Any,
+        training: Any, max_length: int, method: Method, output_dir: str | Path,
+        device: str | None = None, dtype: str = "auto", progress: bool = True,
+        threads: int | None = None, world_size: int = 1) -> tuple[int, float | None]:
+    """Train a fresh adapter on `prepared` and save it (PEFT files only) into `staged`; returns
+    (optimiser steps, last logged loss). One rank of several when `world_size` > 1 (the
+    accelerate launcher runs this on each): losses are averaged over ranks, rank 0 saves."""
+    common = dict(base_model=base_model, tokenizer=tokenizer, training=training,
+                  max_length=max_length, device=device, dtype=dtype, progress=progress,
+                  world_size=world_size)
+    steps = 0
+    model = None
+    if method == "sft+dpo":
+        with _datasets_bars(progress):
+            sft = build_trainer(sft_rows_of_pairs(prepared), method="sft",
+                                output_dir=Path(output_dir) / "sft", **common)
+        _train_stage(sft, threads)
+        steps, model = sft.state.global_step, sft.model
+        del sft
+    with _datasets_bars(progress):
+        trainer = build_trainer(prepared, method="sft" if method == "sft" else "dpo",
+                                output_dir=output_dir, model=model, **common)
+    final_loss = _train_stage(trainer, threads)
+    steps += trainer.state.global_step
     if getattr(training, "fsdp", False):
         # Every rank takes part in gathering the sharded adapter; rank 0 writes it. Only the
         # PEFT files are kept, so the folder is the in-process trainer's.
@@ -301,12 +334,13 @@ def fit(prepared: PreparedData, staged: Path, *, base_model: str | Path, tokeniz
                 if not (extra.name.startswith("adapter_") or extra.name == "README.md"):
                     (shutil.rmtree if extra.is_dir() else Path.unlink)(extra)
     elif trainer.is_world_process_zero():
-        trainer.model.save_pretrained(staged)
-    return trainer.state.global_step, final_loss
+        # Only the trained adapter: an `sft+dpo` model also holds trl's frozen "ref" copy.
+        trainer.model.save_pretrained(staged, selected_adapters=["default"])
+    return steps, final_loss
 
 
 def train_adapter(data: str | Path | Rows, *, base_model: str | Path, adapter_dir: str | Path,
-                  training: Any, max_length: int, method: Literal["sft", "dpo"] | None = None,
+                  training: Any, max_length: int, method: Method | None = None,
                   device: str | None = None, dtype: str = "auto",
                   progress: bool = True, threads: int | None = None) -> TrainResult:
     """Train a fresh LoRA adapter on `data` from the base weights and save it to `adapter_dir`.
@@ -320,8 +354,8 @@ def train_adapter(data: str | Path | Rows, *, base_model: str | Path, adapter_di
 
     start = time.perf_counter()
     method = method or training.method
-    if method not in ("sft", "dpo"):
-        raise ValueError(f"unknown training method {method!r}; expected 'sft' or 'dpo'")
+    if method not in METHODS:
+        raise ValueError(f"unknown training method {method!r}; expected one of {METHODS}")
     tokenizer = load_tokenizer(check_model_dir(base_model))
     prepared = load_prepared(data, tokenizer, max_length, method)
     adapter_dir = Path(adapter_dir)
