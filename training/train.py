@@ -31,8 +31,9 @@ from mosaic.schemas import TrainResult
 log = logging.getLogger("mosaic.training")
 
 Rows = Sequence[dict[str, Any]]
-Method = Literal["sft", "dpo", "sft+dpo"]
-METHODS = ("sft", "dpo", "sft+dpo")
+Method = Literal["sft", "dpo", "sft+dpo", "mixed"]
+# `mixed`: a round whose objectives train differently; each row's `method` column says how.
+METHODS = ("sft", "dpo", "sft+dpo", "mixed")
 
 
 class TrainingDataError(ValueError):
@@ -172,6 +173,48 @@ def prepare_dpo_rows(rows: Rows, tokenizer: Any, max_length: int,
     return PreparedData(kept, sum(lengths), lengths, dict(skipped))
 
 
+def prepare_mixed_rows(rows: Rows, tokenizer: Any, max_length: int,
+                       source: str = "<rows>") -> PreparedData:
+    """A `mixed` set: `sft` rows (messages) and `dpo` / `sft+dpo` pairs, told apart by each
+    row's `method`; pair rows keep their method so the SFT stage can take the chosen answers."""
+    _require_column(rows, "method", source)
+    bad = sorted({str(r["method"]) for r in rows} - {"sft", "dpo", "sft+dpo"})
+    if bad:
+        raise TrainingDataError(f"{source}: unknown method(s) {bad} in column 'method'; "
+                                f"expected sft, dpo or sft+dpo")
+    kept, lengths = [], []
+    skipped: Counter[str] = Counter()
+    for method in ("sft", "dpo", "sft+dpo"):
+        part = [r for r in rows if r["method"] == method]
+        if not part:
+            continue
+        prepare = prepare_sft_rows if method == "sft" else prepare_dpo_rows
+        got = prepare(part, tokenizer, max_length, f"{source} ({method} rows)")
+        kept += [{**r, "method": method} for r in got.rows]
+        lengths += got.lengths
+        skipped.update(got.skipped)
+    return PreparedData(kept, sum(lengths), lengths, dict(skipped))
+
+
+def stage_data(prepared: PreparedData, method: Method
+               ) -> tuple[PreparedData | None, PreparedData | None]:
+    """(SFT stage, DPO stage) of a method's data: `sft+dpo` (and a mixed set's `sft+dpo` pairs)
+    warm up on the chosen answers before the DPO stage trains on the pairs."""
+    if method == "sft":
+        return prepared, None
+    if method == "dpo":
+        return None, prepared
+    if method == "sft+dpo":
+        return sft_rows_of_pairs(prepared), prepared
+    sft = [{"messages": r["messages"]} for r in prepared.rows if r["method"] == "sft"]
+    warm = [{"messages": r["prompt"] + r["chosen"]} for r in prepared.rows
+            if r["method"] == "sft+dpo"]
+    pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in prepared.rows
+             if r["method"] != "sft"]
+    return (PreparedData(sft + warm, 0, []) if sft or warm else None,
+            PreparedData(pairs, 0, []) if pairs else None)
+
+
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
@@ -182,8 +225,11 @@ def load_prepared(data: str | Path | Rows, tokenizer: Any, max_length: int,
     """Read (if a path) and validate training data; skips are logged, nothing left is an error."""
     source = str(data) if isinstance(data, (str, Path)) else "<rows>"
     rows = read_rows(data) if isinstance(data, (str, Path)) else list(data)
-    prepare = prepare_sft_rows if method == "sft" else prepare_dpo_rows
-    prepared = prepare(rows, tokenizer, max_length, source)
+    if method == "mixed":
+        prepared = prepare_mixed_rows(rows, tokenizer, max_length, source)
+    else:
+        prepare = prepare_sft_rows if method == "sft" else prepare_dpo_rows
+        prepared = prepare(rows, tokenizer, max_length, source)
     if prepared.skipped:
         log.warning("%s: skipped %d of %d rows: %s", source, sum(prepared.skipped.values()),
                     len(rows), ", ".join(f"{k}={v}" for k, v in sorted(prepared.skipped.items())))
@@ -311,20 +357,24 @@ def fit(prepared: PreparedData, staged: Path, *, base_model: str | Path, tokeniz
     common = dict(base_model=base_model, tokenizer=tokenizer, training=training,
                   max_length=max_length, device=device, dtype=dtype, progress=progress,
                   world_size=world_size)
+    sft_data, dpo_data = stage_data(prepared, method)
     steps = 0
-    model = None
-    if method == "sft+dpo":
+    trainer = None
+    if sft_data is not None:
         with _datasets_bars(progress):
-            sft = build_trainer(sft_rows_of_pairs(prepared), method="sft",
-                                output_dir=Path(output_dir) / "sft", **common)
-        _train_stage(sft, threads)
-        steps, model = sft.state.global_step, sft.model
-        del sft
-    with _datasets_bars(progress):
-        trainer = build_trainer(prepared, method="sft" if method == "sft" else "dpo",
-                                output_dir=output_dir, model=model, **common)
-    final_loss = _train_stage(trainer, threads)
-    steps += trainer.state.global_step
+            trainer = build_trainer(sft_data, method="sft", output_dir=Path(output_dir) / "sft",
+                                    **common)
+        final_loss = _train_stage(trainer, threads)
+        steps = trainer.state.global_step
+    if dpo_data is not None:
+        # After an SFT stage, DPO trains the same adapter on, against a frozen copy of it.
+        model = trainer.model if trainer is not None else None
+        with _datasets_bars(progress):
+            trainer = build_trainer(dpo_data, method="dpo", output_dir=output_dir, model=model,
+                                    **common)
+        final_loss = _train_stage(trainer, threads)
+        steps += trainer.state.global_step
+    assert trainer is not None  # load_prepared never returns an empty set
     if getattr(training, "fsdp", False):
         # Every rank takes part in gathering the sharded adapter; rank 0 writes it. Only the
         # PEFT files are kept, so the folder is the in-process trainer's.
