@@ -217,6 +217,9 @@ class PlannerConfig(Section):
     kind: Literal["heuristic", "llm"] = "heuristic"
     endpoint: EndpointConfig | None = None
     max_revisions: int = Field(3, ge=0)
+    # The heuristic planner's rule R9: off (every objective SFT) or the preference method it
+    # tries per objective and keeps where its rounds gained more than SFT's.
+    preference: Literal["off", "dpo", "sft+dpo"] = "off"
 
     @model_validator(mode="after")
     def _endpoint_for_llm(self) -> "PlannerConfig":

@@ -376,7 +376,9 @@ class ChatEdit(Strict):
         if self.op in ("focus", "exclude"):
             vals = ",".join(str(v) for v in self.values or [])
             return f"/{self.op} {o} {self.key}={vals}"
-        if self.op in ("reject", "note", "method"):
+        if self.op == "method":
+            return f"/method {o + ' ' if o else ''}{self.text or ''}".strip()
+        if self.op in ("reject", "note"):
             return f"/{self.op} {self.text or ''}".strip()
         if self.op in ("approve", "clear_limits"):
             return f"/{self.op}"

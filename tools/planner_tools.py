@@ -103,7 +103,7 @@ def pool_capacity(pools: Any, objective: str, budget: int, *, method: str = "sft
                   exclude: Mapping[str, Any] | None = None) -> PoolCapacity:
     """Tokens a pool can supply per bucket under a threshold and focus criteria (the same
     computation the check and the builder use). `pools` is a `PreparedPools`."""
-    from mosaic.schemas import FocusCriteria
+    from mosaic.schemas import FocusCriteria, data_method
     from mosaic.tools.dataset.allocation import objective_units, supply
 
     if objective not in pools.tables:
@@ -113,14 +113,15 @@ def pool_capacity(pools: Any, objective: str, budget: int, *, method: str = "sft
         if key not in otype.focus_keys:
             raise ValueError(f"{key!r} is not a focus key of {objective!r}; keys: "
                              f"{', '.join(sorted(otype.focus_keys))}")
-    cands = pools.candidates(method)[objective]
+    rows_of = data_method(method)  # sft+dpo draws the same pairs as dpo
+    cands = pools.candidates(rows_of)[objective]
     focus = FocusCriteria(include=dict(include or {}), exclude=dict(exclude or {}))
     oa = ObjectiveAction(focus=focus if (include or exclude) else None,
                          quality_threshold=quality_threshold)
-    units = objective_units(cands, oa, None, method)
+    units = objective_units(cands, oa, None, rows_of)
     avail, focus_avail = supply(cands, units)
     total = sum(avail.values())
-    return PoolCapacity(objective=objective, method=method,  # type: ignore[arg-type]
+    return PoolCapacity(objective=objective, method=rows_of,
                         quality_threshold=quality_threshold, available_tokens=avail,
                         focus_tokens=focus_avail, total_tokens=total,
                         max_mixture_weight=min(1.0, total / budget) if budget else 0.0,
