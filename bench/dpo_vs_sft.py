@@ -55,6 +55,8 @@ def main() -> None:
                     help="which rows to run (dpo = the sweep)")
     ap.add_argument("--out", default="docs/dpo-sweep.json")
     ap.add_argument("--keep", help="keep adapters and eval folders here")
+    ap.add_argument("--all-objectives", action="store_true",
+                    help="also score the other objectives' eval sets (collateral effects)")
     opts = ap.parse_args()
     wanted = set(opts.variants.split(","))
 
@@ -103,7 +105,8 @@ def main() -> None:
 
     def score(name: str, adapter: Path | None) -> dict[str, Any]:
         folder = work / "eval" / name.replace(" ", "_")
-        ev = evaluate(config, base_model, adapter, folder, "eval", round=1)
+        ev = evaluate(config, base_model, adapter, folder, "eval", round=1,
+                      objectives=None if opts.all_objectives else [target])
         ho = evaluate(config, base_model, adapter, folder, "heldout", round=1,
                       objectives=[target])
         t, h = ev.reports[target], ho.reports[target]

@@ -342,7 +342,7 @@ class PoolCapacity(Strict):
     """What one pool can supply under a threshold and focus criteria (tokens per bucket)."""
 
     objective: str
-    method: Literal["sft", "dpo"]
+    method: TrainMethod
     quality_threshold: float | None
     available_tokens: dict[str, int]  # bucket -> tokens left after every filter
     focus_tokens: dict[str, int]  # bucket -> of which match `include`

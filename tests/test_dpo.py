@@ -277,3 +277,101 @@ def test_sft_then_dpo_trains_one_adapter_against_its_sft_self(monkeypatch, tiny_
     # Only the trained adapter is saved, in plain PEFT layout.
     assert not (tmp_path / "sd" / "ref").exists()
     assert all(".ref." not in k for k in _lora_tensors(tmp_path / "sd"))
+
+
+# ---- the planners, chat and old run folders ------------------------------------------------------
+
+
+def test_r9_off_by_default_then_tries_the_preference_method_and_keeps_the_better():
+    from test_heuristic_planner import context, propose, reports
+
+    from mosaic.agents.planners.base import RoundRecord
+    from mosaic.agents.planners.heuristic import HeuristicPlanner, HeuristicSettings
+
+    base = {"safety": 2.4, "boundary": 4.9, "instruction": 1.7}
+    plain = propose(context(reports(**base)))
+    assert plain["method"] == "sft"
+    assert all("method" not in oa for oa in plain["objectives"].values())  # as before R9
+
+    pref = HeuristicSettings(preference="sft+dpo")
+    first = propose(context(reports(**base)), pref)
+    assert {n: oa.get("method") for n, oa in first["objectives"].items()} == {
+        n: "sft+dpo" for n in first["objectives"]}  # untried: every objective tries it
+    mix = {"safety": 0.4, "boundary": 0.2, "instruction": 0.4}
+    by_pref = DataAction(mixture=mix, method="sft+dpo")
+    by_sft = DataAction(mixture=mix)
+    # safety gained more by sft+dpo (round 1) than by SFT (round 2); instruction the reverse.
+    history = [RoundRecord(0, None, "system", base),
+               RoundRecord(1, by_pref, "planner", {**base, "safety": 3.4, "instruction": 1.8}),
+               RoundRecord(2, by_sft, "planner", {**base, "safety": 3.0, "instruction": 2.5})]
+    ctx = context(reports(safety=3.0, instruction=2.5), history=history)
+    planner = HeuristicPlanner(pref)
+    assert planner.method(ctx, "safety") == "sft+dpo"
+    assert planner.method(ctx, "instruction") == "sft"
+    # A round a person's guard refused does not count.
+    import dataclasses
+
+    history[1] = dataclasses.replace(history[1], accepted=False)
+    ctx = context(reports(safety=3.0, instruction=2.5), history=history)
+    assert planner.method(ctx, "safety") == "sft+dpo"  # untried again
+    assert planner.method(ctx, "instruction") == "sft+dpo"
+    assert planner.method(context(reports(**base), history=history[:1]), "safety") == "sft+dpo"
+
+
+def test_the_planner_from_config_carries_the_preference(tmp_path):
+    from mosaic.agents.planners import make_planner
+    from mosaic.config import load_config
+
+    cfg = load_config("configs/sandbox.yaml", overrides={"planner": {"preference": "dpo"}})
+    assert make_planner(cfg).s.preference == "dpo"
+    assert make_planner(load_config("configs/sandbox.yaml")).s.preference == "off"
+
+
+@pytest.mark.parametrize("line, objective, method", [
+    ("/method dpo", None, "dpo"), ("/method safety sft+dpo", "safety", "sft+dpo")])
+def test_chat_method_sets_the_action_or_one_objective(line, objective, method):
+    from mosaic.agents.chat import apply_action_edit, parse_command
+
+    edit = parse_command(line)
+    assert (edit.op, edit.objective, edit.text) == ("method", objective, method)
+    assert parse_command(edit.command()) == edit
+    out = DataAction.model_validate(apply_action_edit({"mixture": {"safety": 1.0}}, edit))
+    assert out.method_of("safety") == method
+    assert out.method == (method if objective is None else "sft")
+
+
+@pytest.mark.parametrize("line", ["/method", "/method ppo", "/method safety ppo",
+                                  "/method a b c"])
+def test_chat_method_rejects_what_it_cannot_mean(line):
+    from mosaic.agents.chat import ChatInputError, parse_command
+
+    with pytest.raises(ChatInputError, match=r"/method \[OBJECTIVE\] sft\|dpo\|sft\+dpo"):
+        parse_command(line)
+
+
+def test_an_old_run_folder_resumes_and_keeps_its_adapters(tmp_path):
+    import yaml
+
+    from mosaic.config import load_config
+    from mosaic.run_store import CONFIG_FILE, open_run
+    from mosaic.tools.run_round import training_inputs
+
+    cfg = load_config("configs/sandbox.yaml", overrides={"run_dir": str(tmp_path)})
+    open_run(cfg)
+    saved = yaml.safe_load((tmp_path / CONFIG_FILE).read_text())
+    new_keys = ("dpo_learning_rate", "dpo_loss", "dpo_sft_weight", "dpo_length_alpha")
+    for key in new_keys:
+        del saved["training"][key]
+    del saved["planner"]["preference"]
+    (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert open_run(cfg) == []  # settings added since read as their defaults: no change
+    # The adapter marker records the training settings as before the new ones existed...
+    assert training_inputs(cfg) == saved["training"]
+    # ...until one is set, which then retrains.
+    tuned = cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"dpo_sft_weight": 1.0})})
+    assert training_inputs(tuned)["dpo_sft_weight"] == 1.0
+    changed = cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"dpo_loss": "ipo"})})
+    with pytest.raises(Exception, match="training.dpo_loss"):
+        open_run(changed)

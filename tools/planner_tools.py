@@ -113,6 +113,8 @@ def pool_capacity(pools: Any, objective: str, budget: int, *, method: str = "sft
         if key not in otype.focus_keys:
             raise ValueError(f"{key!r} is not a focus key of {objective!r}; keys: "
                              f"{', '.join(sorted(otype.focus_keys))}")
+    if method not in ("sft", "dpo", "sft+dpo"):
+        raise ValueError(f"unknown method {method!r}; expected sft, dpo or sft+dpo")
     rows_of = data_method(method)  # sft+dpo draws the same pairs as dpo
     cands = pools.candidates(rows_of)[objective]
     focus = FocusCriteria(include=dict(include or {}), exclude=dict(exclude or {}))
@@ -121,7 +123,7 @@ def pool_capacity(pools: Any, objective: str, budget: int, *, method: str = "sft
     units = objective_units(cands, oa, None, rows_of)
     avail, focus_avail = supply(cands, units)
     total = sum(avail.values())
-    return PoolCapacity(objective=objective, method=rows_of,
+    return PoolCapacity(objective=objective, method=method,  # type: ignore[arg-type]
                         quality_threshold=quality_threshold, available_tokens=avail,
                         focus_tokens=focus_avail, total_tokens=total,
                         max_mixture_weight=min(1.0, total / budget) if budget else 0.0,
