@@ -42,6 +42,17 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def _commit() -> str:
+    """The commit the row was measured at (rows kept by --resume may be older)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/sandbox.yaml")
@@ -55,6 +66,8 @@ def main() -> None:
                     help="which rows to run (dpo = the sweep)")
     ap.add_argument("--out", default="docs/dpo-sweep.json")
     ap.add_argument("--keep", help="keep adapters and eval folders here")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in --out and run only the missing ones")
     ap.add_argument("--all-objectives", action="store_true",
                     help="also score the other objectives' eval sets (collateral effects)")
     opts = ap.parse_args()
@@ -102,6 +115,14 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     out_path = Path(opts.out)
+    if opts.resume and out_path.is_file():
+        # Rows measured before (same objective, budget and threshold) are kept, not rerun.
+        old = json.loads(out_path.read_text(encoding="utf-8"))
+        if (old["objective"], old["budget"], old["threshold"]) != (target, opts.budget,
+                                                                   opts.threshold):
+            sys.exit(f"{out_path} holds another setup; drop --resume or pick another --out")
+        rows = old["rows"]
+    done = {r["name"]: r for r in rows}
 
     def score(name: str, adapter: Path | None) -> dict[str, Any]:
         folder = work / "eval" / name.replace(" ", "_")
@@ -115,7 +136,10 @@ def main() -> None:
                 "other_eval": {k: v for k, v in ev.scores().items() if k != target}}
 
     def run(name: str, method: str | None, train_data: Any, **training: Any) -> dict[str, Any]:
-        row: dict[str, Any] = {"name": name, "method": method, "training": training}
+        if name in done:
+            return done[name]
+        row: dict[str, Any] = {"name": name, "method": method, "training": training,
+                               "code": _commit()}
         adapter = None
         if method is not None:
             adapter = work / "adapters" / name.replace(" ", "_")

@@ -209,10 +209,11 @@ def stage_data(prepared: PreparedData, method: Method
     sft = [{"messages": r["messages"]} for r in prepared.rows if r["method"] == "sft"]
     warm = [{"messages": r["prompt"] + r["chosen"]} for r in prepared.rows
             if r["method"] == "sft+dpo"]
-    pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in prepared.rows
-             if r["method"] != "sft"]
+    pairs = [({k: r[k] for k in ("prompt", "chosen", "rejected")}, n)
+             for r, n in zip(prepared.rows, prepared.lengths) if r["method"] != "sft"]
     return (PreparedData(sft + warm, 0, []) if sft or warm else None,
-            PreparedData(pairs, 0, []) if pairs else None)
+            PreparedData([r for r, _ in pairs], sum(n for _, n in pairs),
+                         [n for _, n in pairs]) if pairs else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,6 +327,15 @@ def _datasets_bars(show: bool) -> Iterator[None]:
         (ds_logging.enable_progress_bar if before else ds_logging.disable_progress_bar)()
 
 
+def by_length(prepared: PreparedData) -> PreparedData:
+    """Rows sorted by token length (stable), when the lengths are known."""
+    if len(prepared.lengths) != len(prepared.rows):
+        return prepared
+    order = sorted(range(len(prepared.rows)), key=lambda i: prepared.lengths[i])
+    return PreparedData([prepared.rows[i] for i in order], prepared.tokens,
+                        [prepared.lengths[i] for i in order], prepared.skipped)
+
+
 def sft_rows_of_pairs(prepared: PreparedData) -> PreparedData:
     """The SFT stage of `sft+dpo`: each pair's prompt + chosen answer as one conversation."""
     rows = [{"messages": r["prompt"] + r["chosen"]} for r in prepared.rows]
@@ -367,11 +377,16 @@ def fit(prepared: PreparedData, staged: Path, *, base_model: str | Path, tokeniz
         final_loss = _train_stage(trainer, threads)
         steps = trainer.state.global_step
     if dpo_data is not None:
+        from mosaic.training.models import pick_device
+
         # After an SFT stage, DPO trains the same adapter on, against a frozen copy of it.
         model = trainer.model if trainer is not None else None
-        with _datasets_bars(progress):
-            trainer = build_trainer(dpo_data, method="dpo", output_dir=output_dir, model=model,
-                                    **common)
+        # The reference pass runs in the trainer's constructor, over the dataset in order and
+        # in batches of 64: pairs sorted by length pad far less (the training sampler
+        # shuffles anyway), and the compact LM head scores only the answers' positions there too.
+        with _datasets_bars(progress), compact_lm_head(pick_device(device)):
+            trainer = build_trainer(by_length(dpo_data), method="dpo", output_dir=output_dir,
+                                    model=model, **common)
         final_loss = _train_stage(trainer, threads)
         steps += trainer.state.global_step
     assert trainer is not None  # load_prepared never returns an empty set
