@@ -185,7 +185,9 @@ def main() -> None:
             for lr in lrs:
                 sweep.append(run(f"dpo b={beta:g} lr={lr:g}", "dpo", data["dpo"],
                                  dpo_beta=beta, dpo_learning_rate=lr))
-    best = max(sweep, key=lambda r: r["eval"] or 0.0) if sweep else None
+    # The best plain-DPO setting on the eval set, over this invocation's grid and kept rows.
+    grid = [r for r in rows if r["name"].startswith("dpo b=")]
+    best = max(grid, key=lambda r: r["eval"] or 0.0) if grid else None
     beta = best["training"]["dpo_beta"] if best else betas[0]
     lr = best["training"]["dpo_learning_rate"] if best else lrs[0]
     if "dpo+nll" in wanted:

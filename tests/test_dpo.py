@@ -266,7 +266,13 @@ def test_sft_then_dpo_trains_one_adapter_against_its_sft_self(monkeypatch, tiny_
     res = train_adapter(rows, base_model=tiny_model_dir, adapter_dir=tmp_path / "sd",
                         training=FAST, max_length=96, method="sft+dpo", progress=False)
     sft, dpo = trainers
-    assert type(sft).__name__ == "SFTTrainer" and type(dpo).__name__ == "DPOTrainer"
+    from trl import DPOTrainer, SFTTrainer
+
+    assert isinstance(sft, SFTTrainer) and isinstance(dpo, DPOTrainer)
+    # DPO batches pairs of similar length (the sampler trl's own DPO lacks).
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    assert isinstance(dpo._get_train_sampler(), LengthGroupedSampler)
     assert res.method == "sft+dpo" and res.steps == 2 + 2
     assert res.final_loss is not None and math.isfinite(res.final_loss)
     # The reference is the SFT'd adapter (trl's frozen "ref" copy): at the first DPO step the

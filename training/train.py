@@ -299,19 +299,44 @@ def build_trainer(prepared: PreparedData, *, base_model: str | Path, tokenizer: 
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
                              processing_class=tokenizer, peft_config=lora)
     else:
-        from trl import DPOTrainer
-
         # Continuing an adapter, trl copies it as the frozen "ref" adapter the reference
         # log-probs come from; a fresh one's reference is the base (adapter disabled).
-        trainer = DPOTrainer(model=model, args=args, train_dataset=dataset,
-                             processing_class=tokenizer,
-                             peft_config=None if continuing else lora)
+        trainer = _LengthGroupedDPO(model=model, args=args, train_dataset=dataset,
+                                    processing_class=tokenizer,
+                                    peft_config=None if continuing else lora)
     if not progress:
         # Without its bar, Trainer prints every log dict to stdout instead: quiet means quiet.
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def _length_grouped_dpo() -> type:
+    from trl import DPOTrainer
+
+    class LengthGroupedDPO(DPOTrainer):
+        """trl's DPOTrainer drawing batches of pairs of similar length, as SFT's
+        `group_by_length` does: a batch pads both answers of every pair to its longest
+        sequence, and pairs here run from tens to hundreds of tokens. The trainer's
+        column pruning drops any length column before the sampler is built, so the lengths
+        are read from the tokenized dataset it keeps (prompt + the longer answer)."""
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            ds = self.train_dataset
+            lengths = [len(p) + max(len(c), len(r)) for p, c, r in
+                       zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                lengths=lengths)
+
+    return LengthGroupedDPO
+
+
+def _LengthGroupedDPO(**kwargs: Any) -> Any:  # noqa: N802 - stands for the class
+    return _length_grouped_dpo()(**kwargs)
 
 
 @contextmanager
