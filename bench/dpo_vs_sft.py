@@ -15,8 +15,8 @@ when other processes come and go) and is scored by the rule judge with 95% boots
     sft            the SFT build of the action (the SFT round)
     sft-chosen     SFT on the pairs' chosen answers (the pairs' own data, no rejected side)
     dpo b=.. lr=.. DPO on the pairs, for each beta and learning rate of the sweep
-    dpo+nll ...    the best DPO setting with an NLL term on the chosen answer (dpo_sft_weight 1)
     sft+dpo ...    SFT on the chosen answers, then DPO on the pairs from there (best setting)
+    dpo+nll ...    the best DPO setting with an NLL term on the chosen answer (dpo_sft_weight 1)
 
 The DPO setting is picked on the eval set only; the held-out set (templates and wording disjoint
 from eval and pools) then says whether the gain is real. Wall and CPU seconds are the training
@@ -190,12 +190,12 @@ def main() -> None:
     best = max(grid, key=lambda r: r["eval"] or 0.0) if grid else None
     beta = best["training"]["dpo_beta"] if best else betas[0]
     lr = best["training"]["dpo_learning_rate"] if best else lrs[0]
-    if "dpo+nll" in wanted:
-        run(f"dpo+nll b={beta:g} lr={lr:g}", "dpo", data["dpo"], dpo_beta=beta,
-            dpo_learning_rate=lr, dpo_sft_weight=1.0)
     if "sft+dpo" in wanted:
         run(f"sft+dpo b={beta:g} lr={lr:g}", "sft+dpo", data["dpo"], dpo_beta=beta,
             dpo_learning_rate=lr)
+    if "dpo+nll" in wanted:
+        run(f"dpo+nll b={beta:g} lr={lr:g}", "dpo", data["dpo"], dpo_beta=beta,
+            dpo_learning_rate=lr, dpo_sft_weight=1.0)
 
     print(f"\n{'variant':<26} {'eval':>6} {'95% CI':>15} {'held-out':>9} {'95% CI':>15} "
           f"{'train s':>8} {'cpu s':>7} {'x SFT':>6} {'load':>5}")
