@@ -31,6 +31,15 @@ def _action_hash(action: dict[str, Any]) -> str:
     return hashlib.sha256(_action_json(action).encode()).hexdigest()
 
 
+def _evaluated(ctx: LoopContext, k: int, *, baseline: bool = False) -> list[Any]:
+    """What an evaluation wrote (reports with their slice means, responses, samples, markers),
+    which the planner and the report read: recorded by sha256 in the audit log. The baseline
+    also wrote its round.json and the archive's first point."""
+    rd = ctx.round_dir(k)
+    return [rd / "eval", rd / "heldout",
+            *([rd / "round.json", ctx.run_dir / "archive.json"] if baseline else [])]
+
+
 # ---- baseline -------------------------------------------------------------------------------------
 
 
@@ -48,7 +57,7 @@ def baseline(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
     save_archive(archive, ctx.run_dir)
     ctx.audit.append("baseline", {"eval": result.scores, "heldout": result.heldout_scores,
                                   "seconds": round(seconds, 2)},
-                     round=0, event_id="r0/baseline")
+                     round=0, event_id="r0/baseline", files=_evaluated(ctx, 0, baseline=True))
     entry: HistoryEntry = {"round": 0, "action": None, "author": "system", "eval": point.eval,
                            "heldout": point.heldout, "skipped": False}
     return {"round": 1, "revision": 0, "history": [entry], "feedback": [], "proposal": None,
@@ -69,7 +78,7 @@ def plan(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
         atomic_write_json(path, proposal)
     ctx.audit.append("proposal", {**proposal.model_dump(mode="json", exclude={"schema_version"}),
                                   "revision": rev},
-                     round=k, author="planner", event_id=f"r{k}/proposal/{rev}")
+                     round=k, author="planner", event_id=f"r{k}/proposal/{rev}", files=[path])
     return {"proposal": proposal.model_dump(mode="json")}
 
 
@@ -264,7 +273,7 @@ def after_review(state: LoopState, ctx: LoopContext) -> Literal["execute", "plan
 
 
 def build(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
-    from mosaic.tools.run_round import dataset_stage
+    from mosaic.tools.run_round import DATASET_MARKER, dataset_stage
 
     k = _round(state)
     action = state["action"]
@@ -290,13 +299,15 @@ def build(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
                                   "buckets": {f"{b.objective}/{b.bucket}": b.tokens_used
                                               for b in manifest.buckets},
                                   "seconds": round(seconds, 2)},
-                     round=k, event_id=f"r{k}/manifest")
+                     round=k, event_id=f"r{k}/manifest",
+                     files=[ctx.round_dir(k) / n for n in ("action.json", "verdict.json", "dataset",
+                                                           DATASET_MARKER)])
     return {}
 
 
 def train(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
     from mosaic.schemas import DatasetManifest
-    from mosaic.tools.run_round import train_stage
+    from mosaic.tools.run_round import ADAPTER_MARKER, train_stage
 
     k = _round(state)
     manifest = read_record(ctx.round_dir(k) / "dataset" / "manifest.json", DatasetManifest)
@@ -305,7 +316,8 @@ def train(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
     ctx.audit.append("trained", {"train_tokens": result.train_tokens, "rows": result.train_rows,
                                  "steps": result.steps, "final_loss": result.final_loss,
                                  "seconds": round(seconds, 2)},
-                     round=k, event_id=f"r{k}/trained")
+                     round=k, event_id=f"r{k}/trained",
+                     files=[ctx.round_dir(k) / "adapter", ctx.round_dir(k) / ADAPTER_MARKER])
     return {}
 
 
@@ -318,7 +330,7 @@ def evaluate(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
         heldout=ctx.config.loop.heldout_every_round, progress=ctx.say))
     ctx.audit.append("scores", {"eval": scores, "heldout": heldout,
                                 "seconds": round(seconds, 2)},
-                     round=k, event_id=f"r{k}/scores")
+                     round=k, event_id=f"r{k}/scores", files=_evaluated(ctx, k))
     return {}
 
 
@@ -343,14 +355,16 @@ def archive(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
         # planner hears why.
         ctx.audit.append("archive", {"round": k, "accepted": False, "violated": violated,
                                      "front": store.front},
-                         round=k, event_id=f"r{k}/archive")
+                         round=k, event_id=f"r{k}/archive",
+                         files=[ctx.round_dir(k) / "round.json"])
         why = ", ".join(f"{n} {v['score']:.3f} < guard {v['guard']:g}" for n, v in violated.items())
         return _next_round(state, entry, feedback=[f"round {k} was not accepted: {why}"])
     store, decision = add_point(store, point)
     save_archive(store, ctx.run_dir)
     ctx.audit.append("archive", {**decision.model_dump(mode="json"), "accepted": True,
                                  "front": store.front},
-                     round=k, event_id=f"r{k}/archive")
+                     round=k, event_id=f"r{k}/archive",
+                     files=[ctx.run_dir / "archive.json", ctx.round_dir(k) / "round.json"])
     return _next_round(state, entry)
 
 

@@ -70,6 +70,7 @@ def _load(config: Path):
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean the input is wrong (a message and exit code 2), not that MOSAIC is;
     the commands that evaluate, build or train catch them."""
+    from mosaic.audit import AuditRefused
     from mosaic.config import ConfigError
     from mosaic.data import DataFormatError
     from mosaic.eval.embedding_judge import EmbeddingJudgeError
@@ -84,7 +85,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (ConfigError, DataFormatError, FileNotFoundError, EndpointError, WorldError,
             ModelLoadError, BaseModelError, PoolError, TrainingDataError, RunConfigError,
-            EmbeddingJudgeError, JudgeRangeError)
+            EmbeddingJudgeError, JudgeRangeError, AuditRefused)
 
 
 def _read_action_file(path: Path, what: str = "action") -> bytes:
@@ -980,21 +981,50 @@ def _write_run_report(run_dir: Path) -> None:
     _say(f"report: {path} (open it in a browser; it works offline)")
 
 
+_REPAIR_HELP = ("Accept an audit log shorter than its head (entries were lost) and continue; "
+                "the repair is logged. Without it such a run is refused.")
+
+
 @app.command("run")
 def run_cmd(
     config: Path = typer.Argument(DEFAULT_CONFIG, help="Run config (YAML)."),
     resume: Path = typer.Option(None, "--resume", help="Continue the run in this folder with the "
                                                        "settings saved there (MOSAIC__ overrides "
                                                        "still apply, e.g. more loop.rounds)."),
+    repair_audit: bool = typer.Option(False, "--repair-audit", help=_REPAIR_HELP),
 ) -> None:
     """The main job: baseline + loop.rounds planner rounds on a config (default
     configs/sandbox.yaml). Resumable: rerunning continues a killed run where it stopped, reprints
     a finished run without recomputing, and extends it when loop.rounds was raised."""
     cfg = _saved_run(resume) if resume is not None else _load(config)
+    _audit_reopen(Path(cfg.run_dir), repair_audit)
     try:
         run_main(cfg)
     except _user_errors() as e:
         _fail(e)
+
+
+def _audit_reopen(run_dir: Path, repair: bool) -> None:
+    """Before anything is built: refuse a run folder whose audit log its head does not vouch
+    for (exit 2, naming the last good entry), or repair it when the person says so. The log's
+    writer refuses too (mosaic.audit.AuditLog); this only says it before minutes of setup."""
+    from mosaic.audit import AuditError, reopen_problem, repair_log
+
+    problem = reopen_problem(run_dir)
+    if problem is None:
+        if repair:
+            _say(f"--repair-audit: the audit log of {run_dir} needs no repair", "dim")
+        return
+    if not repair:
+        _fail(problem[0])
+    try:
+        entry = repair_log(run_dir, reason="--repair-audit on the command line")
+    except AuditError as e:
+        _fail(e)
+    data = entry["data"]
+    _say(f"repaired the audit log of {run_dir}: its head recorded {data['head_count']} entries, "
+         f"{data['lines']} are left ({data['lost']} lost; the last good entry is "
+         f"{data['last_good']}); logged as line {entry['seq']} (audit_repaired)", "yellow")
 
 
 def _saved_run(run_dir: Path):
@@ -1026,6 +1056,7 @@ def chat_cmd(
                                                        "config YAML (start its run)."),
     rounds: int = typer.Option(None, "--rounds", min=0, help="Rounds in all (raise it to extend "
                                                              "a finished run)."),
+    repair_audit: bool = typer.Option(False, "--repair-audit", help=_REPAIR_HELP),
 ) -> None:
     """Steer the loop between rounds: before each action runs, see the failures and the proposal,
     then approve, reject with a reason, edit focus/buckets/mixture/threshold, or set standing
@@ -1036,6 +1067,7 @@ def chat_cmd(
     from mosaic.agents.chat_session import ChatSession
 
     cfg = _saved_run(target) if target.is_dir() else _load(target)
+    _audit_reopen(Path(cfg.run_dir), repair_audit)
     if rounds is not None:
         cfg = cfg.model_copy(update={"loop": cfg.loop.model_copy(update={"rounds": rounds})})
     interactive = sys.stdin.isatty()
@@ -1075,11 +1107,22 @@ def audit_cmd(
                                                        "versioned: AuditReport, RoundDiff or "
                                                        "RunVerification)."),
     verify: bool = typer.Option(False, "--verify",
-                                help="Re-check the hash chain, every executed action against "
+                                help="Re-check the hash chain and head (its HMAC with "
+                                     "MOSAIC_AUDIT_HMAC_KEY), every executed action against "
                                      "the saved config and pools, every manifest's budget and "
-                                     "file hashes; exit 1 naming the first bad entry."),
+                                     "file hashes, and every file the log recorded by sha256; "
+                                     "exit 1 naming the first bad entry."),
     html: Path = typer.Option(None, "--html", metavar="OUT.html",
                               help="Write the run's self-contained HTML report here."),
+    anchor: bool = typer.Option(False, "--anchor",
+                                help="Print the log's head as `N:sha256` (after verifying the "
+                                     "chain) to keep outside the run folder; check it later with "
+                                     "--verify --expect."),
+    expect: str = typer.Option(None, "--expect", metavar="N:SHA256",
+                               help="With --verify: line N of the log must still hash to this "
+                                    "anchor (from --anchor), which a re-hashed forgery cannot "
+                                    "match."),
+    repair_audit: bool = typer.Option(False, "--repair-audit", help=_REPAIR_HELP),
 ) -> None:
     """Explain a run round by round: what the planner saw, each proposal and verdict, what
     executed and by whose decision, the training set, score changes with CIs, the archive."""
@@ -1089,15 +1132,38 @@ def audit_cmd(
 
     if not (run_dir / "config.yaml").is_file():
         _fail(f"{run_dir} is not a MOSAIC run folder (it has no config.yaml)")
+    if repair_audit:
+        _audit_reopen(run_dir, True)
+        if not (verify or anchor):
+            return
+    if anchor:
+        from mosaic.audit import AuditError
+        from mosaic.audit import anchor as log_anchor
+
+        try:
+            head = log_anchor(run_dir)
+        except AuditError as e:
+            _say(f"no anchor: {e}", "red")
+            raise typer.Exit(1) from None
+        typer.echo(head)
+        if not verify:
+            return
+    if expect is not None and not verify:
+        _fail("--expect checks the log against an anchor during --verify: add --verify")
     if verify:
         from mosaic.tools.verify_run import verify_run
 
-        result = verify_run(run_dir)
+        try:
+            result = verify_run(run_dir, expect=expect)
+        except ValueError as e:
+            _fail(e)
         if as_json:
             typer.echo(result.model_dump_json(indent=2))
         else:
             for line in result.checked:
                 _say(f"ok  {line}", "dim")
+            for line in result.repairs:
+                _say(f"repaired  {line}", "yellow")
             if result.ok:
                 _say(f"verified: {run_dir} ({result.entries} audit entries)", "green")
             else:

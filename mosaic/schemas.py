@@ -582,6 +582,10 @@ class RunVerification(Strict):
     entries: int = 0  # audit-log lines
     checked: list[str] = Field(default_factory=list)
     problem: str | None = None  # names the first bad entry (file, line or round) and why
+    files: int = 0  # files recomputed against the sha256 the log recorded for them
+    signed: bool = False  # the head's HMAC was checked (MOSAIC_AUDIT_HMAC_KEY)
+    anchored: str | None = None  # the anchor (`N:sha256`, --expect) the log was checked against
+    repairs: list[str] = Field(default_factory=list)  # logged --repair-audit entries, described
 
 
 # --------------------------------------------------------------------------------------------
