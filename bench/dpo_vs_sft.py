@@ -70,7 +70,12 @@ def main() -> None:
                     help="keep the rows already in --out and run only the missing ones")
     ap.add_argument("--all-objectives", action="store_true",
                     help="also score the other objectives' eval sets (collateral effects)")
+    ap.add_argument("--table", action="store_true",
+                    help="print the rows already in --out as a markdown table and exit")
     opts = ap.parse_args()
+    if opts.table:
+        print(markdown(json.loads(Path(opts.out).read_text(encoding="utf-8"))))
+        return
     wanted = set(opts.variants.split(","))
 
     from mosaic.config import load_config
@@ -209,6 +214,23 @@ def main() -> None:
     print(f"\nrows written to {out_path}")
     if not opts.keep:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The rows as the README's table: scores with CIs, training time against SFT's."""
+    rows = result["rows"]
+    sft = next((r for r in rows if r["name"] == "sft"), None)
+    out = ["| variant | eval (95% CI) | held-out (95% CI) | train wall s | train CPU s | "
+           "CPU x SFT | load |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = (f"{r['train_cpu_seconds'] / sft['train_cpu_seconds']:.2f}"
+                 if sft and r.get("train_cpu_seconds") else "")
+        out.append(
+            f"| {r['name']} | {r['eval']:.2f} [{r['eval_ci'][0]:.2f}, {r['eval_ci'][1]:.2f}] | "
+            f"{r['heldout']:.2f} [{r['heldout_ci'][0]:.2f}, {r['heldout_ci'][1]:.2f}] | "
+            f"{r.get('train_seconds', 0):.0f} | {r.get('train_cpu_seconds', 0):.1f} | {ratio} | "
+            f"{r.get('load_after_train', r['load_after_eval']):.1f} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
