@@ -362,7 +362,9 @@ def test_an_old_run_folder_resumes_and_keeps_its_adapters(tmp_path):
     from mosaic.run_store import CONFIG_FILE, open_run
     from mosaic.tools.run_round import training_inputs
 
-    cfg = load_config("configs/sandbox.yaml", overrides={"run_dir": str(tmp_path)})
+    # A run folder from before the DPO settings: every one of them at its default.
+    cfg = load_config("configs/sandbox.yaml", overrides={"run_dir": str(tmp_path),
+                                                         "training": {"dpo_learning_rate": None}})
     open_run(cfg)
     saved = yaml.safe_load((tmp_path / CONFIG_FILE).read_text())
     new_keys = ("dpo_learning_rate", "dpo_loss", "dpo_sft_weight", "dpo_length_alpha")
@@ -372,11 +374,12 @@ def test_an_old_run_folder_resumes_and_keeps_its_adapters(tmp_path):
     (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
     assert open_run(cfg) == []  # settings added since read as their defaults: no change
     # The adapter marker records the training settings as before the new ones existed...
-    assert training_inputs(cfg) == saved["training"]
+    assert training_inputs(cfg) == training_inputs(cfg, "sft") == saved["training"]
     # ...until one is set, which then retrains.
     tuned = cfg.model_copy(update={"training": cfg.training.model_copy(
         update={"dpo_sft_weight": 1.0})})
     assert training_inputs(tuned)["dpo_sft_weight"] == 1.0
+    assert "dpo_sft_weight" not in training_inputs(tuned, "sft")  # SFT ignores DPO settings
     changed = cfg.model_copy(update={"training": cfg.training.model_copy(
         update={"dpo_loss": "ipo"})})
     with pytest.raises(Exception, match="training.dpo_loss"):

@@ -173,11 +173,12 @@ _LATER_TRAINING_DEFAULTS = {"dpo_learning_rate": None, "dpo_loss": "sigmoid",
                             "dpo_sft_weight": 0.0, "dpo_length_alpha": None}
 
 
-def training_inputs(config: MosaicConfig) -> dict[str, Any]:
-    """The training settings that determine an adapter, as its marker records them."""
+def training_inputs(config: MosaicConfig, method: str = "dpo") -> dict[str, Any]:
+    """The training settings that determine an adapter, as its marker records them (the later
+    DPO settings only when the round's `method` trains by DPO: an SFT adapter ignores them)."""
     out = config.training.model_dump(mode="json")
     for key, default in _LATER_TRAINING_DEFAULTS.items():
-        if out.get(key) == default:
+        if method == "sft" or out.get(key) == default:
             out.pop(key, None)
     return out
 
@@ -194,7 +195,7 @@ def train_stage(config: MosaicConfig, round_dir: str | Path, manifest: DatasetMa
     base_model = ensure_base_model(config)
     adapter_dir = round_dir / "adapter"
     inputs = {"dataset": manifest.output_hash, "base_model": dir_fingerprint(base_model),
-              "training": training_inputs(config), "method": manifest.method,
+              "training": training_inputs(config, manifest.method), "method": manifest.method,
               "max_length": config.model.max_length, "dtype": config.model.dtype}
     outputs = [adapter_dir / n for n in ("adapter_config.json", "adapter_model.safetensors",
                                          "train_result.json")]
