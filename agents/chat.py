@@ -13,7 +13,7 @@ Slash commands (always available, offline):
     /exclude OBJ KEY=v1,v2                 add an exclude criterion
     /ratio OBJ X                           focus_ratio of an objective
     /threshold [OBJ] X|none                quality threshold (of one objective, or the action's)
-    /method sft|dpo
+    /method [OBJ] sft|dpo|sft+dpo          training method (of one objective, or the action's)
     /floor OBJ X  /ceiling OBJ X  /maxchange X      standing limits (bind the planner too)
     /guard OBJ X                           never accept a round whose OBJ score falls below X
     /clearlimits                           drop the standing limits set in chat
@@ -132,9 +132,10 @@ def parse_command(line: str) -> ChatEdit | LocalCommand:
         return ChatEdit(op="threshold", objective=obj,
                         value=None if raw.lower() == "none" else _number(raw, "/threshold"))
     if cmd == "method":
-        if len(args) != 1:
-            raise ChatInputError("/method sft|dpo")
-        return ChatEdit(op="method", text=args[0])
+        if len(args) not in (1, 2) or args[-1] not in ("sft", "dpo", "sft+dpo"):
+            raise ChatInputError("/method [OBJECTIVE] sft|dpo|sft+dpo")
+        return ChatEdit(op="method", objective=args[0] if len(args) == 2 else None,
+                        text=args[-1])
     if cmd in ("floor", "ceiling", "guard"):
         if len(args) != 2:
             raise ChatInputError(f"/{cmd} OBJECTIVE X")
@@ -178,7 +179,10 @@ def apply_action_edit(action: dict[str, Any], edit: ChatEdit) -> dict[str, Any]:
         else:
             oa["quality_threshold"] = edit.value
     elif edit.op == "method":
-        out["method"] = edit.text
+        if oa is None:
+            out["method"] = edit.text
+        else:
+            oa["method"] = edit.text
     else:
         raise ValueError(f"{edit.op!r} does not edit the action")
     if not objectives:

@@ -127,7 +127,8 @@ class ModelConfig(Section):
 
 
 class TrainingConfig(Section):
-    method: Literal["sft", "dpo"] = "sft"
+    # sft | dpo | sft+dpo (SFT on the chosen answers, then DPO from there on the same pairs)
+    method: Literal["sft", "dpo", "sft+dpo"] = "sft"
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
@@ -136,6 +137,19 @@ class TrainingConfig(Section):
     epochs: float = Field(1.0, gt=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     dpo_beta: float = Field(0.1, gt=0)
+    # DPO's own learning rate (null: learning_rate). The sandbox values of beta and the rate
+    # come from a measured sweep (bench/dpo_vs_sft.py, docs/dpo-sweep.json).
+    dpo_learning_rate: float | None = Field(None, gt=0)
+    # trl loss: sigmoid (DPO), sigmoid_norm (per-token normalised: no pull towards long
+    # answers) or ipo.
+    dpo_loss: Literal["sigmoid", "sigmoid_norm", "ipo"] = "sigmoid"
+    # Weight of an NLL term on the chosen answer added to the DPO loss (trl's "sft" loss, as in
+    # RPO): keeps the chosen answer likely while the margin grows. 0: plain DPO.
+    dpo_sft_weight: float = Field(0.0, ge=0)
+    # Length penalty for pairs of unequal length (trajectories): tokens of the longer answer
+    # past the shorter one's length count with this weight (trl's LD-DPO `ld_alpha`);
+    # null: every token counts (plain DPO), 0: only the shared length counts.
+    dpo_length_alpha: float | None = Field(None, ge=0, le=1)
     seed: int = 0
     # `inprocess` trains in this process; `accelerate` runs the same trainer as `processes`
     # ranks under torchrun (the trainer's Accelerator: DDP over NCCL on GPUs, gloo on CPU; FSDP
@@ -230,6 +244,9 @@ class PlannerConfig(Section):
     kind: Literal["heuristic", "llm"] = "heuristic"
     endpoint: EndpointConfig | None = None
     max_revisions: int = Field(3, ge=0)
+    # The heuristic planner's rule R9: off (every objective SFT) or the preference method it
+    # tries per objective and keeps where its rounds gained more than SFT's.
+    preference: Literal["off", "dpo", "sft+dpo"] = "off"
 
     @model_validator(mode="after")
     def _endpoint_for_llm(self) -> "PlannerConfig":

@@ -117,6 +117,12 @@ def open_run(config: MosaicConfig) -> list[str]:
         raise RunConfigError(f"{path} cannot be read ({type(e).__name__}); restore it or start "
                              f"a new run folder") from None
     new = public_settings(config)  # as saved: URL credentials are *** on both sides
+    try:
+        # A setting added since the run started reads as its default there, which is what the
+        # run used: it is no change (so folders from before it existed still resume).
+        old = public_settings(type(config).model_validate(old))
+    except ValueError:
+        pass  # compared as saved: the changes then name what no longer fits
     changes = changed_inputs(old, new)
     unsafe = [c for c in changes if not _safe(c.split(":", 1)[0])]
     if unsafe:

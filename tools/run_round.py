@@ -172,6 +172,23 @@ def dataset_stage(config: MosaicConfig, raw_action: str | bytes | dict[str, Any]
     return outcome.verdict, outcome.manifest
 
 
+# Training settings added after runs were recorded, with the value every earlier run trained
+# with: at that value they are left out of the adapter marker, so those runs' adapters still
+# count as done.
+_LATER_TRAINING_DEFAULTS = {"dpo_learning_rate": None, "dpo_loss": "sigmoid",
+                            "dpo_sft_weight": 0.0, "dpo_length_alpha": None}
+
+
+def training_inputs(config: MosaicConfig, method: str = "dpo") -> dict[str, Any]:
+    """The training settings that determine an adapter, as its marker records them (the later
+    DPO settings only when the round's `method` trains by DPO: an SFT adapter ignores them)."""
+    out = config.training.model_dump(mode="json")
+    for key, default in _LATER_TRAINING_DEFAULTS.items():
+        if method == "sft" or out.get(key) == default:
+            out.pop(key, None)
+    return out
+
+
 def train_stage(config: MosaicConfig, round_dir: str | Path, manifest: DatasetManifest, *,
                 round_index: int, progress: Say | None = None, bars: bool = True,
                 base_model: str | Path | None = None) -> TrainResult:
@@ -185,7 +202,7 @@ def train_stage(config: MosaicConfig, round_dir: str | Path, manifest: DatasetMa
     base_model = Path(base_model) if base_model is not None else _base_model(config)
     adapter_dir = round_dir / "adapter"
     inputs = {"dataset": manifest.output_hash, "base_model": dir_fingerprint(base_model),
-              "training": config.training.model_dump(mode="json"), "method": manifest.method,
+              "training": training_inputs(config, manifest.method), "method": manifest.method,
               "max_length": config.model.max_length, "dtype": config.model.dtype}
     outputs = [adapter_dir / n for n in ("adapter_config.json", "adapter_model.safetensors",
                                          "train_result.json")]
