@@ -8,6 +8,8 @@ copy of it.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 import shutil
@@ -157,14 +159,14 @@ def test_audit_cli_prints_rounds_diff_and_json(run_dir):
 def test_unknown_and_human_events_show_generically(copy):
     # What chat will log: shown by author and data without code of its own.
     note = "<script>alert(1)</script> [red]ok[/red]"
-    AuditLog(copy).append("human_decision", {"decision": "approve", "note": note},
+    AuditLog(copy).append("human_decision", {"decision": "reject", "reason": note},
                           round=3, author="human", event_id="r3/human/0")
     report = build_audit_report(copy)
     event = report.rounds[3].events[-1]
     assert (event.event, event.author) == ("human_decision", "human")
     text = flat(invoke("audit", copy, "--round", 3).output)
     # printed literally: neither rich markup nor HTML
-    assert f'human_decision by human: {{"decision": "approve", "note": "{note}"}}' in text
+    assert f'human_decision by human: {{"decision": "reject", "reason": "{note}"}}' in text
     html = render_html_report(report)
     assert "human_decision" in html and "by human" in html and "a-human" in html
     assert "[red]ok[/red]" in html and "<script" not in html.lower()
@@ -328,6 +330,7 @@ def test_verify_names_an_executed_action_that_differs_from_the_round_folder(copy
 def test_verify_passes_on_a_run_stopped_between_deciding_and_building(copy):
     # As a run killed right after logging round 3's executed action leaves it.
     from mosaic.audit import line_hash
+    from mosaic.tools.archive import add_point, load_archive, new_archive, save_archive
 
     n = _seq_of(copy, "executed", 3)
     lines = _lines(copy)[:n]
@@ -335,6 +338,14 @@ def test_verify_passes_on_a_run_stopped_between_deciding_and_building(copy):
     (copy / "audit.head.json").write_text(json.dumps({"count": n, "last": line_hash(lines[-1])}))
     for name in ("dataset", "adapter", "eval", "heldout"):
         shutil.rmtree(copy / "round_3" / name)
+    # The archive and round summary as they were before round 3 was built: rebuilt from the
+    # earlier rounds' points, byte for byte what round 2's archive node wrote.
+    (copy / "round_3" / "round.json").unlink()
+    store = load_archive(copy)
+    rebuilt = new_archive(store.objectives, store.reference)
+    for point in store.points[:3]:
+        rebuilt, _ = add_point(rebuilt, point)
+    save_archive(rebuilt, copy)
     result = verify_run(copy)
     assert result.ok, result.problem
     assert "round 3: executed but not built yet (the run stopped here)" in result.checked
@@ -438,3 +449,324 @@ def test_mosaic_run_writes_the_report_into_the_run_folder(copy):
     html = (copy / "report.html").read_text(encoding="utf-8")
     assert all(f'id="{plot_id}"' in html for plot_id in PLOT_IDS)
     assert "report:" in out.output
+
+
+# ---- a reopen cannot launder the log (issue 16) ----------------------------------------------
+
+
+def _cut(run: Path, n: int) -> list[bytes]:
+    """The log without its last `n` lines, the head left as it was (what an attacker or a bad
+    restore leaves); returns the lines kept."""
+    lines = _lines(run)[:-n]
+    _write_lines(run, lines)
+    return lines
+
+
+def _name(line: int, raw: bytes) -> str:
+    e = json.loads(raw)
+    where = f", round {e['round']}" if e.get("round") is not None else ""
+    return f"line {line} (seq {e['seq']}, {e['event']}{where})"
+
+
+def test_a_truncated_log_refuses_every_reopen_and_keeps_its_head(copy):
+    from mosaic.audit import AuditRefused
+
+    head = (copy / "audit.head.json").read_bytes()
+    kept = _cut(copy, 2)
+    last_good = _name(len(kept), kept[-1])
+    for args in (("run", "--resume", copy), ("chat", copy)):
+        out = invoke(*args)
+        assert out.exit_code == 2, (args, out.output)
+        text = flat(out.output)
+        assert f"the last good entry is {last_good}" in text, text
+        assert "--repair-audit" in text and "Traceback" not in text
+    with pytest.raises(AuditRefused, match=re.escape(f"the last good entry is {last_good}")):
+        AuditLog(copy)  # any writer, not only the command line
+    # nothing rewrote the head: the truncation is still there for --verify to name
+    assert (copy / "audit.head.json").read_bytes() == head
+    _fails(copy, f"line {len(kept) + 1} and after were removed (truncated)")
+
+
+def test_a_missing_head_or_an_edited_last_line_refuses_to_reopen(copy, tmp_path):
+    from mosaic.audit import AuditError, AuditRefused, repair_log
+
+    edited = tmp_path / "edited"
+    shutil.copytree(copy, edited)
+    (copy / "audit.head.json").unlink()
+    out = invoke("run", "--resume", copy)
+    assert out.exit_code == 2 and "audit.head.json is missing" in flat(out.output)
+
+    lines = _lines(edited)
+    last = json.loads(lines[-1])
+    last["data"]["rounds"] = 99
+    lines[-1] = json.dumps(last, sort_keys=True).encode()
+    _write_lines(edited, lines)
+    with pytest.raises(AuditRefused, match="was changed after it was written"):
+        AuditLog(edited)
+    # an edit is not a lost tail: the repair flag does not accept it
+    with pytest.raises(AuditError, match="restore audit.jsonl"):
+        repair_log(edited)
+    out = invoke("run", "--resume", edited, "--repair-audit")
+    assert out.exit_code == 2 and "was changed after it was written" in flat(out.output)
+
+
+def test_a_deleted_log_in_a_folder_with_results_refuses_to_reopen(copy):
+    from mosaic.audit import AuditRefused
+
+    (copy / "audit.jsonl").unlink()
+    (copy / "audit.head.json").unlink()
+    out = invoke("run", "--resume", copy)
+    assert out.exit_code == 2, out.output
+    assert "holds results (archive.json, round_0" in flat(out.output)
+    assert "audit log is gone" in flat(out.output)
+    with pytest.raises(AuditRefused, match="the log was deleted or emptied"):
+        AuditLog(copy)
+    assert not (copy / "audit.jsonl").exists()  # the refusal wrote nothing
+    _fails(copy, "audit.jsonl does not exist")
+
+
+def test_the_repair_flag_accepts_a_shortened_log_and_is_logged(copy):
+    head = json.loads((copy / "audit.head.json").read_text())
+    kept = _cut(copy, 2)
+    out = invoke("run", "--resume", copy, "--repair-audit")
+    assert out.exit_code == 0, out.output
+    text = flat(out.output)
+    assert f"its head recorded {head['count']} entries, {len(kept)} are left (2 lost" in text
+    entry = json.loads(_lines(copy)[len(kept)])
+    assert (entry["event"], entry["author"], entry["seq"]) == ("audit_repaired", "human",
+                                                               len(kept) + 1)
+    assert entry["data"]["lost"] == 2 and entry["data"]["head_count"] == head["count"]
+    assert entry["data"]["head_last"] == head["last"]
+    assert entry["data"]["last_good"] == _name(len(kept), kept[-1])
+    assert "archive.json" in entry["files"]  # the folder as the person accepted it
+    result = verify_run(copy)
+    assert result.ok, result.problem
+    assert len(result.repairs) == 1 and "2 lost" in result.repairs[0]
+    shown = flat(invoke("audit", copy, "--verify").output)
+    assert "repaired" in shown and "--repair-audit by human" in shown
+    again = invoke("run", "--resume", copy)  # repaired once: reopens without the flag
+    assert again.exit_code == 0, again.output
+
+
+def _edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _edit_archive(run: Path) -> str:
+    def change(a):
+        a["points"][1]["eval"]["safety"] = 4.99
+    _edit_json(run / "archive.json", change)
+    return "archive.json"
+
+
+def _edit_slice_mean(run: Path) -> str:
+    # A slice mean only: every f (which the scores check compares) stays as logged.
+    def change(r):
+        r["reports"]["safety"]["slices"][0]["mean"] = 5.0
+    _edit_json(run / "round_2" / "eval" / "eval_report.json", change)
+    return "round_2/eval/eval_report.json"
+
+
+def _edit_responses(run: Path) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = run / "round_1" / "eval" / "boundary" / "responses.parquet"
+    rows = pq.read_table(path).to_pylist()
+    rows[0]["messages"][-1]["content"] = "a reply nobody generated"
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(path)), path)
+    return "round_1/eval/boundary/responses.parquet"
+
+
+def _edit_samples(run: Path) -> str:
+    import pyarrow.parquet as pq
+
+    path = run / "round_3" / "heldout" / "instruction" / "samples.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.slice(1), path)  # one judged sample dropped
+    return "round_3/heldout/instruction/samples.parquet"
+
+
+def _edit_proposal(run: Path) -> str:
+    def change(p):
+        p["rationale"] = "a better story, told afterwards"
+    _edit_json(run / "round_2" / "proposals" / "0.json", change)
+    return "round_2/proposals/0.json"
+
+
+def _edit_round_summary(run: Path) -> str:
+    def change(r):
+        r["scores"]["safety"] = 4.99
+    _edit_json(run / "round_1" / "round.json", change)
+    return "round_1/round.json"
+
+
+@pytest.mark.parametrize("edit", [_edit_archive, _edit_slice_mean, _edit_responses,
+                                  _edit_samples, _edit_proposal, _edit_round_summary],
+                         ids=lambda f: f.__name__.removeprefix("_edit_"))
+def test_verify_names_an_edited_file_the_report_or_the_planner_reads(copy, edit):
+    rel = edit(copy)
+    problem = _fails(copy, f"{rel}: sha256 differs from the digest audit.jsonl line")
+    assert "recorded: the file was changed after it was logged" in problem
+
+
+def test_verify_recomputes_every_recorded_file(run_dir):
+    result = verify_run(run_dir)
+    recorded = {rel for raw in _lines(run_dir) for rel in json.loads(raw)["files"]}
+    assert result.files == len(recorded) > 0
+    for rel in ("archive.json", "round_0/eval/eval_report.json", "round_1/proposals/1.json",
+                "round_2/eval/safety/report.json", "round_2/eval/safety/responses.parquet",
+                "round_2/heldout/safety/samples.parquet", "round_3/dataset/train.parquet",
+                "round_3/adapter/adapter_model.safetensors", "round_3/round.json"):
+        assert rel in recorded, rel
+
+
+def _forge(run: Path, seq: int, change) -> None:
+    """Edit line `seq`, re-hash every line after it and rewrite the head: a consistent forgery
+    that the chain alone cannot tell from the real log."""
+    from mosaic.audit import GENESIS, line_hash
+
+    lines = _lines(run)
+    entries = [json.loads(raw) for raw in lines]
+    change(entries[seq - 1])
+    prev = line_hash(lines[seq - 2]) if seq > 1 else GENESIS
+    for i in range(seq - 1, len(lines)):
+        entries[i]["prev"] = prev
+        lines[i] = json.dumps(entries[i], sort_keys=True, ensure_ascii=False).encode()
+        prev = line_hash(lines[i])
+    _write_lines(run, lines)
+    (run / "audit.head.json").write_text(json.dumps({"count": len(lines), "last": prev}))
+
+
+def test_expect_catches_a_consistently_rehashed_forgery(copy):
+    out = invoke("audit", copy, "--anchor")
+    assert out.exit_code == 0, out.output
+    anchor = out.output.strip()
+    n, digest = anchor.split(":")
+    assert int(n) == len(_lines(copy)) and len(digest) == 64
+    ok = invoke("audit", copy, "--verify", "--expect", anchor)
+    assert ok.exit_code == 0 and "matches the anchor" in ok.output
+    # the run grows after the anchor was taken: the anchored line still vouches for its past
+    AuditLog(copy).append("human_decision", {"decision": "approve"}, round=3, author="human")
+    assert verify_run(copy, expect=anchor).ok
+
+    seq = _seq_of(copy, "verdict", 1)
+    _forge(copy, seq, lambda e: e["data"].update(status="ok", problems=[]))
+    assert verify_run(copy).ok  # the forgery is consistent: nothing else catches it
+    problem = _fails_expect(copy, anchor)
+    assert f"line {n} " in problem and "does not hash to the anchor" in problem
+    # a forged, shorter history does not reach the anchored line at all
+    _write_lines(copy, _lines(copy)[:int(n) - 3])
+    _forge(copy, 1, lambda e: None)
+    assert "names line" in _fails_expect(copy, anchor)
+    bad = invoke("audit", copy, "--verify", "--expect", "not-a-digest")
+    assert bad.exit_code == 2 and "N:<64 hex digits>" in flat(bad.output)
+
+
+def _fails_expect(run: Path, anchor: str) -> str:
+    result = verify_run(run, expect=anchor)
+    assert not result.ok
+    out = invoke("audit", run, "--verify", "--expect", anchor)
+    assert out.exit_code == 1 and "verification FAILED" in flat(out.output)
+    return result.problem
+
+
+def test_an_hmac_key_signs_the_head_and_verify_checks_it(copy, tmp_path, monkeypatch):
+    from mosaic.audit import AuditRefused, verify_log
+
+    monkeypatch.setenv("MOSAIC_AUDIT_HMAC_KEY", "k3y-of-the-team")
+    # A run started with the key: every append signs the head.
+    signed = tmp_path / "signed"
+    log = AuditLog(signed)
+    log.append("run_started", {"rounds": 1, "planner": "heuristic"})
+    log.append("run_finished", {"rounds": 1, "front": [0]})
+    head = json.loads((signed / "audit.head.json").read_text())
+    assert len(head["hmac"]) == 64
+    check = verify_log(signed)
+    assert check.ok and check.signed
+
+    # rewritten without the key: forged line, re-hashed chain, the old signature kept
+    _forge(signed, 2, lambda e: e["data"].update(rounds=7))
+    forged = json.loads((signed / "audit.head.json").read_text())
+    (signed / "audit.head.json").write_text(json.dumps({**forged, "hmac": head["hmac"]}))
+    assert "HMAC signature does not match" in verify_log(signed).problem
+    with pytest.raises(AuditRefused, match="HMAC signature does not match"):
+        AuditLog(signed)
+    (signed / "audit.head.json").write_text(json.dumps(forged))  # the signature stripped
+    assert "is not signed, but MOSAIC_AUDIT_HMAC_KEY is set" in verify_log(signed).problem
+    # another key, or none at all, cannot vouch for a signed head either
+    (signed / "audit.head.json").write_text(json.dumps({**forged, "hmac": head["hmac"]}))
+    assert "does not match" in verify_log(signed, environ={"MOSAIC_AUDIT_HMAC_KEY": "x"}).problem
+    assert "MOSAIC_AUDIT_HMAC_KEY is not set" in verify_log(signed, environ={}).problem
+
+    # the CLI on a real run: an unsigned head under a key fails, a signed one verifies
+    out = invoke("audit", copy, "--verify")
+    assert out.exit_code == 1 and "is not signed" in flat(out.output)
+    lines = _lines(copy)
+    count, last = len(lines), hashlib.sha256(lines[-1]).hexdigest()
+
+    def sign(key: bytes) -> None:  # as documented: HMAC-SHA256 of "mosaic-audit-head\0N\0last"
+        mac = hmac.new(key, f"mosaic-audit-head\0{count}\0{last}".encode(), "sha256")
+        (copy / "audit.head.json").write_text(json.dumps({"count": count, "last": last,
+                                                          "hmac": mac.hexdigest()}))
+    sign(b"k3y-of-the-team")
+    out = invoke("audit", copy, "--verify")
+    assert out.exit_code == 0 and "head signature (HMAC) matches" in flat(out.output)
+    sign(b"another key")
+    out = invoke("audit", copy, "--verify")
+    assert out.exit_code == 1 and "HMAC signature does not match" in flat(out.output)
+
+
+# ---- typed, versioned records ----------------------------------------------------------------
+
+
+def test_writers_refuse_data_that_does_not_fit_the_event_record(tmp_path):
+    log = AuditLog(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['colour'\].*RunStarted"):
+        log.append("run_started", {"rounds": 1, "planner": "heuristic", "colour": "red"})
+    with pytest.raises(ValueError, match="RunStarted: rounds"):
+        log.append("run_started", {"rounds": "many", "planner": "heuristic"})
+    with pytest.raises(ValueError, match="unknown audit event 'gossip'"):
+        log.append("gossip", {})
+    assert not (tmp_path / "run" / "audit.jsonl").exists()  # nothing half-written
+
+
+def test_every_entry_of_a_run_parses_with_its_record(run_dir):
+    from mosaic.audit import read_entries
+    from mosaic.audit_events import ENTRY_VERSION, EVENT_MODELS, UnknownEvent
+
+    entries = read_entries(run_dir)
+    kinds = set()
+    for e in entries:
+        assert e.v == ENTRY_VERSION
+        payload = e.payload()
+        assert not isinstance(payload, UnknownEvent) and not payload.model_extra
+        assert type(payload) is EVENT_MODELS[e.event]
+        kinds.add(e.event)
+    assert {"baseline", "proposal", "verdict", "revision", "refusal", "fallback", "executed",
+            "manifest", "trained", "scores", "archive", "run_started",
+            "run_finished"} <= kinds
+
+
+def test_an_old_log_without_versions_or_digests_still_reads_and_verifies(copy):
+    # As a run written before records were typed left it: no `v`, no `files`.
+    from mosaic.audit import GENESIS, line_hash
+
+    prev, lines = GENESIS, []
+    for raw in _lines(copy):
+        e = json.loads(raw)
+        del e["v"], e["files"]
+        e["prev"] = prev
+        lines.append(json.dumps(e, sort_keys=True, ensure_ascii=False).encode())
+        prev = line_hash(lines[-1])
+    _write_lines(copy, lines)
+    (copy / "audit.head.json").write_text(json.dumps({"count": len(lines), "last": prev}))
+    result = verify_run(copy)
+    assert result.ok, result.problem
+    assert any(f"{len(lines)} entries predate file digests" in c for c in result.checked)
+    report = build_audit_report(copy)
+    assert report.log_ok and not report.warnings and len(report.rounds) == 4
+    AuditLog(copy).append("human_decision", {"decision": "approve"}, round=3, author="human")
+    assert verify_run(copy).ok  # a v2 entry appended to a v1 log

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mosaic.audit import LOG_FILE, verify_log
+from mosaic.audit_events import AuditEntry
 from mosaic.io import read_record
 from mosaic.markers import flatten
 from mosaic.schemas import (ActionVerdict, ArchiveDecision, AuditEvent, AuditReport, DataAction,
@@ -33,7 +34,9 @@ WORST_SLICES = 3
 
 
 def read_events(run_dir: str | Path) -> tuple[list[AuditEvent], list[str]]:
-    """Every audit-log entry that parses, and a warning for each that does not."""
+    """Every audit-log entry that parses (with the writers' own records, `mosaic.audit_events`),
+    and a warning for each that does not. An entry whose data does not fit its kind's record is
+    still shown as written, with a warning."""
     path = Path(run_dir) / LOG_FILE
     events: list[AuditEvent] = []
     warnings: list[str] = []
@@ -45,13 +48,21 @@ def read_events(run_dir: str | Path) -> tuple[list[AuditEvent], list[str]]:
         if not raw.strip():
             continue
         try:
-            entry = json.loads(raw)
+            entry = AuditEntry.model_validate_json(raw)
             events.append(AuditEvent.model_validate(
-                {k: entry.get(k) for k in ("seq", "time", "event", "round", "author", "id")}
-                | {"data": entry.get("data") or {}}))
+                entry.model_dump(include={"seq", "time", "event", "round", "author", "id",
+                                          "data"})))
         except (ValueError, TypeError, AttributeError, ValidationError) as e:
             warnings.append(f"{LOG_FILE} line {i} cannot be read ({type(e).__name__}); "
                             f"left out")
+            continue
+        try:
+            entry.payload()
+        except ValidationError as e:
+            err = e.errors()[0]
+            warnings.append(f"{LOG_FILE} line {i}: its data does not fit the {entry.event!r} "
+                            f"record ({'.'.join(str(p) for p in err['loc']) or '(data)'}: "
+                            f"{err['msg']}); shown as written")
     return events, warnings
 
 

@@ -15,11 +15,49 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from mosaic.eval.base import get_objective_type
 from mosaic.schemas import (L1, DataAction, ExampleView, FailureReport, ObjectiveAction,
-                            PoolCapacity, SliceDiagnosis)
+                            PoolCapacity, SliceDiagnosis, TrainMethod)
 
 Which = Literal["failed", "passed", "any"]
+
+
+# ---- the arguments a model may pass (the LLM planner's tool schemas are made from these) -------
+
+
+class ToolArgs(BaseModel):
+    """Arguments of one tool call from a model: unknown keys are an error the model is told."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DiagnoseSliceArgs(ToolArgs):
+    objective: str = Field(description="an objective of this run")
+    slice: str = Field(description="one of the objective type's slices")
+
+
+class InspectExamplesArgs(ToolArgs):
+    objective: str = Field(description="an objective of this run")
+    slice: str | None = Field(None, description="only samples of this slice")
+    which: Which = Field("failed", description="failed samples first (lowest score), passed "
+                                               "ones (highest score), or any")
+    n: int = Field(3, ge=1, le=10, description="how many samples")
+
+
+class PoolCapacityArgs(ToolArgs):
+    objective: str = Field(description="an objective of this run")
+    method: TrainMethod = Field("sft", description="sft counts rows; dpo and sft+dpo count "
+                                                   "preference pairs")
+    quality_threshold: float | None = Field(None, description="drop pool rows whose quality "
+                                                              "score is below this")
+    include: dict[str, Any] | None = Field(None, description="focus criteria: rows to prefer")
+    exclude: dict[str, Any] | None = Field(None, description="focus criteria: rows to leave out")
+
+
+class DryRunActionArgs(ToolArgs):
+    action: dict[str, Any] = Field(description="a data action (the JSON you would answer with)")
 
 
 def _samples(eval_dir: Path, objective: str) -> list[dict[str, Any]]:
@@ -103,21 +141,34 @@ def pool_capacity(pools: Any, objective: str, budget: int, *, method: str = "sft
                   exclude: Mapping[str, Any] | None = None) -> PoolCapacity:
     """Tokens a pool can supply per bucket under a threshold and focus criteria (the same
     computation the check and the builder use). `pools` is a `PreparedPools`."""
-    from mosaic.schemas import FocusCriteria
+    from mosaic.schemas import FocusCriteria, data_method
     from mosaic.tools.dataset.allocation import objective_units, supply
 
     if objective not in pools.tables:
         raise ValueError(f"no pool for objective {objective!r}; pools: {pools.objectives}")
+    from mosaic.tools.validate_action import _focus_value_problems
+
     otype = pools.types[objective]
-    for key in (*(include or {}), *(exclude or {})):
-        if key not in otype.focus_keys:
-            raise ValueError(f"{key!r} is not a focus key of {objective!r}; keys: "
-                             f"{', '.join(sorted(otype.focus_keys))}")
-    cands = pools.candidates(method)[objective]
+    for which, criteria in (("include", include or {}), ("exclude", exclude or {})):
+        for key, value in criteria.items():
+            if key not in otype.focus_keys:
+                raise ValueError(f"{key!r} is not a focus key of {objective!r}; keys: "
+                                 f"{', '.join(sorted(otype.focus_keys))}")
+            # The check's own rules for a value, so a malformed one (a number where a list
+            # goes) is the caller's error, said the way the check says it, not a TypeError.
+            problems = _focus_value_problems(otype, key, value, f"$.{which}.{key}", None)
+            if problems:
+                raise ValueError("; ".join(f"{p.path}: {p.message}" + (f" ({p.hint})" if p.hint
+                                                                        else "")
+                                           for p in problems))
+    if method not in ("sft", "dpo", "sft+dpo"):
+        raise ValueError(f"unknown method {method!r}; expected sft, dpo or sft+dpo")
+    rows_of = data_method(method)  # sft+dpo draws the same pairs as dpo
+    cands = pools.candidates(rows_of)[objective]
     focus = FocusCriteria(include=dict(include or {}), exclude=dict(exclude or {}))
     oa = ObjectiveAction(focus=focus if (include or exclude) else None,
                          quality_threshold=quality_threshold)
-    units = objective_units(cands, oa, None, method)
+    units = objective_units(cands, oa, None, rows_of)
     avail, focus_avail = supply(cands, units)
     total = sum(avail.values())
     return PoolCapacity(objective=objective, method=method,  # type: ignore[arg-type]

@@ -3,7 +3,10 @@
 In order:
 
 1. the audit log's hash chain, sequence numbers and head (`mosaic.audit.verify_log`): an edited,
-   deleted, reordered or truncated line is named by its line, seq, event and round;
+   deleted, reordered or truncated line is named by its line, seq, event and round; the head's
+   HMAC when `MOSAIC_AUDIT_HMAC_KEY` is set (or the head is signed); with `expect`, the anchor
+   kept outside the run folder (`mosaic audit --anchor`), which a consistently re-hashed
+   forgery cannot match; every entry parses with its event kind's model;
 2. every executed action (log order): its logged hash, the copy in the round folder, and a fresh
    check against the run's saved settings (`config.yaml`) and its pools, with the previous
    executed action and the round's seed, as the loop checked it (human limits logged before it
@@ -16,11 +19,17 @@ In order:
 4. every trained round: the adapter files and `train_result.json` are there, agree with the
    audit log's `trained` entry, and match the fingerprints its completion marker recorded for
    exactly this training set;
-5. every scored round: the eval and held-out reports give the scores the audit log recorded.
+5. every scored round: the eval and held-out reports give the scores the audit log recorded;
+6. every file an entry recorded by sha256 (`files`: the archive, eval reports with their slice
+   means, responses, samples, proposals, round summaries, training sets, adapters, markers):
+   each file as it is now against the latest entry that recorded it. A log repaired with
+   `--repair-audit` verifies from its `audit_repaired` entry on, and the result lists the
+   repair (what the head recorded, how many entries were lost).
 
 The log is the anchor: it is hash-chained, so a manifest edited to match an edited training
-file still disagrees with the log. (Anyone who can rewrite the whole log and its head can forge
-a consistent history; the chain detects edits, it does not authenticate the writer.)
+file still disagrees with the log. Anyone who can rewrite the whole log and its head can forge
+a consistent history: the chain detects edits, it does not authenticate the writer. An anchor
+kept elsewhere (`--expect`) or the head's HMAC (a key the forger does not hold) does.
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mosaic.audit import HEAD_FILE, LOG_FILE, verify_log
+from mosaic.audit import HEAD_FILE, LOG_FILE, file_digests, read_entries, verify_log
+from mosaic.audit_events import AuditEntry, AuditRepaired, EventData, Executed
 from mosaic.schemas import DataAction, DatasetManifest, RunVerification, TrainResult
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_result.json")
@@ -48,9 +58,20 @@ def _logged_action_hash(action: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(action, sort_keys=True).encode()).hexdigest()
 
 
-def _entry(e: dict[str, Any]) -> str:
-    where = f", round {e['round']}" if e.get("round") is not None else ""
-    return f"{LOG_FILE} line {e['seq']} (seq {e['seq']}, {e['event']}{where})"
+def _entry(e: AuditEntry) -> str:
+    where = f", round {e.round}" if e.round is not None else ""
+    return f"{LOG_FILE} line {e.seq} (seq {e.seq}, {e.event}{where})"
+
+
+def _payload(e: AuditEntry) -> EventData:
+    """The entry's data as its kind's model (the writers' own), or the first bad entry."""
+    try:
+        return e.payload()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(data)"
+        raise _Bad(f"{_entry(e)}: its data does not fit the {e.event!r} record ({where}: "
+                   f"{err['msg']})") from None
 
 
 def _read_json(path: Path, run_dir: Path) -> Any:
@@ -71,52 +92,68 @@ def _limits(config: Any, human: dict[str, Any] | None) -> Any:
         return config.limits  # a limits entry of another shape: the run's own limits still bind
 
 
-def verify_run(run_dir: str | Path) -> RunVerification:
-    """Re-check the run in `run_dir` (see the module docstring); never raises on a bad folder."""
+def verify_run(run_dir: str | Path, *, expect: str | None = None) -> RunVerification:
+    """Re-check the run in `run_dir` (see the module docstring); never raises on a bad folder
+    (ValueError only for a malformed `expect`, an anchor from `mosaic audit --anchor`)."""
     run_dir = Path(run_dir)
-    checked: list[str] = []
-    entries = 0
+    out = RunVerification(run_dir=str(run_dir), ok=True)
     try:
-        entries = _verify(run_dir, checked)
+        _verify(run_dir, out, expect)
     except _Bad as e:
-        return RunVerification(run_dir=str(run_dir), ok=False, entries=entries, checked=checked,
-                               problem=str(e))
-    return RunVerification(run_dir=str(run_dir), ok=True, entries=entries, checked=checked)
+        return out.model_copy(update={"ok": False, "problem": str(e)})
+    return out
 
 
-def _verify(run_dir: Path, checked: list[str]) -> int:
+def _verify(run_dir: Path, out: RunVerification, expect: str | None) -> None:
     from mosaic.config import ConfigError
     from mosaic.run_store import saved_config
 
-    chain = verify_log(run_dir)
+    checked = out.checked
+    chain = verify_log(run_dir, expect=expect)
+    out.entries, out.signed, out.anchored = chain.entries, chain.signed, chain.anchored
     if not chain.ok:
         raise _Bad(f"{LOG_FILE} {chain.problem}" if chain.problem and chain.problem.startswith(
             "line") else str(chain.problem))
     checked.append(f"{LOG_FILE}: {chain.entries} entries; hash chain, sequence and "
-                   f"{HEAD_FILE} intact")
-    entries = [json.loads(raw) for raw in (run_dir / LOG_FILE).read_bytes().split(b"\n") if raw]
+                   f"{HEAD_FILE} intact"
+                   + ("; head signature (HMAC) matches" if chain.signed else "")
+                   + (f"; line {chain.anchored.split(':')[0]} matches the anchor"
+                      if chain.anchored and ":" in chain.anchored else
+                      "; the head matches the anchor" if chain.anchored else ""))
+    try:
+        entries = read_entries(run_dir)
+    except (ValueError, ValidationError) as e:
+        raise _Bad(f"{LOG_FILE}: an entry is not an audit record ({type(e).__name__})") from None
+    payloads = [_payload(e) for e in entries]
+    for e, p in zip(entries, payloads):
+        if isinstance(p, AuditRepaired):
+            out.repairs.append(f"{_entry(e)}: the log was repaired with {p.flag} by {e.author}"
+                               f"{f' ({p.reason})' if p.reason else ''}: its head recorded "
+                               f"{p.head_count} lines, {p.lines} were left, {p.lost} lost; the "
+                               f"last good entry was {p.last_good}")
     try:
         config = saved_config(run_dir)
     except ConfigError as e:
         raise _Bad(f"config.yaml: {e}") from None
 
-    first: dict[tuple[int, str], dict[str, Any]] = {}
+    first: dict[tuple[int, str], AuditEntry] = {}
     for e in entries:
-        if e.get("round") is not None:
-            first.setdefault((e["round"], e["event"]), e)
+        if e.round is not None:
+            first.setdefault((e.round, e.event), e)
     previous: DataAction | None = None
     human_limits: dict[str, Any] | None = None
     executed = 0
-    for e in entries:  # in log order, so the first problem found is the earliest entry's
-        if e["event"] == "human_limits" and isinstance(e.get("data"), dict):
+    for e, p in zip(entries, payloads):  # in log order: the first problem is the earliest's
+        if e.event == "human_limits":
             # The limits a person set in chat (agents/nodes.py::decide logs the whole set).
-            if e["data"].get("accepted", True) and isinstance(e["data"].get("limits"), dict):
-                human_limits = e["data"]["limits"]
-        elif e["event"] in ("scores", "baseline"):
-            _check_scores(run_dir, e, checked)
-        elif e["event"] == "executed":
-            k = e["round"]
-            action = _check_action(run_dir, config, e, previous, human_limits, checked)
+            if getattr(p, "accepted", True) and isinstance(getattr(p, "limits", None), dict):
+                human_limits = p.limits  # type: ignore[attr-defined]
+        elif e.event in ("scores", "baseline"):
+            _check_scores(run_dir, e, p, checked)
+        elif e.event == "executed" and e.round is not None:
+            assert isinstance(p, Executed)
+            k = e.round
+            action = _check_action(run_dir, config, e, p, previous, human_limits, checked)
             previous, executed = action, executed + 1
             logged = first.get((k, "manifest"))
             if logged is None and not (run_dir / f"round_{k}" / "dataset" /
@@ -129,19 +166,46 @@ def _verify(run_dir: Path, checked: list[str]) -> int:
                 _check_training(run_dir, k, manifest, first[(k, "trained")], checked)
     if not executed:
         checked.append("no executed actions to re-check")
-    return chain.entries
+    _check_files(run_dir, entries, out)
 
 
-def _check_action(run_dir: Path, config: Any, e: dict[str, Any], previous: DataAction | None,
-                  human_limits: dict[str, Any] | None, checked: list[str]) -> DataAction:
+def _check_files(run_dir: Path, entries: list[AuditEntry], out: RunVerification) -> None:
+    """Every file an entry recorded, as it is now, against the latest entry recording it."""
+    latest: dict[str, tuple[AuditEntry, str]] = {}
+    unrecorded = 0
+    for e in entries:
+        if e.v < 2:
+            unrecorded += 1  # written before entries recorded their files' digests
+        for rel, digest in e.files.items():
+            latest[rel] = (e, digest)
+    for rel in sorted(latest, key=lambda r: (latest[r][0].seq, r)):
+        e, digest = latest[rel]
+        path = run_dir / rel
+        if not path.is_file():
+            raise _Bad(f"{rel}: missing (recorded by sha256 in {_entry(e)})")
+        now = file_digests(run_dir, [path]).get(rel)
+        if now != digest:
+            raise _Bad(f"{rel}: sha256 differs from the digest {_entry(e)} recorded: the file "
+                       f"was changed after it was logged (if the run was stopped while writing "
+                       f"it, resume the run, which logs it again)")
+    out.files = len(latest)
+    out.checked.append(f"{len(latest)} files recorded in the log (archive, eval reports and "
+                       f"slice means, responses, samples, proposals, training sets, adapters) "
+                       f"match their sha256")
+    if unrecorded:
+        out.checked.append(f"{unrecorded} entries predate file digests (log entry version 1): "
+                           f"their files are covered only by the checks above")
+
+
+def _check_action(run_dir: Path, config: Any, e: AuditEntry, data: Executed,
+                  previous: DataAction | None, human_limits: dict[str, Any] | None,
+                  checked: list[str]) -> DataAction:
     from mosaic.tools.run_round import round_seed, run_data
     from mosaic.tools.validate_action import ActionContext, format_problems, validate_action
 
-    k, data = e["round"], e.get("data") or {}
-    raw = data.get("action")
-    if not isinstance(raw, dict):
-        raise _Bad(f"{_entry(e)}: no action recorded")
-    if data.get("action_hash") != _logged_action_hash(raw):
+    k = e.round
+    raw = data.action
+    if data.action_hash != _logged_action_hash(raw):
         raise _Bad(f"{_entry(e)}: action_hash does not match the action it records")
     held = run_dir / f"round_{k}" / "action.json"
     if held.is_file():
@@ -166,13 +230,13 @@ def _check_action(run_dir: Path, config: Any, e: dict[str, Any], previous: DataA
     if not verdict.ok or verdict.action is None:
         raise _Bad(f"{_entry(e)}: the executed action fails the check against the saved "
                    f"settings and pools:\n{format_problems(verdict)}")
-    checked.append(f"round {k}: executed action ({data.get('decided_by') or e.get('author')}) "
+    checked.append(f"round {k}: executed action ({data.decided_by or e.author}) "
                    f"re-checked against config.yaml and the pools: {verdict.status}")
     return verdict.action
 
 
 def _check_manifest(run_dir: Path, config: Any, k: int, action: DataAction,
-                    logged: dict[str, Any] | None, checked: list[str]) -> DatasetManifest:
+                    logged: AuditEntry | None, checked: list[str]) -> DatasetManifest:
     from mosaic.markers import file_fingerprint, file_sha256
     from mosaic.tools.build_dataset import _action_hash as manifest_action_hash
     from mosaic.tools.run_round import DATASET_MARKER, round_seed, run_data
@@ -209,7 +273,7 @@ def _check_manifest(run_dir: Path, config: Any, k: int, action: DataAction,
                    f"{', '.join(changed)}")
     # A crash between building and logging leaves a manifest the log does not name yet: it is
     # still checked against itself, its marker and its training file.
-    ld = (logged.get("data") or {}) if logged is not None else {}
+    ld = logged.data if logged is not None else {}
     for field in ("output_hash", "total_tokens", "total_rows", "budget") if logged else ():
         if ld.get(field) != getattr(m, field):
             raise _Bad(f"{rel}: {field} {getattr(m, field)!r} differs from {_entry(logged)} "
@@ -253,7 +317,7 @@ def _check_parquet(path: Path, rel: str, m: DatasetManifest) -> None:
 
 
 def _check_training(run_dir: Path, k: int, manifest: DatasetManifest,
-                    logged: dict[str, Any], checked: list[str]) -> None:
+                    logged: AuditEntry, checked: list[str]) -> None:
     from mosaic.markers import file_fingerprint
     from mosaic.tools.run_round import ADAPTER_MARKER
 
@@ -267,7 +331,7 @@ def _check_training(run_dir: Path, k: int, manifest: DatasetManifest,
         result = TrainResult.model_validate(_read_json(adapter / "train_result.json", run_dir))
     except ValidationError:
         raise _Bad(f"{rel}: not a valid train result") from None
-    ld = logged.get("data") or {}
+    ld = logged.data
     for field, attr in (("train_tokens", "train_tokens"), ("rows", "train_rows"),
                         ("steps", "steps"), ("final_loss", "final_loss")):
         if field in ld and ld[field] != getattr(result, attr):
@@ -289,10 +353,10 @@ def _check_training(run_dir: Path, k: int, manifest: DatasetManifest,
                    f"{ADAPTER_MARKER}")
 
 
-def _check_scores(run_dir: Path, e: dict[str, Any], checked: list[str]) -> None:
-    k, data = e["round"], e.get("data") or {}
+def _check_scores(run_dir: Path, e: AuditEntry, data: EventData, checked: list[str]) -> None:
+    k = e.round
     for split, key in (("eval", "eval"), ("heldout", "heldout")):
-        logged = data.get(key)
+        logged = getattr(data, key)
         if not isinstance(logged, dict):
             continue
         rel = f"round_{k}/{split}/eval_report.json"

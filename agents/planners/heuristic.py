@@ -38,6 +38,11 @@ R8 Probe. Every round trains from the same base, so repeating a mixture only re-
    sample. When the mixture would repeat the latest round's (every weight within 0.03) and that
    round did not reach the Pareto front, `probe_step` of weight moves to one objective, in turn
    by round, within the bounds: the next round measures the trade-off there.
+R9 Method, per objective (only with `planner.preference` set to dpo or sft+dpo; the default,
+   off, trains every objective by SFT). An objective trains by the preference method until one
+   round has measured it, then by whichever method's rounds gained more over the baseline per
+   unit of mixture weight (ties: SFT). Each round trains from the base, so the gains of rounds
+   by different methods compare directly.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class HeuristicSettings:
     max_quality_cut: float = 0.3  # R4: the share of an allocation given up to keep a threshold
     repeat_tol: float = 0.03  # R8: mixtures this close count as a repeat
     probe_step: float = 0.1  # R8: weight moved to the probed objective
+    preference: str = "off"  # R9: off | dpo | sft+dpo (planner.preference)
 
 
 def _normalise(w: Mapping[str, float]) -> dict[str, float]:
@@ -125,6 +131,27 @@ class HeuristicPlanner:
 
     def __init__(self, settings: HeuristicSettings = HeuristicSettings()) -> None:
         self.s = settings
+
+    # ---- R9: the method ---------------------------------------------------------------------------
+
+    def method(self, ctx: PlanContext, name: str) -> str:
+        """The objective's training method this round (R9)."""
+        if self.s.preference == "off":
+            return "sft"
+        gains: dict[str, list[float]] = {"sft": [], self.s.preference: []}
+        for h in ctx.history:
+            if h.action is None or not h.accepted or name not in h.eval \
+                    or name not in ctx.baseline:
+                continue
+            w = h.action.mixture.get(name, 0.0)
+            m = h.action.method_of(name)
+            if w >= 0.1 and m in gains:
+                gains[m].append((h.eval[name] - ctx.baseline[name]) / w)
+        if not gains[self.s.preference]:
+            return self.s.preference
+        mean = {m: sum(v) / len(v) for m, v in gains.items() if v}
+        return self.s.preference if mean[self.s.preference] > mean.get("sft", -math.inf) \
+            else "sft"
 
     # ---- R1, R2, R3: the mixture ---------------------------------------------------------------
 
@@ -265,7 +292,8 @@ class HeuristicPlanner:
         if level < len(THRESHOLD_STEPS) - 1:
             exclude = dict(get_objective_type(ctx.objectives[name]).quality_exclude())
         for q in THRESHOLD_STEPS[level:]:
-            cap = ctx.tools.pool_capacity(name, quality_threshold=q, exclude=exclude or None)
+            cap = ctx.tools.pool_capacity(name, self.method(ctx, name), quality_threshold=q,
+                                          exclude=exclude or None)
             # Quality before quantity: keep the threshold while the pool fills most of the
             # allocation (the weight is then capped at what it holds, R7); step down only when
             # it would lose more than `max_quality_cut` of it.
@@ -337,8 +365,8 @@ class HeuristicPlanner:
             q, exclude, _ = plans[name]
             report = ctx.reports.get(name)
             include = self.focus(report, otype)
-            cap = ctx.tools.pool_capacity(name, quality_threshold=q, exclude=exclude or None,
-                                          include=include or None)
+            cap = ctx.tools.pool_capacity(name, self.method(ctx, name), quality_threshold=q,
+                                          exclude=exclude or None, include=include or None)
             alloc = int(budget * w)
             oa: dict[str, Any] = {}
             bw = self.buckets(report, cap.available_tokens, alloc)
@@ -350,6 +378,9 @@ class HeuristicPlanner:
                 oa["focus_ratio"] = self.s.focus_ratio
             if q is not None:
                 oa["quality_threshold"] = q
+            method = self.method(ctx, name)
+            if method != "sft":  # SFT is the action's method: the key appears only when used
+                oa["method"] = method
             objectives[name] = oa
             notes.append(f"{name}: weight {w:.2f}, threshold {q}, "
                          f"{'exclude ' + json.dumps(exclude) if exclude else 'no exclude'}, "
