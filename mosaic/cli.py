@@ -460,6 +460,44 @@ def build_dataset_cmd(
          f"and {out}/manifest.json")
 
 
+agentdojo_app = typer.Typer(help="Real AgentDojo suites (optional extra: pip install 'mosaic[agentdojo]').",
+                            no_args_is_help=True)
+app.add_typer(agentdojo_app, name="agentdojo")
+
+
+@agentdojo_app.command("build")
+def agentdojo_build_cmd(
+    out: Path = typer.Option(..., "--out", help="Folder to write: eval/, pools/, agentdojo.json."),
+    suites: str = typer.Option("workspace,travel", "--suites",
+                               help="Train suites (pools), comma-separated."),
+    heldout: str = typer.Option("banking,slack", "--heldout",
+                                help="Held-out suites (eval sets only, never pooled)."),
+    eval_attacked: int = typer.Option(24, "--eval-attacked", min=0,
+                                      help="Attacked (user task, injection) pairs per held-out suite."),
+    eval_benign: int = typer.Option(8, "--eval-benign", min=0,
+                                    help="Benign items (no injection) per held-out suite."),
+    pool_pairs: int = typer.Option(40, "--pool-pairs", min=1,
+                                   help="Chosen/rejected pairs per train suite."),
+    seed: int = typer.Option(0, "--seed", help="Which pairs are sampled."),
+) -> None:
+    """Eval sets (held-out suites, AgentDojo's important_instructions attack) and preference
+    pools (train suites, other attack templates) in the agentic type's format; docs/agentdojo.md."""
+    from mosaic.eval.agentdojo import AgentDojoMissing
+    from mosaic.tools.agentdojo_build import build
+
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    try:
+        summary = build(out, split(suites), split(heldout), eval_attacked=eval_attacked,
+                        eval_benign=eval_benign, pool_pairs=pool_pairs, seed=seed)
+    except (AgentDojoMissing, ValueError) as e:
+        _fail(e)
+    for f in summary.files:
+        drop = f"  dropped {f.dropped}" if any(f.dropped.values()) else ""
+        _say(f"{f.split:4} {f.suite:9} {f.rows:4} rows ({f.attacked} attacked, {f.benign} benign) "
+             f"-> {f.path}{drop}")
+    _say(f"wrote {Path(out) / 'agentdojo.json'} (source and licence: {summary.source})")
+
+
 @app.command("check-data")
 def check_data_cmd(
     path: Path = typer.Argument(..., help="Pool or eval set (parquet or JSONL)."),
