@@ -13,7 +13,7 @@ Slash commands (always available, offline):
     /exclude OBJ KEY=v1,v2                 add an exclude criterion
     /ratio OBJ X                           focus_ratio of an objective
     /threshold [OBJ] X|none                quality threshold (of one objective, or the action's)
-    /method sft|dpo
+    /method [OBJ] sft|dpo|sft+dpo          training method (of one objective, or the action's)
     /floor OBJ X  /ceiling OBJ X  /maxchange X      standing limits (bind the planner too)
     /guard OBJ X                           never accept a round whose OBJ score falls below X
     /clearlimits                           drop the standing limits set in chat
@@ -33,6 +33,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from mosaic.chat_input import free_text_command, input_problem
 from mosaic.schemas import ChatEdit
 
 ACTION_OPS = ("mix", "buckets", "focus", "exclude", "ratio", "threshold", "method")
@@ -80,6 +81,15 @@ def _value(v: str) -> str | int:
 
 def parse_command(line: str) -> ChatEdit | LocalCommand:
     """One slash command as a typed edit or a local command; raises ChatInputError."""
+    problem = input_problem(line)
+    if problem:
+        raise ChatInputError(problem)
+    free = free_text_command(line)  # /note and /reject take their text as typed
+    if free is not None:
+        cmd, text = free
+        if not text:
+            raise ChatInputError(f"/{cmd} needs a text, e.g. /{cmd} too much safety data")
+        return ChatEdit(op=cmd, text=text)
     try:
         words = shlex.split(line.strip())
     except ValueError as e:
@@ -122,9 +132,10 @@ def parse_command(line: str) -> ChatEdit | LocalCommand:
         return ChatEdit(op="threshold", objective=obj,
                         value=None if raw.lower() == "none" else _number(raw, "/threshold"))
     if cmd == "method":
-        if len(args) != 1:
-            raise ChatInputError("/method sft|dpo")
-        return ChatEdit(op="method", text=args[0])
+        if len(args) not in (1, 2) or args[-1] not in ("sft", "dpo", "sft+dpo"):
+            raise ChatInputError("/method [OBJECTIVE] sft|dpo|sft+dpo")
+        return ChatEdit(op="method", objective=args[0] if len(args) == 2 else None,
+                        text=args[-1])
     if cmd in ("floor", "ceiling", "guard"):
         if len(args) != 2:
             raise ChatInputError(f"/{cmd} OBJECTIVE X")
@@ -168,7 +179,10 @@ def apply_action_edit(action: dict[str, Any], edit: ChatEdit) -> dict[str, Any]:
         else:
             oa["quality_threshold"] = edit.value
     elif edit.op == "method":
-        out["method"] = edit.text
+        if oa is None:
+            out["method"] = edit.text
+        else:
+            oa["method"] = edit.text
     else:
         raise ValueError(f"{edit.op!r} does not edit the action")
     if not objectives:

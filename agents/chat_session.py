@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
 from mosaic.agents.chat import ChatInputError, LocalCommand, parse_chat_edits, parse_command
-from mosaic.agents.context import LoopContext, StageEvent
+from mosaic.agents.context import StageEvent
 from mosaic.agents.planners.base import Planner
 from mosaic.config import MosaicConfig
 from mosaic.schemas import ChatEdit
@@ -51,101 +52,89 @@ class ChatSession:
             self.say(f"  {where}: {e.stage} done in {e.seconds:.1f}s", "dim")
 
     def show(self, payload: dict[str, Any]) -> None:
+        """A pause: in full when a round's action first waits (the failures the planner saw,
+        the action as a compact table, the rationale once); after a command at the same pause,
+        only what changed and the answer to it."""
+        last = self.last_payload
+        if last is None or last.get("round") != payload.get("round") \
+                or last.get("summary_round") != payload.get("summary_round"):
+            self._show_full(payload)
+        else:
+            changed = action_changes(last.get("action"), payload.get("action"))
+            if changed:
+                self.say(f"the action now ({payload.get('author')}): " + "; ".join(changed))
+            if payload.get("rationale") and payload.get("rationale") != last.get("rationale"):
+                self.say(f"why: {payload['rationale']}", "dim")  # a new proposal's reasons
+            if payload.get("limits") != last.get("limits"):
+                self.say(f"standing limits: {_limits_text(payload.get('limits') or {})}")
+            if payload.get("message"):
+                self.say(payload["message"], "yellow")
+            if not changed and not payload.get("message"):
+                self.say("nothing changed")
+        self.last_payload = payload
+
+    def _show_full(self, payload: dict[str, Any]) -> None:
         k = payload["round"]
         self.say(f"\n== round {k} of {payload.get('rounds')}: the action waits for you ==", "bold")
         self.say(f"failures of round {payload['summary_round']} (what the planner saw):")
         for name, s in payload["summary"].items():
             ci = s.get("ci") or [None, None]
             ci_text = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci[0] is not None else ""
-            self.say(f"  {name}: f = {s['f']:.3f}{ci_text} (target {s['target']})")
-            for w in s["worst_slices"]:
-                wci = w["ci"] if w["ci"][0] is not None else None
-                self.say(f"    {w['slice']}: mean {w['mean']:.2f}"
-                         + (f" [{wci[0]:.2f}, {wci[1]:.2f}]" if wci else "")
-                         + f", n {w['n']}, {w['reliability']} reliability, need {w['need']:.1f}")
-        self.say(f"proposed by {payload.get('author')}: "
-                 + json.dumps(payload.get("action"), sort_keys=True))
+            worst = ", ".join(f"{w['slice']} {w['mean']:.2f} (n {w['n']})"
+                              for w in s["worst_slices"])
+            self.say(f"  {name}: f = {s['f']:.3f}{ci_text} (target {s['target']}); "
+                     f"worst: {worst}")
+        self.say(f"proposed by {payload.get('author')}:")
+        self.print_action(payload.get("action"))
         if payload.get("rationale"):
             self.say(f"why: {payload['rationale']}", "dim")
         if payload.get("limits"):
-            self.say(f"standing limits: {json.dumps(payload['limits'], sort_keys=True)}")
+            self.say(f"standing limits: {_limits_text(payload['limits'])}")
         if payload.get("message"):
             self.say(payload["message"], "yellow")
-        self.say("/approve to run it, /reject REASON, edits like /focus /mix /floor; /help")
+        self.say("/approve to run it, /reject REASON, edits like /focus /mix /floor; /action "
+                 "shows it again; /help")
+
+    def print_action(self, action: dict[str, Any] | None) -> None:
+        if not action:
+            self.say("  (no action)")
+            return
+        self.console.print(action_table(action))
 
     # ---- the run ------------------------------------------------------------------------------------
 
     def run(self) -> str:
         """Drive the loop until it finishes ("finished") or the person pauses ("paused").
-        Raises RunBusyError when another process is running this folder."""
-        from mosaic.run_store import run_lock
-
-        with run_lock(self.config.run_dir):
-            return self._run_locked()
-
-    def _run_locked(self) -> str:
+        Raises RunBusyError when another process is running this folder, RunConfigError when
+        the settings cannot go with what already ran."""
         from langgraph.types import Command
 
-        from mosaic.agents.planners import make_planner
-        from mosaic.agents.planners.heuristic import HeuristicPlanner
-        from mosaic.agents.runner import graph_config, open_checkpointer
-        from mosaic.agents.graph import build_graph
-        from mosaic.audit import AuditLog
-        from mosaic.eval import check_objective_types
-        from mosaic.run_store import open_run
+        from mosaic.agents.runner import LoopDriver
 
-        cfg = self.config
-        check_objective_types(cfg)
-        open_run(cfg)
-        run_dir = Path(cfg.run_dir)
-        audit = AuditLog(run_dir)
-        planner = self.planner or make_planner(cfg)
-        fallback = planner if isinstance(planner, HeuristicPlanner) else HeuristicPlanner()
-        self.ctx = LoopContext(config=cfg, run_dir=run_dir, planner=planner, fallback=fallback,
-                               audit=audit, progress=self.progress,
-                               say=lambda m: self.say(f"  {m}", "dim"), review=True)
-        gcfg = graph_config(cfg.loop.rounds)
-        with open_checkpointer(run_dir) as saver:
-            self.graph = graph = build_graph(self.ctx, checkpointer=saver)
-            snap = graph.get_state(gcfg)
-            values = dict(snap.values or {})
-            if not values:
-                self.say(f"starting a new run in {run_dir}", "bold")
-                audit.append("run_started", {"rounds": cfg.loop.rounds, "planner": planner.name,
-                                             "mode": "chat"})
-                self._stream({"rounds": cfg.loop.rounds, "history": [], "round": 0}, gcfg)
-            elif values.get("finished") and cfg.loop.rounds > values.get("rounds", 0):
-                self.say(f"extending the finished run to {cfg.loop.rounds} rounds", "bold")
-                graph.update_state(gcfg, {"rounds": cfg.loop.rounds, "finished": False},
-                                   as_node="archive")
-                audit.append("run_resumed", {"extended_to": cfg.loop.rounds, "mode": "chat"})
-                self._stream(None, gcfg)
-            else:
-                audit.append("run_resumed", {"at": list(snap.next), "mode": "chat"})
-            while True:
-                snap = graph.get_state(gcfg)
-                if snap.interrupts:
-                    payload = snap.interrupts[0].value
-                    if payload != self.last_payload:
-                        self.show(payload)
-                        self.last_payload = payload
-                    answer = self._ask(payload)
-                    if answer is None:
-                        self.say(f"paused at round {payload['round']}; `mosaic chat {run_dir}` "
-                                 f"continues here", "bold")
-                        return "paused"
-                    if answer:
-                        self._stream(Command(resume=answer), gcfg)
-                elif snap.next:
-                    self._stream(None, gcfg)  # a run that stopped between nodes goes on
-                else:
-                    self.say("the run is finished", "bold")
-                    self._local(LocalCommand("history"))
-                    return "finished"
-
-    def _stream(self, payload: Any, gcfg: dict[str, Any]) -> None:
-        for _ in self.graph.stream(payload, gcfg, stream_mode="updates"):
-            pass
+        run_dir = self.config.run_dir
+        with LoopDriver(self.config, planner=self.planner, progress=self.progress,
+                        say=lambda m: self.say(f"  {m}", "dim"), review=True,
+                        mode="chat") as driver:
+            self.driver, self.ctx = driver, driver.ctx
+            how = driver.begin()
+            self.say({"new": f"starting a new run in {run_dir}",
+                      "resumed": f"resuming the run in {run_dir}",
+                      "extended": f"extending the finished run to {driver.rounds} rounds",
+                      "finished": f"the run in {run_dir} is finished"}[how], "bold")
+            payload = driver.advance()
+            while payload is not None:
+                if payload != self.last_payload:
+                    self.show(payload)
+                answer = self._ask(payload)
+                if answer is None:
+                    self.say(f"paused at round {payload['round']}; `mosaic chat {run_dir}` "
+                             f"continues here", "bold")
+                    return "paused"
+                if answer:
+                    payload = driver.advance(Command(resume=answer))
+            self.say("the run is finished", "bold")
+            self._local(LocalCommand("history"))
+            return "finished"
 
     def _ask(self, payload: dict[str, Any]) -> dict[str, Any] | None:
         """The person's next answer for the graph; {} after a local command; None to pause."""
@@ -218,7 +207,7 @@ class ChatSession:
 
             self.say(chat.__doc__.split("Slash commands", 1)[1].split("\n", 1)[1].rstrip())
         elif cmd.name == "history":
-            state = self.graph.get_state(_gcfg(self)).values
+            state = self.driver.values
             archive = load_archive(ctx.run_dir)
             wide.print(rounds_table(state.get("history", []), list(self.config.objectives),
                                     archive.front if archive else ()))
@@ -229,7 +218,9 @@ class ChatSession:
             else:
                 wide.print(pareto_table(archive))
         elif cmd.name == "action":
-            self.say(json.dumps((self.last_payload or {}).get("action"), indent=2, sort_keys=True))
+            payload = self.last_payload or {}
+            self.say(f"proposed by {payload.get('author')}:")
+            self.print_action(payload.get("action"))
         elif cmd.name in ("show", "examples"):
             self._inspect(cmd)
 
@@ -266,7 +257,74 @@ class ChatSession:
             self.say(str(e), "red")
 
 
-def _gcfg(session: ChatSession) -> dict[str, Any]:
-    from mosaic.agents.runner import graph_config
+# ---- the pending action, compact -------------------------------------------------------------
 
-    return graph_config(session.config.loop.rounds)
+
+def action_table(action: dict[str, Any]) -> Table:
+    """A DataAction as one row per objective: mixture weight, bucket weights, quality threshold
+    and focus (include, exclude, ratio); the action-wide method and threshold in the title."""
+    title = f"method {action.get('method', 'sft')}"
+    if action.get("quality_threshold") is not None:
+        title += f", quality threshold {action['quality_threshold']:g}"
+    table = Table(title=title, box=box.SIMPLE, title_justify="left", pad_edge=False)
+    for col in ("objective", "weight", "buckets", "threshold", "focus"):
+        table.add_column(col, justify="right" if col == "weight" else "left")
+    per = action.get("objectives") or {}
+    for name in dict.fromkeys([*(action.get("mixture") or {}), *per]):
+        oa = per.get(name) or {}
+        buckets = oa.get("bucket_weights")
+        t = oa.get("quality_threshold")
+        table.add_row(name, f"{(action.get('mixture') or {}).get(name, 0):.2f}",
+                      " ".join(f"{b}={w:g}" for b, w in buckets.items()) if buckets else "-",
+                      f"{t:g}" if t is not None else "-", _focus_text(oa))
+    return table
+
+
+def _focus_text(oa: dict[str, Any]) -> str:
+    focus = oa.get("focus") or {}
+    parts = [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+             for k, v in (focus.get("include") or {}).items()]
+    parts += [f"not {k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+              for k, v in (focus.get("exclude") or {}).items()]
+    if not parts:
+        return "-"
+    return " ".join(parts) + (f" (ratio {oa['focus_ratio']:g})" if oa.get("focus_ratio") else "")
+
+
+def action_changes(old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[str]:
+    """What an edit changed in the action, one 'field: old -> new' per changed leaf."""
+    def leaves(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            out: dict[str, Any] = {}
+            for k, v in d.items():
+                if k != "rationale":
+                    out.update(leaves(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: d}
+
+    a, b = leaves(old or {}), leaves(new or {})
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            out.append(f"{key}: {_short(a.get(key))} -> {_short(b.get(key))}")
+    return out
+
+
+def _short(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+def _limits_text(limits: dict[str, Any]) -> str:
+    parts = []
+    for key in ("floors", "ceilings", "guards"):
+        for name, v in sorted((limits.get(key) or {}).items()):
+            parts.append(f"{key[:-1]} {name} {v:g}")
+    if limits.get("max_change") is not None:
+        parts.append(f"max change {limits['max_change']:g}")
+    return ", ".join(parts) or "none"

@@ -1,5 +1,10 @@
-"""Run-time context of the loop's nodes: the run's settings, planners, audit log and run folder,
-plus the helpers that turn the checkpointed state into what a planner or the check reads."""
+"""Run-time context of the loop's nodes: the run's settings, planners, audit log, run folder and
+the resources resolved once when the run opened (the base model), plus the helpers that turn the
+checkpointed state into what a planner or the check reads.
+
+It reaches the nodes as LangGraph's run context (`context_schema=LoopContext`; a node takes
+`runtime: Runtime[LoopContext]`), never through the checkpoint: it holds live objects (planners,
+the open audit log) and is rebuilt by the driver each time a run is opened."""
 
 from __future__ import annotations
 
@@ -36,6 +41,15 @@ class LoopContext:
     planner: Planner
     fallback: Planner  # the heuristic planner: used when the planner's proposals are refused
     audit: AuditLog
+    # The rounds this opening of the run goes to (config.loop.rounds, checked by the driver
+    # against what already ran); the routers read it, so raising or lowering it takes effect.
+    rounds: int = 0
+    # The base model directory, resolved (built, converted or checked) once when the run opened;
+    # None when the evaluation backend is an endpoint and no local model is configured.
+    base_model: Path | None = None
+    # The audit seq of this opening's run_started / run_resumed entry: a run that finishes
+    # again after being extended or cut back logs its finish again (one per opening).
+    opening: int = 0
     progress: Callable[[StageEvent], None] = lambda e: None
     say: Callable[[str], None] = lambda msg: None  # detailed messages from the tools
     review: bool = False  # pause before each action executes, for a person (mosaic chat)
@@ -102,7 +116,7 @@ class LoopContext:
         baseline = next((h["eval"] for h in history if h["round"] == 0), {})
         k = state.get("round", 1)
         return PlanContext(
-            round=k, rounds=state.get("rounds", self.config.loop.rounds),
+            round=k, rounds=self.rounds,
             objectives={n: o.type for n, o in self.config.objectives.items()},
             targets={n: o.target for n, o in self.config.objectives.items()},
             budget=self.config.budget.max_tokens, baseline=baseline, reports=reports,
@@ -119,5 +133,8 @@ class LoopContext:
         out = fn()
         seconds = time.perf_counter() - start
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds
-        self.progress(StageEvent(stage, k, "done", seconds=seconds))
+        from mosaic.display import stage_figures
+
+        # The stage's figures in one line, for logs (mosaic.display.stage_figures).
+        self.progress(StageEvent(stage, k, "done", seconds=seconds, detail=stage_figures(out)))
         return out, seconds

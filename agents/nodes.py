@@ -1,8 +1,11 @@
 """The loop's nodes: thin wrappers over `mosaic.tools` that return only the state keys they change.
 
+A node takes the state and LangGraph's `Runtime`, whose `context` is the run's `LoopContext`.
 Every node is safe to run again from its start (LangGraph re-runs the node in flight after a
 crash or an interrupt): stages reuse their outputs through input-keyed markers, a proposal is
 kept in the round folder once made, and audit entries carry ids so a repeat is not logged twice.
+Stage nodes pass `crash_point(".../during")` after their stage wrote its files and before they
+log and return: the window where a crash leaves files but no record (see agents/crashpoints.py).
 """
 
 from __future__ import annotations
@@ -10,10 +13,22 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
+from langgraph.runtime import Runtime
+
 from mosaic.agents.context import LoopContext
+from mosaic.agents.crashpoints import crash_point
 from mosaic.agents.state import HistoryEntry, LoopState
 from mosaic.io import atomic_write_json, read_record
 from mosaic.schemas import ActionVerdict, DataAction, Proposal
+
+
+def _ctx(runtime: Runtime[LoopContext]) -> LoopContext:
+    ctx = runtime.context
+    if not isinstance(ctx, LoopContext):
+        raise TypeError(f"the loop graph runs with a LoopContext as its context, got "
+                        f"{type(ctx).__name__}; open it through mosaic.agents.runner.LoopDriver "
+                        f"(or langgraph.json's make_graph)")
+    return ctx
 
 
 def _round(state: LoopState) -> int:
@@ -43,13 +58,15 @@ def _evaluated(ctx: LoopContext, k: int, *, baseline: bool = False) -> list[Any]
 # ---- baseline -------------------------------------------------------------------------------------
 
 
-def baseline(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+def baseline(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
     """Round 0: the base model on the eval and held-out sets; the archive's first point."""
+    ctx = _ctx(runtime)
     from mosaic.tools.archive import add_point, load_archive, new_archive, point_from_reports, save_archive
     from mosaic.tools.run_round import run_baseline
 
     result, seconds = ctx.timed("baseline", 0, lambda: run_baseline(
-        ctx.config, ctx.round_dir(0), heldout=True, progress=ctx.say))
+        ctx.config, ctx.round_dir(0), heldout=True, progress=ctx.say, base_model=ctx.base_model))
+    crash_point("r0/baseline/during")
     archive = load_archive(ctx.run_dir) or new_archive(list(ctx.config.objectives))
     point = point_from_reports(0, ctx.eval_report(0), ctx.eval_report(0, "heldout"),
                                author="system")
@@ -67,8 +84,9 @@ def baseline(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
 # ---- plan -> check -> revise / refuse -------------------------------------------------------------
 
 
-def plan(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+def plan(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
     """Ask the planner for this round's action (kept in the round folder once made)."""
+    ctx = _ctx(runtime)
     k, rev = _round(state), state.get("revision", 0)
     path = ctx.round_dir(k) / "proposals" / f"{rev}.json"
     if path.is_file():
@@ -82,8 +100,9 @@ def plan(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
     return {"proposal": proposal.model_dump(mode="json")}
 
 
-def check(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+def check(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
     """The proposal against the schema, the pools, the budget and the limits."""
+    ctx = _ctx(runtime)
     k, rev = _round(state), state.get("revision", 0)
     raw = (state.get("proposal") or {}).get("raw", "")
     verdict, _ = ctx.timed("check", k, lambda: ctx.check(state, raw))
@@ -95,7 +114,8 @@ def check(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
     return update
 
 
-def after_check(state: LoopState, ctx: LoopContext) -> Literal["execute", "revise", "refuse"]:
+def after_check(state: LoopState, runtime: Runtime[LoopContext]) -> Literal["execute", "revise", "refuse"]:
+    ctx = _ctx(runtime)
     verdict = ActionVerdict.model_validate(state["verdict"])
     if verdict.ok:
         return "execute"
@@ -105,8 +125,9 @@ def after_check(state: LoopState, ctx: LoopContext) -> Literal["execute", "revis
     return "refuse"
 
 
-def revise(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+def revise(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
     """Send the verdict's problems back to the planner, verbatim."""
+    ctx = _ctx(runtime)
     from mosaic.tools.validate_action import format_problems
 
     k, rev = _round(state), state.get("revision", 1)
@@ -122,9 +143,10 @@ def revise(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
     return {"feedback": feedback}
 
 
-def refuse(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+def refuse(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
     """The planner's proposals stayed invalid: refuse them and fall back to the heuristic
     planner, or failing that to the last valid action; with neither, skip the round."""
+    ctx = _ctx(runtime)
     k = _round(state)
     ctx.audit.append("refusal", {"revisions": state.get("revision", 0),
                                  "last_problems": (state.get("verdict") or {}).get("problems")},
@@ -151,7 +173,7 @@ def refuse(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
     return {"action": None, "author": None}
 
 
-def after_refuse(state: LoopState, ctx: LoopContext) -> Literal["execute", "skip"]:
+def after_refuse(state: LoopState) -> Literal["execute", "skip"]:
     return "execute" if state.get("action") else "skip"
 
 
@@ -172,7 +194,7 @@ def review_payload(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
                                            "ci": [s.ci_low, s.ci_high], "n": s.n_valid,
                                            "reliability": s.reliability, "need": s.need}
                                           for s in worst]}
-    return {"round": _round(state), "rounds": state.get("rounds"), "summary_round": latest,
+    return {"round": _round(state), "rounds": ctx.rounds, "summary_round": latest,
             "summary": summary, "action": state.get("action"), "author": state.get("author"),
             "rationale": (state.get("proposal") or {}).get("rationale")
             or (state.get("action") or {}).get("rationale", ""),
@@ -181,8 +203,9 @@ def review_payload(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
             "message": state.get("review_message")}
 
 
-def review(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+def review(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
     """Pause for a person before the action executes (only in chat); apply what they decide."""
+    ctx = _ctx(runtime)
     if not ctx.review:
         return {"decision": "execute"}
     from langgraph.types import interrupt
@@ -205,9 +228,13 @@ def decide(state: LoopState, ctx: LoopContext, answer: dict[str, Any]) -> dict[s
     edits = [ChatEdit.model_validate(e) for e in answer.get("edits") or []]
     command = answer.get("text") or "; ".join(e.command() for e in edits)
 
+    # The answer's digest is in the id: a crash after logging replays the same answer as a
+    # no-op, while a different answer given after the crash is logged as what it is.
+    answer_id = _action_hash({"edits": answer.get("edits") or [], "text": command})[:12]
+
     def log(event: str, part: str, data: dict[str, Any]) -> None:
         ctx.audit.append(event, {**data, "command": command}, round=k, author="human",
-                         event_id=f"r{k}/human/{seq}/{part}")
+                         event_id=f"r{k}/human/{seq}/{answer_id}/{part}")
 
     def stay(message: str) -> dict[str, Any]:
         return {"decision": "review", "review_message": message, "human_seq": seq + 1}
@@ -265,14 +292,15 @@ def decide(state: LoopState, ctx: LoopContext, answer: dict[str, Any]) -> dict[s
             "review_message": ("applied: " + command) if edits else "nothing to apply"}
 
 
-def after_review(state: LoopState, ctx: LoopContext) -> Literal["execute", "plan", "review"]:
+def after_review(state: LoopState) -> Literal["execute", "plan", "review"]:
     return state.get("decision") or "execute"  # type: ignore[return-value]
 
 
 # ---- execute: build -> train -> evaluate -> archive ---------------------------------------------
 
 
-def build(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+def build(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
+    ctx = _ctx(runtime)
     from mosaic.tools.run_round import DATASET_MARKER, dataset_stage
 
     k = _round(state)
@@ -283,6 +311,7 @@ def build(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
     (verdict, manifest), seconds = ctx.timed("build", k, lambda: dataset_stage(
         ctx.config, _action_json(action), ctx.round_dir(k), round_index=k,
         previous_action=ctx.previous_action(state), progress=ctx.say))
+    crash_point(f"r{k}/build/during")
     if manifest is None:  # cannot happen after a passing check: the same rules, stricter limits
         raise RuntimeError(f"round {k}: the build rejected an action the check passed: "
                            f"{[p.message for p in verdict.problems]}")
@@ -305,14 +334,17 @@ def build(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
     return {}
 
 
-def train(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+def train(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
+    ctx = _ctx(runtime)
     from mosaic.schemas import DatasetManifest
     from mosaic.tools.run_round import ADAPTER_MARKER, train_stage
 
     k = _round(state)
     manifest = read_record(ctx.round_dir(k) / "dataset" / "manifest.json", DatasetManifest)
     result, seconds = ctx.timed("train", k, lambda: train_stage(
-        ctx.config, ctx.round_dir(k), manifest, round_index=k, progress=ctx.say, bars=False))
+        ctx.config, ctx.round_dir(k), manifest, round_index=k, progress=ctx.say, bars=False,
+        base_model=ctx.base_model))
+    crash_point(f"r{k}/train/during")
     ctx.audit.append("trained", {"train_tokens": result.train_tokens, "rows": result.train_rows,
                                  "steps": result.steps, "final_loss": result.final_loss,
                                  "seconds": round(seconds, 2)},
@@ -321,21 +353,24 @@ def train(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
     return {}
 
 
-def evaluate(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+def evaluate(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
+    ctx = _ctx(runtime)
     from mosaic.tools.run_round import evaluate_stage
 
     k = _round(state)
     (scores, heldout), seconds = ctx.timed("evaluate", k, lambda: evaluate_stage(
         ctx.config, ctx.round_dir(k), round_index=k, adapter_dir=ctx.round_dir(k) / "adapter",
-        heldout=ctx.config.loop.heldout_every_round, progress=ctx.say))
+        heldout=ctx.config.loop.heldout_every_round, progress=ctx.say, base_model=ctx.base_model))
+    crash_point(f"r{k}/evaluate/during")
     ctx.audit.append("scores", {"eval": scores, "heldout": heldout,
                                 "seconds": round(seconds, 2)},
                      round=k, event_id=f"r{k}/scores", files=_evaluated(ctx, k))
     return {}
 
 
-def archive(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+def archive(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
     """Add the round to the Pareto archive; move on to the next round."""
+    ctx = _ctx(runtime)
     from mosaic.tools.archive import add_point, load_archive, new_archive, point_from_reports, save_archive
 
     k = _round(state)
@@ -361,6 +396,7 @@ def archive(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
         return _next_round(state, entry, feedback=[f"round {k} was not accepted: {why}"])
     store, decision = add_point(store, point)
     save_archive(store, ctx.run_dir)
+    crash_point(f"r{k}/archive/during")
     ctx.audit.append("archive", {**decision.model_dump(mode="json"), "accepted": True,
                                  "front": store.front},
                      round=k, event_id=f"r{k}/archive",
@@ -384,7 +420,7 @@ def _write_round_summary(state: LoopState, ctx: LoopContext, point: Any) -> None
     atomic_write_json(rd / ROUND_FILE, result)
 
 
-def skip(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+def skip(state: LoopState) -> dict[str, Any]:
     k = _round(state)
     entry: HistoryEntry = {"round": k, "action": None, "author": "system", "eval": {},
                            "heldout": None, "skipped": True}
@@ -399,17 +435,21 @@ def _next_round(state: LoopState, entry: HistoryEntry,
             "author": None, "decision": None, "review_message": None, "human_seq": 0}
 
 
-def after_round(state: LoopState, ctx: LoopContext) -> Literal["plan", "finish"]:
-    return "plan" if state.get("round", 1) <= state.get("rounds", ctx.config.loop.rounds) else "finish"
+def after_round(state: LoopState, runtime: Runtime[LoopContext]) -> Literal["plan", "finish"]:
+    # The driver's target, not the state's: a resume may raise or lower loop.rounds.
+    return "plan" if state.get("round", 1) <= _ctx(runtime).rounds else "finish"
 
 
-def finish(state: LoopState, ctx: LoopContext) -> dict[str, Any]:
+def finish(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
+    ctx = _ctx(runtime)
     from mosaic.tools.archive import load_archive
 
     store = load_archive(ctx.run_dir)
-    rounds = state.get("rounds", ctx.config.loop.rounds)
+    rounds = ctx.rounds
     ctx.audit.append("run_finished", {"rounds": rounds,
                                       "front": store.front if store else [],
                                       "hypervolume": store.hypervolume if store else None},
-                     event_id=f"finished/{rounds}")
-    return {"finished": True}
+                     event_id=f"finished/{rounds}/{ctx.opening}")
+    # The one place a run becomes finished: drivers read this flag, never an empty `next`
+    # (LangGraph leaves `next` empty too when a step's writes are saved but its checkpoint not).
+    return {"finished": True, "rounds": rounds}

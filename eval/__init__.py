@@ -4,7 +4,8 @@
 """
 
 from mosaic.config import ConfigError, EndpointConfig, MosaicConfig
-from mosaic.eval import ifeval, jailbreak, overrefusal  # noqa: F401  (registers the types)
+from mosaic.eval import agentic, ifeval, jailbreak, overrefusal  # noqa: F401  (registers the types)
+from mosaic.eval import agentdojo  # noqa: F401,E402  (registers the "agentdojo" call scorer; imports agentdojo lazily)
 from mosaic.eval.base import (FocusKey, ObjectiveType, get_objective_type, objective_type_names,
                               register_objective_type)
 from mosaic.eval.judge import Judge

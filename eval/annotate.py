@@ -367,6 +367,12 @@ class Annotated:
     failures: list[RowFailure]
     rows_todo: int  # rows that needed annotation
     counts: Counter[str] = field(default_factory=Counter)
+    # The judges' request counts, tokens and cost, summed over the Ray workers (None on the
+    # local engine: the caller's judge holds them).
+    judge_stats: dict[str, Any] | None = None
+    # Seconds each Ray worker spent annotating its batches (from the batches that came back):
+    # beside the stage's wall time, what Ray's start and transfers cost. Empty on local.
+    worker_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _column(values: list[Any]) -> Any:
@@ -383,13 +389,43 @@ class EndpointDown(RuntimeError):
     """Every request of a batch failed for good: the endpoint is down, not a row's problem."""
 
 
+class WorkersLost(RuntimeError):
+    """The Ray pipeline failed for good (a worker died past its restarts, a node was lost)."""
+
+
+def _cell(value: Any) -> Any:
+    """A frame cell as a plain JSON value (missing values of any kind become None)."""
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return _py(value)
+
+
+def _result_columns(otype: ObjectiveType) -> list[str]:
+    return ["l3_prompt", "l3_response", *L1_COLUMNS, *(f"l2_{f}" for f in otype.l2_columns),
+            ERROR_COLUMN, REASON_COLUMN, REPLY_COLUMN]
+
+
+def _endpoint_down(results: Sequence[Mapping[str, Any]]) -> EndpointDown | None:
+    reasons = [r[REASON_COLUMN] for r in results]
+    if reasons and all(isinstance(r, str) and r.startswith("endpoint_") for r in reasons):
+        return EndpointDown(f"every request of the last batch failed for good, e.g. "
+                            f"{results[0][ERROR_COLUMN]}; stopping (the endpoint looks down). "
+                            f"Rows labelled so far are cached: rerun to resume")
+    return None
+
+
 def annotate_pool(df: pd.DataFrame, objective_type: str | ObjectiveType, judge: Judge, *,
                   batch_size: int = 512, rescore: bool = False, cache: AtomCache | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> Annotated:
+                  progress: Callable[[int, int], None] | None = None,
+                  ray_config: Any = None) -> Annotated:
     """`annotate_batch` over the rows that need it (all with `rescore`), `batch_size` at a time.
     Rows already annotated are left as they are; the input frame is not changed. A batch whose
     every row failed on its endpoint stops the run (EndpointDown): going on would only list
-    every remaining row as failed; the cache keeps what was labelled."""
+    every remaining row as failed; the cache keeps what was labelled.
+
+    `ray_config` (a MosaicConfig whose `runtime.engine` is `ray`) runs the batches through Ray
+    Data instead (`AnnotateStage`: one judge built from that config per worker, each with its
+    own connection to `cache`); the same batches, so the same rows, atoms and counts."""
     otype = _otype(objective_type)
     source = df.attrs.get("source", "<dataframe>")
     todo = np.flatnonzero(np.ones(len(df), dtype=bool) if rescore
@@ -398,24 +434,29 @@ def annotate_pool(df: pd.DataFrame, objective_type: str | ObjectiveType, judge: 
     out = df.copy()
     if todo.size == 0:
         return Annotated(out, [], 0, counts)
-    ident = judge_identity(judge) if cache is not None else None
-    work = df.iloc[todo]
-    cols = ["l3_prompt", "l3_response", *L1_COLUMNS, *(f"l2_{f}" for f in otype.l2_columns)]
-    new: dict[str, list[Any]] = {c: [] for c in (*cols, ERROR_COLUMN, REASON_COLUMN, REPLY_COLUMN)}
-    for start in range(0, todo.size, batch_size):
-        got = annotate_batch(work.iloc[start:start + batch_size], otype, judge, cache=cache,
-                             identity=ident, counts=counts, source=source,
-                             row_numbers=[int(i) for i in todo[start:start + batch_size]])
-        reasons = got[REASON_COLUMN].tolist()
-        if reasons and all(isinstance(r, str) and r.startswith("endpoint_") for r in reasons):
-            raise EndpointDown(f"every request of the last batch failed for good, e.g. "
-                               f"{got[ERROR_COLUMN].iloc[0]}; stopping (the endpoint looks down). "
-                               f"Rows labelled so far are cached: rerun to resume")
-        for c in new:
-            new[c].extend(_py(v) if not (isinstance(v, float) and np.isnan(v)) else None
-                          for v in got[c].tolist())
-        if progress is not None:
-            progress(min(start + batch_size, todo.size), todo.size)
+    cols = _result_columns(otype)
+    judge_stats: dict[str, Any] | None = None
+    worker_seconds: dict[str, float] = {}
+    if ray_config is not None and ray_config.runtime.engine == "ray":
+        results, judge_stats, worker_seconds = _annotate_on_ray(df, todo, otype, judge, ray_config, cache=cache,
+                                                batch_size=batch_size, counts=counts,
+                                                source=source, progress=progress)
+    else:
+        ident = judge_identity(judge) if cache is not None else None
+        work = df.iloc[todo]
+        results = []
+        for start in range(0, todo.size, batch_size):
+            got = annotate_batch(work.iloc[start:start + batch_size], otype, judge, cache=cache,
+                                 identity=ident, counts=counts, source=source,
+                                 row_numbers=[int(i) for i in todo[start:start + batch_size]])
+            part = [dict(zip(cols, values)) for values in
+                    zip(*([_cell(v) for v in got[c].tolist()] for c in cols))]
+            if (down := _endpoint_down(part)) is not None:
+                raise down
+            results.extend(part)
+            if progress is not None:
+                progress(min(start + batch_size, todo.size), todo.size)
+    new = {c: [r[c] for r in results] for c in cols}
 
     def merged(col: str) -> list[Any]:
         base = [_py(v) for v in df[col].tolist()] if col in df.columns else [None] * len(df)
@@ -437,7 +478,149 @@ def annotate_pool(df: pd.DataFrame, objective_type: str | ObjectiveType, judge: 
     failures = [RowFailure(row=int(i), id=ids[int(i)], error=new[ERROR_COLUMN][j],
                            reason=new[REASON_COLUMN][j], last_reply=new[REPLY_COLUMN][j])
                 for j, i in enumerate(todo) if new[ERROR_COLUMN][j] is not None]
-    return Annotated(out, failures, int(todo.size), counts)
+    return Annotated(out, failures, int(todo.size), counts, judge_stats, worker_seconds)
+
+
+# ---- on Ray Data ---------------------------------------------------------------------------------
+
+TALLY = "_tally"  # a batch's counts and its worker's judge stats, on the batch's first result
+DATA_ERROR = "_data_error"  # a batch's DataFormatError, on its first result
+
+
+class AnnotateStage:
+    """`annotate_batch` as a batch stage (`mosaic.engine`): one judge per worker, built from the
+    config (an LLM judge keeps its endpoint's `concurrency` requests in flight, per worker), and
+    its own connection to the shared atom cache, so a batch's atoms are committed by the worker
+    that judged them: a worker killed mid-batch loses only what it had not committed, and its
+    rerun (or a resumed run) asks the judge only about the rest."""
+
+    def __init__(self, config: dict[str, Any], objective_type: str, cache_path: str | None,
+                 source: str) -> None:
+        from uuid import uuid4
+
+        from mosaic.config import MosaicConfig
+        from mosaic.eval import build_judge
+
+        cfg = MosaicConfig.model_validate(config)
+        self.judge = build_judge(cfg, request_cache=False, record_endpoint_errors=True)
+        self.otype = get_objective_type(objective_type)
+        self.cache = AtomCache(cache_path) if cache_path is not None else None
+        self.identity = judge_identity(self.judge)
+        self.source = source
+        self.worker = uuid4().hex  # a restarted worker is another one (its stats start at 0)
+        self.batches = 0
+        self.seconds = 0.0  # spent in annotate_batch
+
+    def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        frame = pd.DataFrame({"id": [r["id"] for r in rows],
+                              "messages": [r["messages"] for r in rows],
+                              "l3_prompt": [r["l3_prompt"] for r in rows],
+                              "l3_response": [r["l3_response"] for r in rows]})
+        counts: Counter[str] = Counter()
+        start = time.perf_counter()
+        try:
+            got = annotate_batch(frame, self.otype, self.judge, cache=self.cache,
+                                 identity=self.identity if self.cache is not None else None,
+                                 counts=counts, source=self.source,
+                                 row_numbers=[r["row"] for r in rows])
+        except DataFormatError as e:
+            # The data's error, not the worker's: sent back as a result (raised, Ray would
+            # rerun the batch max_retries times and hand the caller a wrapped exception).
+            error = {"path": e.path, "message": e.message, "row": e.row, "field": e.field,
+                     "line": e.line}
+            return [{DATA_ERROR: error}, *({} for _ in rows[1:])]
+        cols = _result_columns(self.otype)
+        results = [dict(zip(cols, values)) for values in
+                   zip(*([_cell(v) for v in got[c].tolist()] for c in cols))]
+        self.batches += 1
+        self.seconds += time.perf_counter() - start
+        # Stats are cumulative per worker: the driver keeps each worker's latest and sums them.
+        results[0][TALLY] = {"worker": self.worker, "batch": self.batches, "counts": dict(counts),
+                             "seconds": self.seconds,
+                             "identity": self.identity,
+                             "stats": _py(dict(getattr(self.judge, "stats", {}) or {}))}
+        return results
+
+
+def _add_stats(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """Two judges' stats summed key by key (numbers added, nested dicts merged, None where
+    neither has a number: a cost without a configured price)."""
+    out: dict[str, Any] = dict(a)
+    for k, v in b.items():
+        if k not in out or out[k] is None:
+            out[k] = v
+        elif isinstance(v, Mapping) and isinstance(out[k], Mapping):
+            out[k] = _add_stats(out[k], v)
+        elif isinstance(v, (int, float)) and isinstance(out[k], (int, float)):
+            out[k] = out[k] + v
+    return out
+
+
+def _annotate_on_ray(df: pd.DataFrame, todo: np.ndarray, otype: ObjectiveType, judge: Judge,
+                     config: Any, *, cache: AtomCache | None, batch_size: int,
+                     counts: Counter[str], source: str,
+                     progress: Callable[[int, int], None] | None,
+                     ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, float]]:
+    from mosaic.engine import map_rows
+
+    def atoms(v: Any) -> str | None:
+        v = _cell(v)
+        return json.dumps(v, ensure_ascii=False) if isinstance(v, Mapping) else v
+
+    def column(col: str) -> list[Any]:
+        return df[col].tolist() if col in df.columns else [None] * len(df)
+
+    ids, msgs = df["id"].astype(str).tolist(), df["messages"].tolist()
+    l3p, l3r = column("l3_prompt"), column("l3_response")
+    rows = [{"row": int(i), "id": ids[i],
+             "messages": [{"role": m["role"], "content": m["content"]} for m in _py(msgs[i])],
+             "l3_prompt": atoms(l3p[i]), "l3_response": atoms(l3r[i])} for i in todo]
+    mine = judge_identity(judge)
+    latest: dict[str, dict[str, Any]] = {}  # worker -> its latest tally
+    done = 0
+
+    def on_part(positions: list[int], results: list[Any]) -> None:
+        nonlocal done
+        if results and DATA_ERROR in results[0]:
+            e = results[0][DATA_ERROR]
+            raise DataFormatError(e["path"], e["message"], row=e["row"], field=e["field"],
+                                  line=e["line"])
+        for r in results:
+            tally = r.pop(TALLY, None)
+            if tally is None:
+                continue
+            if tally["identity"] != mine:
+                # Keys hash the judge's identity: a worker with other templates or another
+                # model would label differently and cache under other keys.
+                raise RuntimeError(f"a Ray worker's judge is not this process's judge "
+                                   f"({tally['identity']} != {mine}); install the same MOSAIC "
+                                   f"and prompts on every node")
+            counts.update(tally["counts"])
+            if tally["batch"] > latest.get(tally["worker"], {}).get("batch", 0):
+                latest[tally["worker"]] = tally
+        if (down := _endpoint_down(results)) is not None:
+            raise down
+        done += len(positions)
+        if progress is not None:
+            progress(done, len(rows))
+
+    import ray
+
+    try:
+        results = map_rows(AnnotateStage, rows, kwargs={
+            "config": config.model_dump(mode="json"), "objective_type": otype.type_name,
+            "cache_path": str(cache.path.resolve()) if cache is not None else None,
+            "source": str(source)}, runtime=config.runtime, batch_rows=batch_size,
+            what="annotation", on_part=on_part)
+    except ray.exceptions.RayError as e:
+        raise WorkersLost(f"the Ray pipeline failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''} (workers restart at most "
+                          f"runtime.ray.max_retries={config.runtime.ray.max_retries} times). "
+                          f"Rows labelled so far are cached: rerun to resume") from e
+    stats: dict[str, Any] = {}
+    for tally in latest.values():
+        stats = _add_stats(stats, tally["stats"])
+    return results, stats, {w: t["seconds"] for w, t in latest.items()}
 
 
 @dataclass
@@ -481,12 +664,14 @@ def annotate_file(path: str | Path, objective_type: str, judge: Judge, *,
                   out: str | Path | None = None, objective: str | None = None,
                   cache: AtomCache | None = None, batch_size: int = 64, rescore: bool = False,
                   allow_out_of_range: bool = False, secrets: Sequence[str] = (),
-                  progress: Callable[[int, int], None] | None = None) -> AnnotateSummary:
+                  progress: Callable[[int, int], None] | None = None,
+                  ray_config: Any = None) -> AnnotateSummary:
     """Annotate the pool file `path` (written to `out`, default in place) with `judge`.
 
     Refuses (JudgeRangeError) a sandbox-only judge on a file that is not sandbox text unless
     `allow_out_of_range`. Failed rows are listed in `<out stem>.failed.jsonl` (replies redacted
-    of `secrets`); a rerun asks the judge only about rows not in `cache`.
+    of `secrets`); a rerun asks the judge only about rows not in `cache`. `ray_config`: run on
+    Ray Data when its `runtime.engine` is `ray` (`annotate_pool`).
     """
     path = Path(path)
     out = Path(out) if out is not None else path
@@ -494,7 +679,7 @@ def annotate_file(path: str | Path, objective_type: str, judge: Judge, *,
     start = time.perf_counter()
     df = load_pool(path, objective_type, objective)
     result = annotate_pool(df, objective_type, judge, batch_size=batch_size, rescore=rescore,
-                           cache=cache, progress=progress)
+                           cache=cache, progress=progress, ray_config=ray_config)
     write_table(out, result.frame)
     failed_file = failures_path(out)
     if result.failures:
@@ -509,5 +694,7 @@ def annotate_file(path: str | Path, objective_type: str, judge: Judge, *,
         source=path, out=out, failures_file=failed_file if result.failures else None,
         rows=len(df), rows_todo=result.rows_todo,
         annotated=result.rows_todo - len(result.failures), failed=len(result.failures),
-        counts=dict(result.counts), judge_stats=dict(getattr(judge, "stats", {}) or {}),
+        counts=dict(result.counts),
+        judge_stats=(result.judge_stats if result.judge_stats is not None
+                     else dict(getattr(judge, "stats", {}) or {})),
         seconds=time.perf_counter() - start, warnings=warnings, failure_reasons=dict(reasons))

@@ -1,9 +1,12 @@
 """The one interface every objective type implements, and the registry of types.
 
 An objective type owns its L3 schema, the deterministic L3 -> L2 -> L1 formulas, the focus keys
-a data action may use on its pools, and its type-specific failure-report breakdowns. Nothing
-outside `eval/` branches on a type name, so a fourth type is one new module plus a
-`register_objective_type` call.
+a data action may use on its pools, its type-specific failure-report breakdowns, and what a
+planner needs to know about it (`planner_focus`: which prompt-side focus criteria pick the
+situations its latest report says fail; `quality_exclude`: which answers to keep out while a
+quality threshold is held; `slice_level`: the order of its slices). Nothing outside `eval/`
+branches on a type name, so a fourth type is one new module plus a `register_objective_type`
+call.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pandas as pd
 
-from mosaic.schemas import L1
+from mosaic.schemas import L1, FailureReport
 
 FocusKind = Literal["set", "range"]
 
@@ -72,6 +75,30 @@ class ObjectiveType(ABC):
     def breakdowns(self, l2_rows: Sequence[Mapping[str, Any]], l1_rows: Sequence[L1]) -> dict[str, Any]:
         """Type-specific failure-report breakdowns (override per type)."""
         return {}
+
+    # ---- what a planner asks the type (STYLE.md 15: planners name no type) -------------------
+
+    def slice_level(self, slice_name: str) -> int:
+        """The ordinal of a slice (`complexity_3` -> 3): every built-in slice name ends in
+        `_<level>`; a type whose slices do not overrides this."""
+        return int(slice_name.rsplit("_", 1)[1])
+
+    def planner_focus(self, report: FailureReport, top: int) -> dict[str, Any]:
+        """Prompt-side `include` criteria that pick the situations the report says fail, at most
+        `top` values per key; {} for none. Only prompt-side keys: response-side ones select
+        answers that failed, data to keep out, never to imitate. Default: nothing."""
+        return {}
+
+    def quality_exclude(self) -> dict[str, Any]:
+        """`exclude` criteria that keep low-quality answers out while a quality threshold is
+        held (a planner drops them together with the threshold). Default: none."""
+        return {}
+
+    def failing_levels(self, report: FailureReport) -> list[int]:
+        """Levels of the report's failing slices, worst fail rate first (ties by name)."""
+        failing = sorted((s for s in report.slices if s.fail_rate and s.fail_rate > 0),
+                         key=lambda s: (-(s.fail_rate or 0.0), s.slice))
+        return [self.slice_level(s.slice) for s in failing]
 
     # ---- focus criteria over pool columns (vectorised) ---------------------------------------
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mosaic.eval.base import FocusKey, ObjectiveType, register_objective_type
-from mosaic.schemas import L1
+from mosaic.schemas import L1, FailureReport
 
 
 @register_objective_type
@@ -85,6 +85,11 @@ class IFEvalObjective(ObjectiveType):
         # attack complexity plays for jailbreak, so harder prompts count more in need.
         return L1(slice=f"complexity_{ic}", score=score, valid=bool(l2["valid"]), weight=ic,
                   failure=score < 3)
+
+    def planner_focus(self, report: FailureReport, top: int) -> dict[str, Any]:
+        """The `top` instruction complexities that fail most."""
+        worst = sorted(self.failing_levels(report)[:top])
+        return {"inst_complexity": worst} if worst else {}
 
     def breakdowns(self, l2_rows: Sequence[Mapping[str, Any]], l1_rows: Sequence[L1]) -> dict[str, Any]:
         failed: Counter[str] = Counter()

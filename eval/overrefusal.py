@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mosaic.eval.base import FocusKey, ObjectiveType, register_objective_type
-from mosaic.schemas import L1
+from mosaic.schemas import L1, FailureReport
 
 PROMPT_ATOMS = ("sensitive_trigger", "harmful_intent", "benign_intent", "answer_path",
                 "rejection_votes", "hard")
@@ -75,6 +75,16 @@ class OverrefusalObjective(ObjectiveType):
             score = 3
         return L1(slice=f"boundary_{l2['boundary_level']}", score=score, valid=bool(l2["valid"]),
                   weight=l2["boundary_level"] + l2["hard"], failure=score < 3)
+
+    def planner_focus(self, report: FailureReport, top: int) -> dict[str, Any]:
+        """The span of boundary levels where benign prompts were refused."""
+        levels = self.failing_levels(report)
+        return {"boundary_range": [min(levels), max(levels)]} if levels else {}
+
+    def quality_exclude(self) -> dict[str, Any]:
+        # Disclaimer- and preaching-heavy answers teach the safety-flavoured openers that make a
+        # tiny model over-refuse (DESIGN.md, sandbox sizing).
+        return {"friction": ["mid", "high"]}
 
     def breakdowns(self, l2_rows: Sequence[Mapping[str, Any]], l1_rows: Sequence[L1]) -> dict[str, Any]:
         combos: Counter[str] = Counter()

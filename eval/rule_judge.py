@@ -714,11 +714,16 @@ def judge_agreement(judge: Judge, objective_type: str,
                         p.append(int(bool(pr["strict"][j])))
             out.append(_agreement("response", f"strict:{iid}", t, p))
         return out
-    pred_p = judge.prompt_atoms(objective_type, [[m for m in c if m["role"] == "user"] for c in convs])
-    for atom in otype.prompt_atoms:
-        out.append(_agreement("prompt", atom, [int(a[atom]) for a in truth_p],
-                              [int(a[atom]) for a in pred_p]))
+    if not otype.prompt_atoms_from_data:  # atoms the dataset supplies have nothing to agree on
+        pred_p = judge.prompt_atoms(objective_type,
+                                    [[m for m in c if m["role"] == "user"] for c in convs])
+        for atom in otype.prompt_atoms:
+            out.append(_agreement("prompt", atom, [int(a[atom]) for a in truth_p],
+                                  [int(a[atom]) for a in pred_p]))
     for atom in otype.response_atoms:
-        out.append(_agreement("response", atom, [int(a[atom]) for a in truth_r],
+        truth = [a[atom] for a in truth_r]
+        if any(isinstance(v, float) and not float(v).is_integer() for v in truth):
+            continue  # a measured share (e.g. agentic's safety_token_share), not a 0/1 atom
+        out.append(_agreement("response", atom, [int(v) for v in truth],
                               [int(a[atom]) for a in pred_r]))
     return out

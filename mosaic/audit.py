@@ -51,6 +51,7 @@ from typing import Any
 
 from mosaic.audit_events import ENTRY_VERSION, EVENTS, AuditEntry, check_data
 from mosaic.io import atomic_write_json
+from mosaic.redact import redact
 
 LOG_FILE = "audit.jsonl"
 HEAD_FILE = "audit.head.json"
@@ -424,7 +425,9 @@ class AuditLog:
         entry = {"seq": self._seq + 1, "time": _now(), "event": event, "round": round,
                  "author": author, "id": event_id, "data": data or {}, "v": ENTRY_VERSION,
                  "files": file_digests(self.run_dir, files), "prev": self._prev}
-        line = json.dumps(entry, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+        # Redacted before it is hashed and written: a secret never enters the chain.
+        line = redact(json.dumps(entry, sort_keys=True, ensure_ascii=False,
+                                 default=str)).encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line + b"\n")

@@ -59,6 +59,7 @@ class RunResumed(EventData):
     round: int | None = None
     settings_changed: list[str] | None = None  # 'field: old -> new' (safe changes only)
     extended_to: int | None = None  # a finished run extended to this many rounds
+    rounds: int | None = None  # the rounds this opening goes to (loop.rounds may change on resume)
     mode: str | None = None
 
 

@@ -12,6 +12,7 @@ are a red message and exit code 2, never a traceback.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import NoReturn
 
@@ -29,6 +30,39 @@ app = typer.Typer(
 )
 # emoji=False: ":name:" codes in data (instruction ids, file names) are text, not emoji.
 console = Console(emoji=False)
+
+
+@app.callback()
+def _every_command() -> None:
+    # Whatever a command prints (our messages, library warnings, log lines) passes the one
+    # redaction first: a key from the environment or a URL never reaches a terminal or a log.
+    from mosaic.redact import install_stream_redaction
+
+    install_stream_redaction()
+    if not (sys.stdout.isatty() or sys.stderr.isatty()):
+        _quiet_libraries()
+
+
+# Libraries whose progress bars and FutureWarnings are noise in a log (`mosaic run > log`).
+_LIBRARIES = r"(transformers|torch|peft|trl|accelerate|datasets|huggingface_hub)(\.|$)"
+
+
+def _quiet_libraries() -> None:
+    """Without a terminal: no per-load `Loading weights` bars from transformers (it reads the
+    hub's switch when imported; training and Ray subprocesses inherit it through the
+    environment) and no library FutureWarnings; MOSAIC logs one line per stage instead."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # Child processes cannot take a module pattern from the environment: all FutureWarnings.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=_LIBRARIES)
+    if "transformers" in sys.modules:  # already imported (a test calling the CLI in-process)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 DEFAULT_CONFIG = Path("configs/sandbox.yaml")
 
@@ -86,6 +120,43 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataFormatError, FileNotFoundError, EndpointError, WorldError,
             ModelLoadError, BaseModelError, PoolError, TrainingDataError, RunConfigError,
             EmbeddingJudgeError, JudgeRangeError, AuditRefused)
+
+
+def _os_problem(err: BaseException, run_dir: object | None = None) -> str | None:
+    """The message for an OS error the user can fix (a full disk, a read-only or missing
+    folder, a path that is not a folder, a name too long), or None for one that is MOSAIC's
+    defect (then the traceback is the report). SQLite says the same things in its own words."""
+    import errno
+    import sqlite3
+
+    if isinstance(err, sqlite3.OperationalError):
+        text = str(err).lower()
+        code = (errno.ENOSPC if "full" in text else errno.EROFS if "readonly" in text
+                else errno.EACCES if "unable to open" in text or "permission" in text else None)
+        where, why = None, str(err)
+    elif isinstance(err, OSError):
+        code, where, why = err.errno, err.filename, err.strerror or str(err)
+    else:
+        return None
+    fixes = {
+        errno.ENOSPC: "free some space, then run the same command again (or `mosaic run "
+                      "--resume RUN_DIR`): finished stages are kept and the run continues where "
+                      "it stopped",
+        errno.EDQUOT: "free some space within your quota, then run the same command again",
+        errno.EROFS: "the file system is read-only: choose a writable run_dir",
+        errno.EACCES: "you may not write there: fix its permissions or choose another run_dir",
+        errno.EPERM: "you may not write there: fix its permissions or choose another run_dir",
+        errno.ENOENT: "a folder on that path does not exist: check the path",
+        errno.ENOTDIR: "a part of that path is a file, not a folder: check the path",
+        errno.EISDIR: "that path is a folder where a file was expected: check the path",
+        errno.ENAMETOOLONG: "the path is too long: choose a shorter run_dir",
+        errno.ELOOP: "the path has a symbolic link loop: check the path",
+        errno.EMFILE: "too many open files: raise `ulimit -n` and run it again",
+    }
+    if code not in fixes:
+        return None
+    place = f" ({where})" if where else f" (run folder {run_dir})" if run_dir else ""
+    return f"cannot write or read a file{place}: {why}; {fixes[code]}"
 
 
 def _read_action_file(path: Path, what: str = "action") -> bytes:
@@ -389,6 +460,44 @@ def build_dataset_cmd(
          f"and {out}/manifest.json")
 
 
+agentdojo_app = typer.Typer(help="Real AgentDojo suites (optional extra: pip install 'mosaic[agentdojo]').",
+                            no_args_is_help=True)
+app.add_typer(agentdojo_app, name="agentdojo")
+
+
+@agentdojo_app.command("build")
+def agentdojo_build_cmd(
+    out: Path = typer.Option(..., "--out", help="Folder to write: eval/, pools/, agentdojo.json."),
+    suites: str = typer.Option("workspace,travel", "--suites",
+                               help="Train suites (pools), comma-separated."),
+    heldout: str = typer.Option("banking,slack", "--heldout",
+                                help="Held-out suites (eval sets only, never pooled)."),
+    eval_attacked: int = typer.Option(24, "--eval-attacked", min=0,
+                                      help="Attacked (user task, injection) pairs per held-out suite."),
+    eval_benign: int = typer.Option(8, "--eval-benign", min=0,
+                                    help="Benign items (no injection) per held-out suite."),
+    pool_pairs: int = typer.Option(40, "--pool-pairs", min=1,
+                                   help="Chosen/rejected pairs per train suite."),
+    seed: int = typer.Option(0, "--seed", help="Which pairs are sampled."),
+) -> None:
+    """Eval sets (held-out suites, AgentDojo's important_instructions attack) and preference
+    pools (train suites, other attack templates) in the agentic type's format; docs/agentdojo.md."""
+    from mosaic.eval.agentdojo import AgentDojoMissing
+    from mosaic.tools.agentdojo_build import build
+
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    try:
+        summary = build(out, split(suites), split(heldout), eval_attacked=eval_attacked,
+                        eval_benign=eval_benign, pool_pairs=pool_pairs, seed=seed)
+    except (AgentDojoMissing, ValueError) as e:
+        _fail(e)
+    for f in summary.files:
+        drop = f"  dropped {f.dropped}" if any(f.dropped.values()) else ""
+        _say(f"{f.split:4} {f.suite:9} {f.rows:4} rows ({f.attacked} attacked, {f.benign} benign) "
+             f"-> {f.path}{drop}")
+    _say(f"wrote {Path(out) / 'agentdojo.json'} (source and licence: {summary.source})")
+
+
 @app.command("check-data")
 def check_data_cmd(
     path: Path = typer.Argument(..., help="Pool or eval set (parquet or JSONL)."),
@@ -683,8 +792,9 @@ def annotate_cmd(
                                                  "POOL, atomically)."),
     judge_kind: str = typer.Option(None, "--judge", help="rule, llm or guard (default: the "
                                                          "config's judge.kind)."),
-    concurrency: int = typer.Option(None, "--concurrency", min=1, help="Requests in flight "
-                                                                      "(default: the judge "
+    concurrency: int = typer.Option(None, "--concurrency", min=1, help="Requests in flight, per "
+                                                                      "Ray worker on the ray "
+                                                                      "engine (default: the judge "
                                                                       "endpoint's concurrency)."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Rows per batch (default "
                                                                      "4 x concurrency, min 64); "
@@ -707,7 +817,8 @@ def annotate_cmd(
                                TimeElapsedColumn, TimeRemainingColumn)
 
     from mosaic.eval import build_judge
-    from mosaic.eval.annotate import AtomCache, EndpointDown, annotate_file
+    from mosaic.engine import RayUnavailableError
+    from mosaic.eval.annotate import AtomCache, EndpointDown, WorkersLost, annotate_file
     from mosaic.eval.judge import JudgeRangeError, check_judge_range
     from mosaic.llm import endpoint_secrets
 
@@ -735,7 +846,10 @@ def annotate_cmd(
     except JudgeRangeError as e:
         _fail(e)
     atom_cache = AtomCache(cache or Path(cfg.judge.cache_dir) / "annotate.sqlite")
-    _say(f"annotating {pool} ({objective}, {type_name}) with {judge.name}; cache "
+    on_ray = cfg.runtime.engine == "ray"
+    where = (f" on Ray ({cfg.runtime.ray.workers} workers, each with its own judge)"
+             if on_ray else "")
+    _say(f"annotating {pool} ({objective}, {type_name}) with {judge.name}{where}; cache "
          f"{atom_cache.path} ({len(atom_cache):,} entries)")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("rows"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -746,12 +860,16 @@ def annotate_cmd(
             summary = annotate_file(
                 pool, type_name, judge, out=out, objective=objective, cache=atom_cache,
                 batch_size=batch, rescore=rescore, allow_out_of_range=allow, secrets=secrets,
-                progress=lambda done, total: progress.update(task, completed=done, total=total))
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+                ray_config=cfg if on_ray else None)
     except KeyboardInterrupt:
         _say(f"interrupted; {len(atom_cache):,} cached entries kept in {atom_cache.path}: rerun "
              f"the same command to resume", "yellow")
         raise typer.Exit(130) from None
-    except (EndpointDown, *_user_errors()) as e:
+    except WorkersLost as e:
+        _say(str(e), "red")
+        raise typer.Exit(1) from None
+    except (EndpointDown, RayUnavailableError, *_user_errors()) as e:
         _fail(e)
     finally:
         atom_cache.close()
@@ -844,6 +962,26 @@ def doctor_cmd(
         raise typer.Exit(2)
 
 
+def _input_precheck(cfg) -> None:
+    """Every pool, eval and held-out file of a new run read and validated before its run
+    folder is made: a missing file, a 0-row eval set or an empty pool found after the baseline
+    left a folder behind that then refused the corrected config. Raises the data error."""
+    from mosaic.data import load_eval_set, load_pool_table
+
+    if (Path(cfg.run_dir) / "config.yaml").is_file():
+        return  # a started run: its inputs were checked when it started (and are hashed)
+    for name, obj in cfg.objectives.items():
+        for field, path in (("pool", obj.pool), ("eval", obj.eval), ("heldout", obj.heldout)):
+            if not path:
+                continue
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"objectives.{name}.{field}: file not found: {path}")
+            if field == "pool":
+                load_pool_table(path, obj.type, name)
+            else:
+                load_eval_set(path, obj.type, name)
+
+
 def _judge_range_precheck(cfg) -> None:
     """Refuse at once (not after the base model is built) when the judge is outside its
     measured range on the eval files that exist now (the sandbox's are generated later, and
@@ -928,6 +1066,7 @@ def run_main(cfg) -> None:
     if cfg.world.kind == "sandbox":
         _sandbox_world(cfg)
         setup["world"] = time.perf_counter() - start
+    _input_precheck(cfg)  # before the base model (minutes on a fresh machine) and the folder
     if cfg.inference.backend != "openai" or cfg.model.base == "sandbox":
         t = time.perf_counter()
         _base_model(cfg)  # built before the live display, with its own progress bar
@@ -947,7 +1086,9 @@ def run_main(cfg) -> None:
         with LoopProgress(console, cfg.loop.rounds) as live:
             def progress(event) -> None:
                 live.event(event)
-                if event.status == "done" and event.stage in ("baseline", "evaluate"):
+                # Without a terminal, live.event already logged the stage with its figures.
+                if (console.is_terminal and event.status == "done"
+                        and event.stage in ("baseline", "evaluate")):
                     live.say(f"{'baseline' if event.round == 0 else f'round {event.round}'} "
                              f"evaluated in {event.seconds:.0f}s")
 
@@ -996,12 +1137,19 @@ def run_cmd(
     """The main job: baseline + loop.rounds planner rounds on a config (default
     configs/sandbox.yaml). Resumable: rerunning continues a killed run where it stopped, reprints
     a finished run without recomputing, and extends it when loop.rounds was raised."""
+    import sqlite3
+
     cfg = _saved_run(resume) if resume is not None else _load(config)
     _audit_reopen(Path(cfg.run_dir), repair_audit)
     try:
         run_main(cfg)
     except _user_errors() as e:
         _fail(e)
+    except (OSError, sqlite3.OperationalError) as e:
+        problem = _os_problem(e, cfg.run_dir)
+        if problem is None:
+            raise
+        _fail(problem)
 
 
 def _audit_reopen(run_dir: Path, repair: bool) -> None:
@@ -1032,11 +1180,19 @@ def _saved_run(run_dir: Path):
     from mosaic.config import ConfigError
     from mosaic.run_store import saved_config
 
+    from mosaic.config import ENV_PREFIX, masked_urls
+
     try:
         # The folder may have moved since the run started: it is where the run is now.
-        return saved_config(run_dir).model_copy(update={"run_dir": str(run_dir)})
+        cfg = saved_config(run_dir).model_copy(update={"run_dir": str(run_dir)})
     except ConfigError as e:
         _fail(e)
+    for field in masked_urls(cfg):
+        # Credentials in URLs are never saved: a request on the masked URL refuses to go out.
+        _say(f"note: {field} had credentials, which the run folder does not keep; give the full "
+             f"URL as {ENV_PREFIX}{field.replace('.', '__')}=... if this run needs that "
+             f"endpoint", "yellow")
+    return cfg
 
 
 def _base_model(cfg) -> None:
@@ -1062,9 +1218,11 @@ def chat_cmd(
     then approve, reject with a reason, edit focus/buckets/mixture/threshold, or set standing
     floors, ceilings, change limits and acceptance guards. /quit pauses; running this again
     continues at the same pause. Reads commands from stdin when it is not a terminal."""
+    import sqlite3
     import sys
 
     from mosaic.agents.chat_session import ChatSession
+    from mosaic.chat_input import MAX_INPUT_CHARS, input_problem
 
     cfg = _saved_run(target) if target.is_dir() else _load(target)
     _audit_reopen(Path(cfg.run_dir), repair_audit)
@@ -1073,13 +1231,29 @@ def chat_cmd(
     interactive = sys.stdin.isatty()
 
     def read_line(prompt: str) -> str | None:
-        if interactive:
-            try:
-                return console.input(prompt)
-            except EOFError:
-                return None
-        line = sys.stdin.readline()
-        return None if line == "" else line
+        # A line over the limit is refused here, before it reaches a command, the chat model,
+        # the audit log or the checkpoint (mosaic.chat_input); the person is asked again.
+        while True:
+            if interactive:
+                try:
+                    line = console.input(prompt)
+                except EOFError:
+                    return None
+            else:
+                line = sys.stdin.readline(MAX_INPUT_CHARS + 2)
+                if line == "":
+                    return None
+                size, rest = len(line), line
+                while rest and not rest.endswith("\n"):  # an overlong line: count, never keep
+                    rest = sys.stdin.readline(1 << 16)
+                    size += len(rest)
+                if size > len(line):
+                    _say(input_problem(line, size=size), "red")
+                    continue
+            problem = input_problem(line)
+            if problem is None:
+                return line
+            _say(problem, "red")
 
     _judge_warnings(cfg)
     if cfg.world.kind == "sandbox":
@@ -1091,6 +1265,11 @@ def chat_cmd(
         session.run()
     except _user_errors() as e:
         _fail(e)
+    except (OSError, sqlite3.OperationalError) as e:
+        problem = _os_problem(e, cfg.run_dir)
+        if problem is None:
+            raise
+        _fail(problem)
 
 
 # ---- a run explained: `mosaic audit` ------------------------------------------------------------
@@ -1297,7 +1476,9 @@ def _sample_answers(cfg, model_dir: Path, n: int) -> None:
 
 @app.command("round")
 def round_cmd(
-    action: Path = typer.Argument(..., help="Data action (JSON file) to check, build and train on."),
+    actions: list[Path] = typer.Argument(..., help="Data action (JSON file) to check, build and "
+                                                   "train on; several: candidates for the round, "
+                                                   "the archive's best is kept."),
     config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Run config (YAML)."),
     round_dir: Path = typer.Option(None, "--round-dir", help="Round folder (default "
                                    "<run_dir>/manual/<action file stem>)."),
@@ -1307,30 +1488,40 @@ def round_cmd(
 ) -> None:
     """Run one round by hand: check the action, build its training set, LoRA-train from the
     base model, evaluate. Rerunning on the same folder finishes only what did not finish, and
-    redoes a stage whose inputs (budget, seed, pools, training settings, ...) changed."""
+    redoes a stage whose inputs (budget, seed, pools, training settings, ...) changed. With
+    several actions, each is a candidate run in <round-dir>/candidates/<j> (as Ray tasks side
+    by side on runtime.engine: ray); the one giving the archive the largest hypervolume over
+    the baseline is kept, and every one is recorded in <round-dir>/candidates.json."""
     from mosaic.tools.run_round import RoundConflictError, dataset_stage, run_baseline, run_round
     from mosaic.tools.validate_action import format_problems
 
     cfg = _load(config)
-    if not action.is_file():
-        _fail(f"action file not found: {action}")
-    # Read (capped) and decoded before anything runs: an unreadable action is the person's
-    # error, and finding it after the baseline evaluation would waste that time.
-    raw = _read_action_file(action)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        _fail(f"action file {action} is not UTF-8 text (invalid byte at offset {e.start}); "
-              f"save it as UTF-8 JSON")
+    texts = []
+    for action in actions:
+        if not action.is_file():
+            _fail(f"action file not found: {action}")
+        # Read (capped) and decoded before anything runs: an unreadable action is the person's
+        # error, and finding it after the baseline evaluation would waste that time.
+        raw = _read_action_file(action)
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            _fail(f"action file {action} is not UTF-8 text (invalid byte at offset {e.start}); "
+                  f"save it as UTF-8 JSON")
     base_dir = Path(cfg.run_dir) / "manual"
-    round_dir = round_dir or base_dir / action.stem
+    round_dir = round_dir or base_dir / (actions[0].stem if len(actions) == 1
+                                         else "+".join(a.stem for a in actions))
     _judge_warnings(cfg)
+    if len(actions) > 1:
+        _round_candidates(cfg, actions, texts, round_dir, base_dir, index, heldout)
+        return
+    text = texts[0]
     try:
         # Check first: a bad action is rejected in seconds, before the baseline (and on a
         # fresh machine the base model) is built.
         verdict, _ = dataset_stage(cfg, text, round_dir, round_index=index, progress=_progress)
         if not verdict.ok:
-            _say(f"the check rejected {action}:", "red")
+            _say(f"the check rejected {actions[0]}:", "red")
             _say(format_problems(verdict))
             raise typer.Exit(2)
         baseline = run_baseline(cfg, base_dir / "baseline", heldout=heldout, progress=_progress)
@@ -1340,6 +1531,41 @@ def round_cmd(
         _fail(e)
     _print_round_comparison(baseline, result)
     _say(f"round folder: {round_dir}")
+
+
+def _round_candidates(cfg, actions: list[Path], texts: list[str], round_dir: Path,
+                      base_dir: Path, index: int, heldout: bool) -> None:
+    from mosaic.io import read_record
+    from mosaic.schemas import EvalReport
+    from mosaic.tools.archive import add_point, new_archive, point_from_reports
+    from mosaic.tools.candidates import Candidate, run_candidates
+    from mosaic.tools.run_round import RoundConflictError, run_baseline
+    from mosaic.tools.validate_action import format_problems
+
+    try:
+        baseline = run_baseline(cfg, base_dir / "baseline", heldout=heldout, progress=_progress)
+        # The baseline is the archive's first point: a candidate is kept for what it adds to it.
+        report = read_record(base_dir / "baseline" / "eval" / "eval_report.json", EvalReport)
+        archive, _ = add_point(new_archive(list(cfg.objectives)), point_from_reports(0, report))
+        got = run_candidates(cfg, [Candidate(action=t, author="human") for t in texts],
+                             round_dir, round_index=index, archive=archive, heldout=heldout,
+                             progress=_progress)
+    except (RoundConflictError, *_user_errors()) as e:
+        _fail(e)
+    for c, action in zip(got.candidates, actions):
+        if c.result.status == "rejected":
+            _say(f"candidate {c.index + 1} ({action}): the check rejected it:", "red")
+            _say(format_problems(c.result.verdict))
+            continue
+        d = c.decision
+        _say(f"candidate {c.index + 1} ({action}): hypervolume {d.hypervolume_after:.4f}"
+             f"{' (on the front)' if d.on_front else ''}{'  <- kept' if c.kept else ''}")
+    if got.kept_outcome is None:
+        _say("the check rejected every candidate", "red")
+        raise typer.Exit(2)
+    _print_round_comparison(baseline, got.kept_outcome.result)
+    _say(f"round folder: {round_dir} (every candidate in {round_dir / 'candidates'}, the record "
+         f"in {round_dir / 'candidates.json'})")
 
 
 def _print_round_comparison(baseline, result) -> None:

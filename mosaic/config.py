@@ -17,10 +17,24 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mosaic.redact import looks_secret
+from mosaic.redact import looks_secret, redact_url, register_config_secrets
 
 ENV_PREFIX = "MOSAIC__"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Names that become path components (objective names are folder names under every round; the
+# run name labels reports): a letter or digit first, so "", ".", ".." and hidden names are out,
+# and no separators, so "../../X" cannot write outside the run folder.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+SAFE_NAME_HINT = ("1-64 letters, digits, '_', '-' or '.', starting with a letter or digit "
+                  "(it becomes a folder name)")
+
+
+def check_safe_name(value: str, what: str) -> str:
+    """`value` if it can be a path component; otherwise a ValueError saying what is allowed."""
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value):
+        shown = repr(value) if isinstance(value, str) and len(value) <= 80 else "(too long)"
+        raise ValueError(f"{what} {shown} is not a safe name: use {SAFE_NAME_HINT}")
+    return value
 
 
 class ConfigError(ValueError):
@@ -29,6 +43,15 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # Most settings are paths or become part of one; the OS refuses a NUL byte in a path
+        # with a bare ValueError deep inside a stage, so it is refused here, naming the field.
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("contains a NUL byte (\\x00), which no file name or URL may hold")
+        return value
 
 
 class EndpointConfig(Section):
@@ -87,6 +110,10 @@ class WorldConfig(Section):
     eval_size: int = Field(240, ge=20)
     heldout_size: int = Field(240, ge=20)
     base_corpus_size: int = Field(6000, ge=100)
+    # The tool world (mosaic/sandbox/tool_world.py): adds the `agentic` objective's pools and
+    # eval sets and tool conversations to the base corpus (a different corpus, tokenizer and
+    # so base model cache entry); off, the world is byte-identical to one without it.
+    tool_world: bool = False
 
 
 class ModelConfig(Section):
@@ -100,7 +127,8 @@ class ModelConfig(Section):
 
 
 class TrainingConfig(Section):
-    method: Literal["sft", "dpo"] = "sft"
+    # sft | dpo | sft+dpo (SFT on the chosen answers, then DPO from there on the same pairs)
+    method: Literal["sft", "dpo", "sft+dpo"] = "sft"
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
@@ -109,6 +137,19 @@ class TrainingConfig(Section):
     epochs: float = Field(1.0, gt=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     dpo_beta: float = Field(0.1, gt=0)
+    # DPO's own learning rate (null: learning_rate). The sandbox values of beta and the rate
+    # come from a measured sweep (bench/dpo_vs_sft.py, docs/dpo-sweep.json).
+    dpo_learning_rate: float | None = Field(None, gt=0)
+    # trl loss: sigmoid (DPO), sigmoid_norm (per-token normalised: no pull towards long
+    # answers) or ipo.
+    dpo_loss: Literal["sigmoid", "sigmoid_norm", "ipo"] = "sigmoid"
+    # Weight of an NLL term on the chosen answer added to the DPO loss (trl's "sft" loss, as in
+    # RPO): keeps the chosen answer likely while the margin grows. 0: plain DPO.
+    dpo_sft_weight: float = Field(0.0, ge=0)
+    # Length penalty for pairs of unequal length (trajectories): tokens of the longer answer
+    # past the shorter one's length count with this weight (trl's LD-DPO `ld_alpha`);
+    # null: every token counts (plain DPO), 0: only the shared length counts.
+    dpo_length_alpha: float | None = Field(None, ge=0, le=1)
     seed: int = 0
     # `inprocess` trains in this process; `accelerate` runs the same trainer as `processes`
     # ranks under torchrun (the trainer's Accelerator: DDP over NCCL on GPUs, gloo on CPU; FSDP
@@ -203,6 +244,9 @@ class PlannerConfig(Section):
     kind: Literal["heuristic", "llm"] = "heuristic"
     endpoint: EndpointConfig | None = None
     max_revisions: int = Field(3, ge=0)
+    # The heuristic planner's rule R9: off (every objective SFT) or the preference method it
+    # tries per objective and keeps where its rounds gained more than SFT's.
+    preference: Literal["off", "dpo", "sft+dpo"] = "off"
 
     @model_validator(mode="after")
     def _endpoint_for_llm(self) -> "PlannerConfig":
@@ -281,7 +325,7 @@ class LoopConfig(Section):
 
 
 class MosaicConfig(Section):
-    name: str = "mosaic"
+    name: str = "mosaic"  # the run's name (a safe identifier: see SAFE_NAME)
     run_dir: str = "runs/sandbox"
     seed: int = 0
     budget: BudgetConfig = BudgetConfig()
@@ -297,6 +341,24 @@ class MosaicConfig(Section):
     loop: LoopConfig = LoopConfig()
     cache: CacheConfig = CacheConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_run_name(cls, value: str) -> str:
+        return check_safe_name(value, "run name")
+
+    @field_validator("objectives")
+    @classmethod
+    def _safe_objective_names(cls, value: dict[str, ObjectiveConfig]) -> dict[str, ObjectiveConfig]:
+        folded: dict[str, str] = {}
+        for name in value:
+            check_safe_name(name, "objective name")
+            # On case-insensitive file systems (macOS, Windows) these would share one folder.
+            if name.lower() in folded:
+                raise ValueError(f"objective names {folded[name.lower()]!r} and {name!r} differ "
+                                 f"only in case; their folders would collide; rename one")
+            folded[name.lower()] = name
+        return value
 
     @model_validator(mode="after")
     def _check_objectives(self) -> "MosaicConfig":
@@ -412,11 +474,47 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None,
     if overrides:
         data = _merge(data, overrides)
     try:
-        return MosaicConfig.model_validate(data)
+        config = MosaicConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(str(path), e, _env_vars(environ))) from None
+    # From here on, every text MOSAIC prints or writes hides the keys and URL credentials
+    # this config points at (mosaic.redact).
+    register_config_secrets(config)
+    return config
+
+
+_ENDPOINT_PATHS = (("inference", "endpoint"), ("judge", "endpoint"), ("planner", "endpoint"),
+                   ("chat", "endpoint"), ("judge", "guard", "fallback_endpoint"))
+
+
+def public_settings(config: MosaicConfig) -> dict[str, Any]:
+    """The settings as saved and shown: credentials in endpoint URLs (`user:pass@`,
+    `?api_key=`) are ***; keys themselves are never held (endpoints name their variable)."""
+    data = config.model_dump(mode="json")
+    for path in _ENDPOINT_PATHS:
+        node: Any = data
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get("base_url"):
+            node["base_url"] = redact_url(node["base_url"])
+    return data
+
+
+def masked_urls(config: MosaicConfig) -> list[str]:
+    """Endpoint URL fields whose credentials were masked when saved (`***`): a run resumed
+    from its saved settings needs them given again."""
+    out = []
+    for path in _ENDPOINT_PATHS:
+        node: Any = config
+        for key in path:
+            node = getattr(node, key, None)
+        url = getattr(node, "base_url", None)
+        if url and redact_url(url) == url and "***" in url:
+            out.append(".".join(path) + ".base_url")
+    return out
 
 
 def dump_config(config: MosaicConfig) -> str:
-    """YAML of the resolved settings, as saved into the run folder (no secrets are held)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """YAML of the resolved settings, as saved into the run folder and printed by `mosaic
+    config` (no secrets: see `public_settings`)."""
+    return yaml.safe_dump(public_settings(config), sort_keys=False)

@@ -132,6 +132,15 @@ class LoopProgress:
                     f"{_clock(elapsed)} elapsed{eta}", style="cyan")
 
     def event(self, e: Any) -> None:
+        if not self.console.is_terminal:
+            # A log, not a screen: no live line to redraw; one line per finished stage.
+            if e.status == "done":
+                where = "baseline" if e.round == 0 else f"round {e.round}/{self.rounds}"
+                figures = f": {e.detail}" if e.detail else ""
+                # soft_wrap: a log line stays one line whatever the console width.
+                self.console.print(Text(f"{where} · {e.stage} done in {e.seconds:.1f}s{figures}"),
+                                   soft_wrap=True)
+            return
         self._start()
         now = time.monotonic()
         if e.status == "start":
@@ -147,6 +156,40 @@ class LoopProgress:
         self.console.print(Text(message, style="dim"))
         if self.active:
             self.live.update(self._line())
+
+
+def _scores(scores: dict[str, float | None] | None) -> str:
+    return " ".join(f"{n} {'-' if v is None else f'{v:.3f}'}" for n, v in (scores or {}).items())
+
+
+def stage_figures(result: Any) -> str:
+    """The figures of a finished loop stage in one line (what `mosaic run` logs per stage when
+    its output is not a terminal): scores, rows and tokens, steps and loss, a verdict."""
+    parts: list[str] = []
+    items = result if isinstance(result, tuple) else (result,)
+    for item in items:
+        name = type(item).__name__
+        if name == "RoundResult":
+            parts.append(f"eval {_scores(item.scores)}")
+            if item.heldout_scores:
+                parts.append(f"held-out {_scores(item.heldout_scores)}")
+        elif name == "DatasetManifest":
+            parts.append(f"{item.total_rows:,} rows, {item.total_tokens:,} tokens "
+                         f"(budget {item.budget:,})")
+        elif name == "TrainResult":
+            loss = "-" if item.final_loss is None else f"{item.final_loss:.3f}"
+            parts.append(f"{item.train_rows:,} rows, {item.train_tokens:,} tokens, "
+                         f"{item.steps:,} steps, final loss {loss}")
+        elif name == "ActionVerdict":
+            if item.status == "invalid" or len(items) == 1:  # a build's passing verdict: implied
+                parts.append(f"{item.status}" + (f", {len(item.problems)} problem(s)"
+                                                 if item.problems else ""))
+        elif name == "Proposal":
+            parts.append(f"{item.planner} planner" + (f" ({item.error})" if item.error else ""))
+        elif isinstance(item, dict) and item and all(
+                isinstance(v, (float, int, type(None))) for v in item.values()):
+            parts.append(("eval " if not parts else "held-out ") + _scores(item))
+    return "; ".join(parts)
 
 
 def _clock(seconds: float) -> str:

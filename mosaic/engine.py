@@ -93,25 +93,35 @@ def _stage_actor_class() -> type:
     return StageActor
 
 
+PartCallback = Callable[[list[int], list[Any]], None]
+
+
 def map_rows(factory: Callable[..., Stage], rows: Sequence[dict[str, Any]], *,
              kwargs: dict[str, Any] | None = None, runtime: "RuntimeConfig",
-             batch_rows: int, what: str = "stage") -> list[Any]:
+             batch_rows: int, what: str = "stage", on_part: PartCallback | None = None,
+             ) -> list[Any]:
     """Results of `factory(**kwargs)` over `rows`, in row order, on the configured engine.
 
     `rows` hold only JSON-like values (they travel as Arrow); results are JSON-serialisable.
     Local: one stage instance, one call over all rows. Ray: batches of `batch_rows` rows over
-    `runtime.ray.workers` actors.
+    `runtime.ray.workers` actors. `on_part(positions, results)` (optional) is called as each
+    batch comes back, in completion order, each row exactly once (a batch rerun after its
+    worker died is delivered once): progress, or committing results before the run ends. An
+    exception it raises stops the pipeline and propagates.
     """
     kwargs = dict(kwargs or {})
     if runtime.engine == "local" or not rows:
-        return list(factory(**kwargs)(list(rows)))
+        results = list(factory(**kwargs)(list(rows)))
+        if on_part is not None and rows:
+            on_part(list(range(len(rows))), results)
+        return results
     return _map_rows_ray(factory, rows, kwargs=kwargs, runtime=runtime,
-                         batch_rows=batch_rows, what=what)
+                         batch_rows=batch_rows, what=what, on_part=on_part)
 
 
 def _map_rows_ray(factory: Callable[..., Stage], rows: Sequence[dict[str, Any]], *,
                   kwargs: dict[str, Any], runtime: "RuntimeConfig", batch_rows: int,
-                  what: str) -> list[Any]:
+                  what: str, on_part: PartCallback | None) -> list[Any]:
     import pyarrow as pa
 
     ensure_ray(runtime)
@@ -140,16 +150,28 @@ def _map_rows_ray(factory: Callable[..., Stage], rows: Sequence[dict[str, Any]],
             max_restarts=settings.max_retries, max_task_retries=settings.max_retries)
     log.info("%s: %d rows in %d batches of %d over %d Ray workers", what, len(rows), n_batches,
              batch_rows, workers)
-    out = ds.to_arrow_refs()
     results: list[Any] = [None] * len(rows)
     seen = [False] * len(rows)
-    for ref in out:
-        part = ray.get(ref)
-        for i, r in zip(part.column(ORDER).to_pylist(), part.column(RESULT).to_pylist()):
-            if seen[i]:
-                raise RuntimeError(f"{what}: row {i} came back twice from the Ray pipeline")
-            seen[i] = True
-            results[i] = json.loads(r)
+    # Streamed block by block as the workers finish them (not gathered at the end), so a
+    # caller can commit each batch's results while the rest are still running.
+    parts = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
+    try:
+        for part in parts:
+            positions = part.column(ORDER).to_pylist()
+            values = [json.loads(r) for r in part.column(RESULT).to_pylist()]
+            for i, r in zip(positions, values):
+                if seen[i]:
+                    raise RuntimeError(f"{what}: row {i} came back twice from the Ray pipeline")
+                seen[i] = True
+                results[i] = r
+            if on_part is not None:
+                on_part(positions, values)
+    finally:
+        # Stopped early (on_part raised): shut the pipeline and its actors down now, not when
+        # the traceback holding the iterator is collected; the next pipeline needs the CPUs.
+        close = getattr(parts, "close", None)
+        if close is not None:
+            close()
     missing = [i for i, s in enumerate(seen) if not s]
     if missing:
         raise RuntimeError(f"{what}: {len(missing)} of {len(rows)} rows did not come back from "

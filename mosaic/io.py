@@ -53,7 +53,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """`text` written atomically, secrets redacted (mosaic.redact: every text MOSAIC writes)."""
+    from mosaic.redact import redact
+
+    atomic_write_bytes(path, redact(text).encode("utf-8"))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -68,8 +71,7 @@ def atomic_write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
     """Let `writer` produce a file at a temporary path (e.g. pyarrow.parquet.write_table), then
     fsync and rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_beside(path)
     os.close(fd)
     try:
         writer(Path(tmp))
@@ -83,10 +85,17 @@ def atomic_write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
         raise
 
 
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file in `path`'s folder (made if missing), where every atomic write
+    starts: a full disk or a read-only folder fails here, before anything is replaced (tests
+    patch this to simulate them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+
 def _atomic(path: str | Path, write: Callable[[Any], Any]) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mosaic.config import EndpointConfig
-from mosaic.redact import redact
+from mosaic.redact import redact, redact_url, register_secrets, url_secrets
 
 if TYPE_CHECKING:
     import openai
@@ -46,9 +46,10 @@ class EndpointError(RuntimeError):
 
 
 def endpoint_secrets(endpoint: EndpointConfig) -> tuple[str, ...]:
-    """The key value configured for `endpoint` (from its environment variable), if any."""
+    """The key value configured for `endpoint` (from its environment variable), if any, and
+    the credentials its base URL carries."""
     value = os.environ.get(endpoint.api_key_env)
-    return (value,) if value else ()
+    return ((value,) if value else ()) + tuple(url_secrets(endpoint.base_url))
 
 
 def make_client(endpoint: EndpointConfig, *, max_retries: int | None = None,
@@ -60,6 +61,15 @@ def make_client(endpoint: EndpointConfig, *, max_retries: int | None = None,
     """
     import openai
 
+    if endpoint.base_url and redact_url(endpoint.base_url) == endpoint.base_url \
+            and "***" in endpoint.base_url:
+        # Settings saved in a run folder hold URLs with their credentials masked.
+        raise EndpointError(f"{endpoint.base_url} has its credentials masked (***): a run folder "
+                            f"never keeps them; give the full URL again with the MOSAIC__... "
+                            f"override of this endpoint's base_url", "masked_credentials")
+    # Whatever this client sends may come back in a reply or an error: from now on the
+    # process hides it wherever it prints or writes (mosaic.redact).
+    register_secrets(endpoint_secrets(endpoint))
     return openai.OpenAI(
         base_url=endpoint.base_url,
         api_key=endpoint.api_key(),
@@ -271,7 +281,8 @@ def chat_completion(client: "openai.OpenAI", model: str, messages: Sequence[dict
         raise MalformedResponse(f"first choice has no message: {str(choices[0])[:200]!r}")
     if usage is not None:
         usage.add(response)
-    return message.content or ""
+    # A server may echo the key in a normal 200 reply: redacted before anyone stores it.
+    return redact(message.content or "")
 
 
 def text_completion(client: "openai.OpenAI", model: str, prompt: str, *, max_tokens: int,
@@ -290,7 +301,7 @@ def text_completion(client: "openai.OpenAI", model: str, prompt: str, *, max_tok
         raise MalformedResponse(f"first choice has no text: {str(choices[0])[:200]!r}")
     if usage is not None:
         usage.add(response)
-    return text
+    return redact(text)
 
 
 def chat_message(client: "openai.OpenAI", model: str, messages: Sequence[dict[str, Any]], *,
@@ -302,7 +313,15 @@ def chat_message(client: "openai.OpenAI", model: str, messages: Sequence[dict[st
     choices = getattr(response, "choices", None)
     if not choices or getattr(choices[0], "message", None) is None:
         raise MalformedResponse(f"response has no message: {str(response)[:200]!r}")
-    return choices[0].message
+    message = choices[0].message
+    # Redacted like `chat_completion`'s text: the content and every tool call's arguments.
+    if isinstance(message.content, str):
+        message.content = redact(message.content)
+    for call in getattr(message, "tool_calls", None) or ():
+        function = getattr(call, "function", None)
+        if function is not None and isinstance(function.arguments, str):
+            function.arguments = redact(function.arguments)
+    return message
 
 
 def response_format(endpoint: EndpointConfig, name: str, schema: dict[str, Any]

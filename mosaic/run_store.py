@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from mosaic.config import ConfigError, MosaicConfig, dump_config
+from mosaic.config import ConfigError, MosaicConfig, dump_config, public_settings
 from mosaic.io import atomic_write_text
 from mosaic.markers import changed_inputs
 
@@ -94,6 +94,8 @@ def saved_config(run_dir: str | Path) -> MosaicConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a MOSAIC run folder: it has no {CONFIG_FILE}")
+    # URL credentials are saved as *** (mosaic.config.public_settings): a client built on such
+    # a URL refuses (mosaic.llm.make_client) until the URL is given again (`masked_urls`).
     return load_config(path)
 
 
@@ -114,7 +116,13 @@ def open_run(config: MosaicConfig) -> list[str]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise RunConfigError(f"{path} cannot be read ({type(e).__name__}); restore it or start "
                              f"a new run folder") from None
-    new = config.model_dump(mode="json")
+    new = public_settings(config)  # as saved: URL credentials are *** on both sides
+    try:
+        # A setting added since the run started reads as its default there, which is what the
+        # run used: it is no change (so folders from before it existed still resume).
+        old = public_settings(type(config).model_validate(old))
+    except ValueError:
+        pass  # compared as saved: the changes then name what no longer fits
     changes = changed_inputs(old, new)
     unsafe = [c for c in changes if not _safe(c.split(":", 1)[0])]
     if unsafe:

@@ -14,6 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 SCHEMA_VERSION = 1
 
 Role = Literal["system", "user", "assistant"]
+# How a round trains on an objective's data: SFT on its rows, DPO on its pairs, or SFT on the
+# pairs' chosen answers followed by DPO on the same pairs.
+TrainMethod = Literal["sft", "dpo", "sft+dpo"]
+# A round's training set: one method, or `mixed` when objectives differ (`methods` says which).
+DatasetMethod = Literal["sft", "dpo", "sft+dpo", "mixed"]
+
+
+def data_method(method: str) -> Literal["sft", "dpo"]:
+    """The rows a method trains on: SFT rows, or preference pairs (dpo, sft+dpo)."""
+    return "sft" if method == "sft" else "dpo"
 
 
 class Strict(BaseModel):
@@ -147,6 +157,9 @@ class ObjectiveAction(Strict):
     # the action's global quality_threshold, so one pool can ask for only its best answers
     # without starving the others.
     quality_threshold: float | None = None
+    # This objective's training method this round; None: the action's `method`. Absent from
+    # actions written before it existed, which therefore mean what they meant then.
+    method: TrainMethod | None = None
 
     @field_validator("quality_threshold")
     @classmethod
@@ -161,13 +174,22 @@ class DataAction(Strict):
     mixture: dict[str, float]
     objectives: dict[str, ObjectiveAction] = Field(default_factory=dict)
     quality_threshold: float | None = None
-    method: Literal["sft", "dpo"] = "sft"
+    method: TrainMethod = "sft"  # every objective's, unless objectives.<name>.method says
     rationale: str = ""
 
     @field_validator("quality_threshold")
     @classmethod
     def _threshold_finite(cls, v: float | None) -> float | None:
         return None if v is None else _finite("quality_threshold", v)
+
+    def method_of(self, objective: str) -> TrainMethod:
+        """The training method of one objective this round."""
+        oa = self.objectives.get(objective)
+        return oa.method if oa is not None and oa.method is not None else self.method
+
+    def methods(self) -> dict[str, TrainMethod]:
+        """Method per objective with a positive mixture weight (what the round trains)."""
+        return {n: self.method_of(n) for n, w in self.mixture.items() if w > 0}
 
 
 class Problem(Strict):
@@ -217,7 +239,7 @@ class DatasetManifest(Strict):
     budget: int
     total_tokens: int
     total_rows: int
-    method: Literal["sft", "dpo"]
+    method: DatasetMethod
     action_hash: str
     pool_hashes: dict[str, str]
     output_hash: str
@@ -229,11 +251,13 @@ class DatasetManifest(Strict):
     max_length: int | None = None
     eval_items: int = 0  # distinct eval/held-out prompt hashes the overlap guard compared against
     notes: list[str] = Field(default_factory=list)
+    # A `mixed` set: objective -> method (its rows carry it in a `method` column).
+    methods: dict[str, TrainMethod] = Field(default_factory=dict)
 
 
 class TrainResult(Strict):
     schema_version: int = SCHEMA_VERSION
-    method: Literal["sft", "dpo"]
+    method: DatasetMethod
     base_model: str
     adapter_dir: str
     train_tokens: int
@@ -318,7 +342,7 @@ class PoolCapacity(Strict):
     """What one pool can supply under a threshold and focus criteria (tokens per bucket)."""
 
     objective: str
-    method: Literal["sft", "dpo"]
+    method: TrainMethod
     quality_threshold: float | None
     available_tokens: dict[str, int]  # bucket -> tokens left after every filter
     focus_tokens: dict[str, int]  # bucket -> of which match `include`
@@ -352,7 +376,9 @@ class ChatEdit(Strict):
         if self.op in ("focus", "exclude"):
             vals = ",".join(str(v) for v in self.values or [])
             return f"/{self.op} {o} {self.key}={vals}"
-        if self.op in ("reject", "note", "method"):
+        if self.op == "method":
+            return f"/method {o + ' ' if o else ''}{self.text or ''}".strip()
+        if self.op in ("reject", "note"):
             return f"/{self.op} {self.text or ''}".strip()
         if self.op in ("approve", "clear_limits"):
             return f"/{self.op}"
@@ -463,7 +489,7 @@ class ObjectiveUsage(Strict):
 class ManifestSummary(Strict):
     """A round's training set: rows and tokens per objective and bucket, focus rows used."""
 
-    method: Literal["sft", "dpo"] | None = None  # None: only the audit log's summary was there
+    method: DatasetMethod | None = None  # None: only the audit log's summary was there
     budget: int
     total_tokens: int
     total_rows: int

@@ -26,6 +26,9 @@ class Text:
     content: str
     delay_s: float = 0.0
     finish_reason: str = "stop"
+    # Echo what the client sent, as careless servers do in normal replies: "{authorization}"
+    # and "{path}" (with its query string) in `content` become the request's header and path.
+    echo: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,11 @@ class ScriptedOpenAIServer:
                 self._send_json(h, 200, self._completion(body or {}, answer))
             else:
                 rec.answer = "text"
+                if answer.echo:
+                    answer = Text(answer.content.replace("{authorization}",
+                                                         h.headers.get("Authorization") or "")
+                                  .replace("{path}", h.path), answer.delay_s,
+                                  answer.finish_reason)
                 if answer.delay_s:
                     time.sleep(answer.delay_s)
                 if route == "/v1/completions":

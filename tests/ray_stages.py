@@ -26,3 +26,29 @@ class StallFirstBatch(ReplayStage):
         os.close(fd)
         time.sleep(600)  # killed long before
         raise RuntimeError("the test did not kill this worker")
+
+
+def stall_first_responses(**kwargs):
+    """The real annotation stage (`mosaic.eval.annotate.AnnotateStage`), except that the first
+    worker to ask its judge for response atoms writes its pid to `victim.pid` beside the atom
+    cache and stalls there until it is killed (the test kills it): its batch's prompt atoms are
+    judged and committed, its response atoms are not."""
+
+    from mosaic.eval.annotate import AnnotateStage
+
+    stage = AnnotateStage(**kwargs)
+    claim = Path(kwargs["cache_path"]).parent / "victim.pid"
+    inner = stage.judge.response_atoms
+
+    def response_atoms(*args, **kw):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return inner(*args, **kw)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        time.sleep(600)  # killed long before
+        raise RuntimeError("the test did not kill this worker")
+
+    stage.judge.response_atoms = response_atoms
+    return stage

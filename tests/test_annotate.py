@@ -48,8 +48,10 @@ def pool_frame(n: int, faults: dict[int, str] | None = None) -> pd.DataFrame:
 
 
 def llm_config(server, tmp_path: Path, **endpoint) -> MosaicConfig:
+    # The timeout is far above what a reply takes on a busy machine, and the scripted timeout
+    # fault waits well past it, so the counts below do not depend on the machine's load.
     ep = {"base_url": server.base_url, "model": "judge-model", "api_key_env": "MOSAIC_TEST_KEY",
-          "timeout_s": 0.5, "max_retries": 3, "concurrency": 16, **endpoint}
+          "timeout_s": 4.0, "max_retries": 3, "concurrency": 16, **endpoint}
     return MosaicConfig.model_validate({
         "objectives": {"safety": {"type": "jailbreak"}},
         "judge": {"kind": "llm", "endpoint": ep, "cache_dir": str(tmp_path / "judge-cache")},
@@ -110,7 +112,7 @@ def test_annotate_batch_is_a_stage_function_with_a_content_keyed_cache(tmp_path)
 def test_endpoint_faults_are_retried_and_counted_and_failed_rows_listed(openai_server, tmp_path,
                                                                         monkeypatch):
     monkeypatch.setenv("MOSAIC_TEST_KEY", KEY)
-    script = JudgeScript(timeout_delay_s=1.0)
+    script = JudgeScript(timeout_delay_s=6.0)
     openai_server.responder = script
     faults = {1: "429", 3: "500", 5: "timeout", 7: "body", 9: "reply", 11: "always500"}
     pool = tmp_path / "safety.parquet"

@@ -102,6 +102,10 @@ def test_a_scripted_chat_session_steers_pauses_and_resumes(tiny_run_config, tmp_
     assert "[unknown_slice] $.objectives.safety.bucket_weights.complexity_9" in out
     assert "[below_floor] $.mixture.boundary" in out
     assert "paused at round 2" in out
+    # The pause is shown once in full (failures, the action as a table); each command after it
+    # shows only what changed, never the failure report or the action as raw JSON again.
+    assert out.count("failures of round 0") == 1 and '"mixture":' not in out
+    assert "objectives.safety.focus.include.pc_patterns: - -> P4_C3,P5_C3" in out
 
     log = read_log(run_dir)
     human = [e for e in log if e["event"].startswith("human_")]

@@ -268,7 +268,8 @@ def test_report_tables_print_names_literally():
              "base_corpus": dict(conversations=1, tokens=1, tokens_mean=1, tokens_max=1,
                                  over_300_tokens=0, kinds=hist, turns=hist),
              "tokenizer": {"vocab_size": 9}}
-    for table in world_tables(SimpleNamespace(root=Path("/data/[v2]/sandbox"), stats=stats)):
+    for table in world_tables(SimpleNamespace(root=Path("/data/[v2]/sandbox"), stats=stats,
+                                             objectives={"safety": "jailbreak"})):
         out.print(table)
     text = flat(out.export_text())  # titles wrap at the table's width
     assert "[/red] (jailbreak): f = 3.500" in text and "1 not judged" in text

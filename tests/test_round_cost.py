@@ -49,18 +49,45 @@ def test_cpu_threads_policy_and_override(monkeypatch):
     assert threads.decode_workers(SMALL_MODEL_PARAMS, "cpu", None) == 1
 
 
-def test_the_cpu_watch_sees_other_processes_not_this_one():
+def test_the_cpu_watch_sees_other_processes_not_this_one(monkeypatch):
+    """The arithmetic on scripted /proc readings (what other processes use is whatever the
+    machine is doing, so a test on the live value would depend on the load), then the live
+    readers: this process's own CPU time is what it burned, and the reading is in range."""
+    import os
     import time
 
-    from mosaic.training.threads import CpuWatch
+    from mosaic.training import threads
 
-    w = CpuWatch()
-    if w.others(min_interval=0.05) is None:
+    readings = iter([((1000, 4000), 500.0), ((1200, 4400), 650.0),  # 200 busy, 150 ours
+                     ((1400, 4800), 850.0)])  # 200 busy, all ours
+    monkeypatch.setattr(threads, "_proc_stat", lambda: current["stat"])
+    monkeypatch.setattr(threads, "_own_jiffies", lambda: current["own"])
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    current: dict = {}
+
+    def step():
+        current["stat"], current["own"] = next(readings)
+
+    step()
+    w = threads.CpuWatch()
+    step()
+    # 400 jiffies over 2 CPUs = 200 per CPU; others used 200 - 150 = 50: a quarter of a core.
+    assert w.others(min_interval=0.0) == pytest.approx(0.25)
+    step()
+    assert w.others(min_interval=0.0) == 0.0  # all of it was this process
+    current["stat"] = None
+    assert w.others(min_interval=0.0) is None  # no /proc/stat: cannot tell
+    monkeypatch.undo()
+
+    if threads._proc_stat() is None:
         pytest.skip("no /proc/stat here")
-    end = time.process_time() + 0.4
-    while time.process_time() < end:  # this process busy: not counted as others
+    own = threads._own_jiffies()
+    end = time.process_time() + 0.3  # CPU time, not wall time: the same under any load
+    while time.process_time() < end:
         pass
-    assert w.others(min_interval=0.0) < 0.9
+    assert threads._own_jiffies() - own >= 0.2 * os.sysconf("SC_CLK_TCK")
+    live = threads.CpuWatch().others(min_interval=0.05)
+    assert live is not None and 0.0 <= live <= (os.cpu_count() or 1)
 
 
 def test_runtime_threads_is_validated_and_overridable(tmp_path):

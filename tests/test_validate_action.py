@@ -163,7 +163,7 @@ CASES = {
                            "$.mixture.safety", "JSON number"),
     "weight as a boolean": (with_(GOOD, "mixture", {"safety": True}), "wrong_type",
                             "$.mixture.safety", "JSON number"),
-    "unknown method": (with_(GOOD, "method", "ppo"), "invalid_value", "$.method", "'sft' or 'dpo'"),
+    "unknown method": (with_(GOOD, "method", "ppo"), "invalid_value", "$.method", "'dpo' or 'sft+dpo'"),
     "missing mixture": (with_(GOOD, "mixture", None), "missing_field", "$.mixture", "mixture"),
     "schema version": (with_(GOOD, "schema_version", 99), "schema_version", "$.schema_version",
                        "schema_version 1"),

@@ -15,6 +15,10 @@ Choices the design leaves open, made here:
 - the output lists objectives in config order, each in pool order: order carries no meaning
   (trainers shuffle with their own seed every epoch) and sorted gathers are much cheaper.
 - DPO never windows (both responses must share one prompt): over-long rows drop.
+- objectives may train by different methods (`objectives.<name>.method`): each is drawn as its
+  method's rows (SFT rows, or pairs for dpo and sft+dpo) and the set is `mixed`, the SFT and
+  pair tables stacked with a `method` column; a round with one method writes exactly what it
+  wrote before the field existed.
 
 The tool entry `check_and_build` validates first: an invalid action never reaches the builder.
 """
@@ -36,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mosaic.eval.base import ObjectiveType
-from mosaic.schemas import BucketManifest, DataAction, DatasetManifest
+from mosaic.schemas import BucketManifest, DataAction, DatasetManifest, data_method
 from mosaic.tools.dataset.allocation import (ACTION_REASONS, _draw_order, bucket_allocations,
                                              greedy_fill, objective_allocations,
                                              objective_units, row_keys, supply)
@@ -55,7 +59,12 @@ __all__ = ["MANIFEST_FILE", "TRAIN_FILE", "BuildOutcome", "PoolError", "build_tr
 
 
 def _action_hash(action: DataAction) -> str:
-    text = json.dumps(action.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    dumped = action.model_dump(mode="json")
+    for oa in dumped["objectives"].values():
+        # An unset per-objective method hashes as actions did before the field existed.
+        if oa.get("method") is None:
+            oa.pop("method", None)
+    text = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -104,18 +113,20 @@ def build_training_set(pools: PreparedPools | Mapping[str, pa.Table | pd.DataFra
     if budget <= 0:
         raise ValueError(f"budget must be a positive number of tokens, got {budget}")
     check_buildable(action, prepared)
-    method = action.method
-    cands_all = prepared.candidates(method)
     allocs = objective_allocations(budget, action.mixture)
+    trained = {n: action.method_of(n) for n in prepared.objectives if allocs.get(n, 0) > 0}
+    mixed = len(set(trained.values())) > 1
+    method = "mixed" if mixed else next(iter(trained.values()), action.method)
     buckets_out: list[BucketManifest] = []
     parts: list[Selection] = []
     dropped_by: dict[str, dict[str, int]] = {}
     notes: list[str] = []
     for name in prepared.objectives:
-        cands = cands_all[name]
+        rows_of = data_method(action.method_of(name))
+        cands = prepared.candidates(rows_of)[name]
         oa = action.objectives.get(name)
         keys = row_keys(seed, name, cands.n_pool_rows)[cands.rows]
-        units = objective_units(cands, oa, action.quality_threshold, method, keys)
+        units = objective_units(cands, oa, action.quality_threshold, rows_of, keys)
         merged = {**cands.dropped, **units.dropped}
         dropped_by[name] = {r: merged[r] for r in (*STATIC_REASONS, *ACTION_REASONS)
                             if merged.get(r)}
@@ -157,7 +168,19 @@ def build_training_set(pools: PreparedPools | Mapping[str, pa.Table | pd.DataFra
                 focus_allocation=f_alloc, focus_available_tokens=focus_avail.get(b, 0)))
             parts.append(Selection(objective=name, bucket=b, cands=cands, units=units,
                                    chosen=chosen))
-    table = assemble(prepared, parts, method)
+    if not mixed:
+        table = assemble(prepared, parts, data_method(method))
+    else:
+        tables = []
+        for rows_of in ("sft", "dpo"):
+            group = [p for p in parts if data_method(trained[p.objective]) == rows_of]
+            if group:
+                t = assemble(prepared, group, rows_of)
+                col = pc.take(pa.array([trained[o] for o in trained], pa.string()),
+                              pc.index_in(t.column("objective"),
+                                          pa.array(list(trained), pa.string())))
+                tables.append(t.append_column("method", col))
+        table = pa.concat_tables(tables, promote_options="default")
     total = int(pc.sum(table.column("tokens")).as_py() or 0) if table.num_rows else 0
     if total > budget:
         raise RuntimeError(f"selected {total} tokens over the budget {budget}")
@@ -180,7 +203,8 @@ def build_training_set(pools: PreparedPools | Mapping[str, pa.Table | pd.DataFra
         output_hash=hashlib.sha256(parquet_bytes(table)).hexdigest(), buckets=buckets_out,
         dropped=dropped_total, dropped_by_objective=dropped_by, allocations=allocs,
         windowed_rows=sum(p.windowed_rows() for p in parts),
-        max_length=prepared.max_length, eval_items=int(len(prepared.eval_hashes)), notes=notes)
+        max_length=prepared.max_length, eval_items=int(len(prepared.eval_hashes)), notes=notes,
+        methods=trained if mixed else {})
     return table, manifest
 
 

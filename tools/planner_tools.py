@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mosaic.eval.base import get_objective_type
 from mosaic.schemas import (L1, DataAction, ExampleView, FailureReport, ObjectiveAction,
-                            PoolCapacity, SliceDiagnosis)
+                            PoolCapacity, SliceDiagnosis, TrainMethod)
 
 Which = Literal["failed", "passed", "any"]
 
@@ -48,7 +48,8 @@ class InspectExamplesArgs(ToolArgs):
 
 class PoolCapacityArgs(ToolArgs):
     objective: str = Field(description="an objective of this run")
-    method: Literal["sft", "dpo"] = "sft"
+    method: TrainMethod = Field("sft", description="sft counts rows; dpo and sft+dpo count "
+                                                   "preference pairs")
     quality_threshold: float | None = Field(None, description="drop pool rows whose quality "
                                                               "score is below this")
     include: dict[str, Any] | None = Field(None, description="focus criteria: rows to prefer")
@@ -140,7 +141,7 @@ def pool_capacity(pools: Any, objective: str, budget: int, *, method: str = "sft
                   exclude: Mapping[str, Any] | None = None) -> PoolCapacity:
     """Tokens a pool can supply per bucket under a threshold and focus criteria (the same
     computation the check and the builder use). `pools` is a `PreparedPools`."""
-    from mosaic.schemas import FocusCriteria
+    from mosaic.schemas import FocusCriteria, data_method
     from mosaic.tools.dataset.allocation import objective_units, supply
 
     if objective not in pools.tables:
@@ -160,11 +161,14 @@ def pool_capacity(pools: Any, objective: str, budget: int, *, method: str = "sft
                 raise ValueError("; ".join(f"{p.path}: {p.message}" + (f" ({p.hint})" if p.hint
                                                                         else "")
                                            for p in problems))
-    cands = pools.candidates(method)[objective]
+    if method not in ("sft", "dpo", "sft+dpo"):
+        raise ValueError(f"unknown method {method!r}; expected sft, dpo or sft+dpo")
+    rows_of = data_method(method)  # sft+dpo draws the same pairs as dpo
+    cands = pools.candidates(rows_of)[objective]
     focus = FocusCriteria(include=dict(include or {}), exclude=dict(exclude or {}))
     oa = ObjectiveAction(focus=focus if (include or exclude) else None,
                          quality_threshold=quality_threshold)
-    units = objective_units(cands, oa, None, method)
+    units = objective_units(cands, oa, None, rows_of)
     avail, focus_avail = supply(cands, units)
     total = sum(avail.values())
     return PoolCapacity(objective=objective, method=method,  # type: ignore[arg-type]

@@ -113,6 +113,12 @@ def _hold_action(round_dir: Path, raw_action: str | bytes | dict[str, Any]) -> N
     atomic_write_json(action_file, received)
 
 
+def _base_model(config: MosaicConfig) -> Path:
+    from mosaic.sandbox.base_model import ensure_base_model
+
+    return Path(ensure_base_model(config))
+
+
 # ---- stages --------------------------------------------------------------------------------------
 
 
@@ -166,19 +172,37 @@ def dataset_stage(config: MosaicConfig, raw_action: str | bytes | dict[str, Any]
     return outcome.verdict, outcome.manifest
 
 
+# Training settings added after runs were recorded, with the value every earlier run trained
+# with: at that value they are left out of the adapter marker, so those runs' adapters still
+# count as done.
+_LATER_TRAINING_DEFAULTS = {"dpo_learning_rate": None, "dpo_loss": "sigmoid",
+                            "dpo_sft_weight": 0.0, "dpo_length_alpha": None}
+
+
+def training_inputs(config: MosaicConfig, method: str = "dpo") -> dict[str, Any]:
+    """The training settings that determine an adapter, as its marker records them (the later
+    DPO settings only when the round's `method` trains by DPO: an SFT adapter ignores them)."""
+    out = config.training.model_dump(mode="json")
+    for key, default in _LATER_TRAINING_DEFAULTS.items():
+        if method == "sft" or out.get(key) == default:
+            out.pop(key, None)
+    return out
+
+
 def train_stage(config: MosaicConfig, round_dir: str | Path, manifest: DatasetManifest, *,
-                round_index: int, progress: Say | None = None, bars: bool = True) -> TrainResult:
+                round_index: int, progress: Say | None = None, bars: bool = True,
+                base_model: str | Path | None = None) -> TrainResult:
     """LoRA-train a fresh adapter from the base model on the round's dataset (`bars`: the
-    trainer's own progress bars; off under a display that shows progress itself)."""
-    from mosaic.sandbox.base_model import ensure_base_model
+    trainer's own progress bars; off under a display that shows progress itself). `base_model`:
+    the directory the run resolved when it opened (else it is resolved here)."""
     from mosaic.tools.build_dataset import TRAIN_FILE
 
     say = _say(progress)
     round_dir = Path(round_dir)
-    base_model = ensure_base_model(config)
+    base_model = Path(base_model) if base_model is not None else _base_model(config)
     adapter_dir = round_dir / "adapter"
     inputs = {"dataset": manifest.output_hash, "base_model": dir_fingerprint(base_model),
-              "training": config.training.model_dump(mode="json"), "method": manifest.method,
+              "training": training_inputs(config, manifest.method), "method": manifest.method,
               "max_length": config.model.max_length, "dtype": config.model.dtype}
     outputs = [adapter_dir / n for n in ("adapter_config.json", "adapter_model.safetensors",
                                          "train_result.json")]
@@ -217,15 +241,19 @@ def train_stage(config: MosaicConfig, round_dir: str | Path, manifest: DatasetMa
 
 def evaluate_stage(config: MosaicConfig, round_dir: str | Path, *, round_index: int,
                    adapter_dir: str | Path | None, heldout: bool = True,
-                   progress: Say | None = None
+                   progress: Say | None = None, base_model: str | Path | None = None
                    ) -> tuple[dict[str, float | None], dict[str, float | None] | None]:
     """Scores on the eval sets and, when asked and every objective has one, the held-out sets
-    (evaluate's markers skip what is already generated and judged)."""
-    from mosaic.sandbox.base_model import ensure_base_model
+    (evaluate's markers skip what is already generated and judged). `base_model`: the directory
+    the run resolved when it opened (else it is resolved here)."""
     from mosaic.tools.evaluate import evaluate
 
-    base_model = ensure_base_model(config) if config.inference.backend != "openai" else None
+    if config.inference.backend == "openai":
+        base_model = None  # the endpoint answers with its own model
+    elif base_model is None:
+        base_model = _base_model(config)
     adapter = Path(adapter_dir) if adapter_dir is not None else None
+    base_model = Path(base_model) if base_model is not None else None
     scores = evaluate(config, base_model, adapter, round_dir, "eval", round=round_index,
                       progress=progress).scores()
     if not (heldout and all(o.heldout for o in config.objectives.values())):
@@ -267,10 +295,12 @@ def run_round(config: MosaicConfig, raw_action: str | bytes | dict[str, Any], ro
 
 
 def run_baseline(config: MosaicConfig, round_dir: str | Path, *, heldout: bool = True,
-                 progress: Say | None = None) -> RoundResult:
+                 progress: Say | None = None,
+                 base_model: str | Path | None = None) -> RoundResult:
     """Round 0: the base model without an adapter, evaluated into `round_dir`."""
     scores, heldout_scores = evaluate_stage(config, round_dir, round_index=0, adapter_dir=None,
-                                            heldout=heldout, progress=progress)
+                                            heldout=heldout, progress=progress,
+                                            base_model=base_model)
     result = RoundResult(round=0, status="baseline", scores=scores, heldout_scores=heldout_scores)
     atomic_write_json(Path(round_dir) / ROUND_FILE, result)
     return result

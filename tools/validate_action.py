@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from mosaic.config import LimitsConfig
 from mosaic.eval.base import ObjectiveType, get_objective_type
 from mosaic.schemas import (SCHEMA_VERSION, ActionVerdict, DataAction, FocusCriteria,
-                            ObjectiveAction, Problem)
+                            ObjectiveAction, Problem, data_method)
 
 if TYPE_CHECKING:
     from mosaic.config import MosaicConfig
@@ -448,17 +448,18 @@ def _capacity_problems(action: DataAction, ctx: ActionContext, notes: list[str])
                                hint=f"set mixture.{name} to 0, or add objectives.{name}.pool to the "
                                     f"config"))
             continue
-        cands = pools.candidates(action.method)[name]
+        rows_of = data_method(action.method_of(name))
+        cands = pools.candidates(rows_of)[name]
         oa = action.objectives.get(name)
         keys = (row_keys(ctx.seed, name, cands.n_pool_rows)[cands.rows]
-                if ctx.seed is not None and action.method == "dpo" else None)
-        units = objective_units(cands, oa, q, action.method, keys)
+                if ctx.seed is not None and rows_of == "dpo" else None)
+        units = objective_units(cands, oa, q, rows_of, keys)
         avail, focus_avail = supply(cands, units)
         total = sum(avail.values())
         q_o = oa.quality_threshold if oa is not None and oa.quality_threshold is not None else q
-        filters = (f"quality >= {_fmt(q_o)}, " if q_o is not None and action.method == "sft" else "") + \
+        filters = (f"quality >= {_fmt(q_o)}, " if q_o is not None and rows_of == "sft" else "") + \
             ("exclude criteria, " if oa and oa.focus and oa.focus.exclude else "") + \
-            "dedup, eval overlap, length" + (", DPO pairing" if action.method == "dpo" else "")
+            "dedup, eval overlap, length" + (", DPO pairing" if rows_of == "dpo" else "")
         opath = _key_path("$.objectives", name)
         bw = oa.bucket_weights if oa is not None else None
         if bw is None and total < a_o:
@@ -503,13 +504,13 @@ def _capacity_problems(action: DataAction, ctx: ActionContext, notes: list[str])
 
 
 def validate_action(raw: str | bytes | dict[str, Any], context: ActionContext) -> ActionVerdict:
-    """Check a proposed action; never raises on bad input (the verdict says what is wrong)."""
-    try:
-        return _validate(raw, context)
-    except Exception as e:  # a bug here must still reach the planner and the audit log as data
-        return ActionVerdict(status="invalid", problems=[Problem(
-            code="check_failed", path="$", message=f"the check itself failed: {type(e).__name__}: {e}",
-            hint="this is a MOSAIC bug, not a problem with the action; report it")])
+    """Check a proposed action; never raises on bad input (the verdict says what is wrong).
+
+    An exception from here is a defect in the check, not a verdict on the action: it propagates
+    (a crash with a traceback, exit 1), because turning it into an "invalid" verdict would send
+    the planner to revise a valid action, refuse it, skip the round and exit 0 as if all went
+    well."""
+    return _validate(raw, context)
 
 
 def _validate(raw: str | bytes | dict[str, Any], ctx: ActionContext) -> ActionVerdict:
@@ -576,7 +577,7 @@ def _validate(raw: str | bytes | dict[str, Any], ctx: ActionContext) -> ActionVe
         bw = oa.bucket_weights
         if bw is not None:
             bpath = f"{opath}.bucket_weights"
-            present = _present_slices(ctx, name, action.method)
+            present = _present_slices(ctx, name, data_method(action.method_of(name)))
             for b in bw:
                 if b not in otype.slices:
                     problems.append(Problem(
@@ -627,7 +628,8 @@ def _validate(raw: str | bytes | dict[str, Any], ctx: ActionContext) -> ActionVe
                     spec = otype.focus_keys[key]
                     # Open-ended values (ifeval constraint ids) must exist in the pool to be
                     # worth including; excluding an absent one is a harmless no-op.
-                    present = (_present_values(ctx.pools, name, action.method, spec.column)
+                    present = (_present_values(ctx.pools, name,
+                                               data_method(action.method_of(name)), spec.column)
                                if spec.values is None and spec.kind == "set" and part == "include"
                                else None)
                     problems.extend(_focus_value_problems(otype, key, value, kpath, present))
@@ -646,8 +648,9 @@ def _validate(raw: str | bytes | dict[str, Any], ctx: ActionContext) -> ActionVe
     # Capacity is only meaningful for a well-formed action, so it is checked last.
     problems.extend(_capacity_problems(fixed, ctx, notes))
     if ctx.pools is not None:
-        for name, cands in ctx.pools.candidates(fixed.method).items():
-            n = cands.dropped.get("eval_overlap", 0)
+        for name in ctx.pools.objectives:
+            n = ctx.pools.candidates(data_method(fixed.method_of(name)))[name].dropped.get(
+                "eval_overlap", 0)
             if n:
                 notes.append(f"{name}: {n} pool rows match eval/held-out prompts and are never "
                              f"used")

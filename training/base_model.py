@@ -6,27 +6,28 @@ faster than Trainer and has nothing to tune. The result is a normal `save_pretra
 (model + tokenizer with chat template) that loads offline, named by the hash of everything that
 determines it, so a changed corpus, tokenizer, spec or seed builds a new one.
 
-Reproducibility. On one machine kind and software stack a build is bit-for-bit repeatable: the
-data order comes from `random.Random(seed)`, initialisation from a seeded torch generator
-(forked, so the caller's random state neither feeds nor sees the build), nothing draws random
-numbers during training (the Llama config has no dropout), and the build pins its intra-op
-thread count (BUILD_THREADS) instead of following the runtime thread policy, because the
-summation order of some CPU kernels depends on it (on the sandbox machine 1, 2 and 4 threads
-agree, 8 give other weights). The world and its BPE tokenizer are byte-identical across
-processes, PYTHONHASHSEED values and tokenizer thread counts.
-
-What still varies is the machine: torch dispatches its vectorised CPU kernels by instruction set
-(`torch.backends.cpu.get_cpu_capability()`: AVX512, AVX2, ...) and MKL picks its sgemm kernels by
-CPU, so the same inputs give weights that differ in the last bits, and 1,625 training steps turn
-that into different greedy answers. On the sandbox's AMD EPYC (AVX512), forcing
-ATEN_CPU_CAPABILITY=avx2 gives other weights and an eval baseline of safety 2.442 / boundary
-4.921 / instruction 1.688 instead of 2.442 / 4.934 / 1.708, while evaluating one model under
-either setting scores the same. Other torch, MKL or transformers versions can do the same. Each
-build therefore records the CPU, the instruction set torch used, the versions and any
-kernel-selecting environment variables in `mosaic_base_model.json` (`machine`), so a differing
-baseline can be traced to the machine that built the model. Setting ATEN_CPU_CAPABILITY and
-MKL_CBWR to the same values on two machines before starting mosaic narrows the difference but
-has not been verified to remove it.
+Reproducibility. A build gives the same weight bytes on every x86-64 machine of one kernel set
+with the same software stack. The data order comes from `random.Random(seed)`, initialisation
+from a seeded torch generator, nothing draws random numbers during training (the Llama config
+has no dropout), and the training runs in a process of its own whose kernels are pinned
+(reproducible_env()): one thread, torch's AVX2 kernels whatever better ones the CPU has
+(`ATEN_CPU_CAPABILITY=avx2`), MKL's conditional numerical reproducibility mode on its AVX2 path
+(`MKL_CBWR=AVX2`) and oneDNN held to AVX2. Every x86-64 CPU with AVX2 and FMA (Intel since
+2013, AMD since 2015: the Xeon and EPYC servers the figures came from) is one kernel set, the
+"avx2" set; an older CPU builds with torch's baseline kernels (the "baseline" set), and the set
+is part of the cache key, so a copied cache never passes one set's model off as the other's.
+Why AVX2 and not the baseline kernels everywhere: the baseline kernels give the same bytes on
+any x86-64 but cost 1.6x the build time (bench/base_model_pin_bench.py, 8,000 tokens: own
+kernels 28.4 s, baseline 46.0 s, AVX2 29.2 s, load 15 on 2 cores). Unpinned, torch dispatches
+by instruction set and the weights differ in the last bits between an AVX512 and an AVX2
+machine, which 1,625 training steps turn into other greedy answers (on the sandbox's AMD EPYC:
+a baseline of 2.442 / 4.934 / 1.708 against 2.442 / 4.921 / 1.688 with avx2 kernels, and
+2.400 / 4.956 / 1.688 on an Intel Xeon). The pins cannot be applied to a process that has
+already loaded torch, hence the separate process. What still varies: other torch, MKL,
+transformers or tokenizers versions (each build records them in `mosaic_base_model.json`,
+`machine`, with the CPU and kernel settings), libm's CPU-specific code paths, and non-x86 CPUs.
+tests/test_base_model_determinism.py builds under different kernel settings of the calling
+process and compares the bytes.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ from typing import Any
 from mosaic.io import atomic_write_json, build_dir_once
 
 # Bump when the training procedure changes in a way the spec does not capture.
-BUILDER_VERSION = 2
+# 3: built in a process with pinned kernels (reproducible_env()): other weights than version 2.
+BUILDER_VERSION = 3
 INFO_FILE = "mosaic_base_model.json"
 # Intra-op threads of every build, whatever the runtime policy (models.cpu_threads) says: the
 # thread count is part of the recipe, since it changes the summation order of some CPU kernels.
@@ -55,6 +57,37 @@ INFO_FILE = "mosaic_base_model.json"
 BUILD_THREADS = 1
 # Environment variables that change which CPU kernels torch and MKL run (recorded per build).
 KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+# The build process's kernels per kernel set (module docstring): the same on every CPU of the
+# set, one thread everywhere. "avx2": torch's AVX2 kernels, MKL's conditional-numerical-
+# reproducibility mode on its AVX2 path, oneDNN held to AVX2. "baseline" (CPUs without AVX2/FMA):
+# torch's baseline kernels, MKL's "COMPATIBLE" path, oneDNN held to SSE4.1.
+KERNEL_SETS = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "DNNL_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+    "baseline": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE",
+                 "ONEDNN_MAX_CPU_ISA": "SSE41", "DNNL_MAX_CPU_ISA": "SSE41",
+                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+}
+
+
+def kernel_set() -> str:
+    """"avx2" on an x86-64 CPU with AVX2 and FMA, else "baseline" (read from /proc/cpuinfo;
+    elsewhere, baseline)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.partition(":")[2].split())
+                return "avx2" if {"avx2", "fma"} <= flags else "baseline"
+    except OSError:
+        pass
+    return "baseline"
+
+
+def reproducible_env() -> dict[str, str]:
+    return KERNEL_SETS[kernel_set()]
+
+
+_USER_ERROR_EXIT = 3  # the build process's exit code for a BaseModelError (message in a file)
 
 
 @dataclass(frozen=True)
@@ -130,7 +163,7 @@ def tokenizer_hash(tokenizer_dir: str | Path) -> str:
 
 def cache_key(spec: BaseModelSpec, corpus_hash: str, tok_hash: str, seed: int) -> str:
     payload = {"spec": asdict(spec), "corpus": corpus_hash, "tokenizer": tok_hash, "seed": seed,
-               "builder": BUILDER_VERSION}
+               "builder": BUILDER_VERSION, "kernels": kernel_set()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -193,6 +226,31 @@ def _pinned() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
+def _train_pinned(job: dict[str, Any], work: Path) -> BaseModelInfo:
+    """`_train` in a fresh Python process whose kernels are pinned (reproducible_env()): torch
+    and MKL choose their kernels once, when they load, so the pins cannot be applied to a
+    process that has already imported torch (the CLI, a test session)."""
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=".base-model-job-", dir=work.parent) as tmp:
+        job_file, error_file = Path(tmp) / "job.pkl", Path(tmp) / "error.txt"
+        job_file.write_bytes(pickle.dumps({**job, "out_dir": work}))
+        env = {**os.environ, **reproducible_env()}
+        proc = subprocess.run([sys.executable, "-m", "mosaic.training.base_model",
+                               str(job_file), str(error_file)], env=env, check=False)
+        if proc.returncode == _USER_ERROR_EXIT and error_file.is_file():
+            raise BaseModelError(error_file.read_text(encoding="utf-8"))
+        if proc.returncode != 0:
+            raise RuntimeError(f"the base model build process failed (exit {proc.returncode}); "
+                               f"its traceback is printed above")
+    info = _read_info(work)
+    info.cached = False
+    return info
+
+
 def build_base_model(corpus: str | Path | list[dict[str, Any]], tokenizer_dir: str | Path,
                      cache_dir: str | Path, *, spec: BaseModelSpec = BaseModelSpec(),
                      seed: int = 0, progress: bool = True) -> BaseModelInfo:
@@ -215,9 +273,9 @@ def build_base_model(corpus: str | Path | list[dict[str, Any]], tokenizer_dir: s
     final = Path(cache_dir) / f"sandbox-base-{key}"
 
     def train(work: Path) -> BaseModelInfo:
-        with _pinned():
-            info = _train(conversations, tokenizer_dir, work, spec=spec, seed=seed, key=key,
-                          progress=progress, source=source, hashes=hashes)
+        info = _train_pinned(dict(conversations=conversations, tokenizer_dir=tokenizer_dir,
+                                  spec=spec, seed=seed, key=key, progress=progress,
+                                  source=source, hashes=hashes), work)
         info.path = final
         return info
 
@@ -409,3 +467,27 @@ class _Bar:
     def __exit__(self, *exc: Any) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+def _main(job_file: str, error_file: str) -> int:
+    """The build process (`python -m mosaic.training.base_model JOB ERROR`): runs one pickled
+    build job written by `_train_pinned` (a file this same MOSAIC wrote a moment ago)."""
+    import pickle
+
+    job = pickle.loads(Path(job_file).read_bytes())
+    try:
+        with _pinned():
+            _train(job.pop("conversations"), job.pop("tokenizer_dir"), job.pop("out_dir"), **job)
+    except BaseModelError as e:
+        Path(error_file).write_text(str(e), encoding="utf-8")
+        return _USER_ERROR_EXIT
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    # Through the package's module, so pickled specs and errors are its classes, not __main__'s.
+    from mosaic.training.base_model import _main as main
+
+    sys.exit(main(*sys.argv[1:3]))

@@ -24,7 +24,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from mosaic.io import atomic_write_json
 
@@ -38,7 +38,7 @@ class LaunchError(RuntimeError):
 
 
 def fit_distributed(data: Any, work: Path, staged: Path, *, base_model: str | Path,
-                    training: Any, max_length: int, method: Literal["sft", "dpo"],
+                    training: Any, max_length: int, method: str,
                     device: str | None, dtype: str, threads: int | None
                     ) -> tuple[int, float | None]:
     """Run `train.fit` as `training.processes` ranks under torchrun; (steps, last loss)."""

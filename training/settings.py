@@ -122,8 +122,21 @@ def trainer_settings(training: "TrainingConfig", *, method: Literal["sft", "dpo"
     elif method == "dpo":
         from trl import DPOConfig
 
+        sft_weight = getattr(training, "dpo_sft_weight", 0.0)
+        losses = [getattr(training, "dpo_loss", "sigmoid")] + (["sft"] if sft_weight else [])
+        if getattr(training, "dpo_learning_rate", None) is not None:
+            common["learning_rate"] = training.dpo_learning_rate
         # DPO rows have no `input_ids` column for a length-grouped sampler to read.
-        args = DPOConfig(**common, beta=training.dpo_beta)
+        args = DPOConfig(
+            **common, beta=training.dpo_beta, loss_type=losses,
+            loss_weights=[1.0, sft_weight] if sft_weight else None,
+            ld_alpha=getattr(training, "dpo_length_alpha", None),
+            # The reference's log-probs once per pair, before the first step, in large no-grad
+            # batches: without it every step runs a second forward pass (adapter disabled) over
+            # the same batch, and every epoch again.
+            precompute_ref_log_probs=True,
+            precompute_ref_batch_size=max(64, per_device),
+        )
     else:
         raise ValueError(f"unknown training method {method!r}; expected 'sft' or 'dpo'")
     return args, lora

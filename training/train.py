@@ -1,5 +1,9 @@
 """LoRA SFT and DPO rounds with trl: validate the file, train from fresh base weights, save the adapter.
 
+Methods: `sft`, `dpo` (reference log-probs computed once, before the first step, with the adapter
+disabled) and `sft+dpo` (SFT on the pairs' chosen answers, then DPO on the same pairs from there,
+the reference being the SFT'd adapter, frozen as trl's "ref" copy).
+
 Rows trl would choke on deep inside its pipeline (no assistant turn, empty conversations,
 samples longer than the model's max length, which trl would silently truncate) are skipped
 here with counts per reason; a structurally malformed file is an error naming file, row and field.
@@ -27,6 +31,9 @@ from mosaic.schemas import TrainResult
 log = logging.getLogger("mosaic.training")
 
 Rows = Sequence[dict[str, Any]]
+Method = Literal["sft", "dpo", "sft+dpo", "mixed"]
+# `mixed`: a round whose objectives train differently; each row's `method` column says how.
+METHODS = ("sft", "dpo", "sft+dpo", "mixed")
 
 
 class TrainingDataError(ValueError):
@@ -166,18 +173,64 @@ def prepare_dpo_rows(rows: Rows, tokenizer: Any, max_length: int,
     return PreparedData(kept, sum(lengths), lengths, dict(skipped))
 
 
+def prepare_mixed_rows(rows: Rows, tokenizer: Any, max_length: int,
+                       source: str = "<rows>") -> PreparedData:
+    """A `mixed` set: `sft` rows (messages) and `dpo` / `sft+dpo` pairs, told apart by each
+    row's `method`; pair rows keep their method so the SFT stage can take the chosen answers."""
+    _require_column(rows, "method", source)
+    bad = sorted({str(r["method"]) for r in rows} - {"sft", "dpo", "sft+dpo"})
+    if bad:
+        raise TrainingDataError(f"{source}: unknown method(s) {bad} in column 'method'; "
+                                f"expected sft, dpo or sft+dpo")
+    kept, lengths = [], []
+    skipped: Counter[str] = Counter()
+    for method in ("sft", "dpo", "sft+dpo"):
+        part = [r for r in rows if r["method"] == method]
+        if not part:
+            continue
+        prepare = prepare_sft_rows if method == "sft" else prepare_dpo_rows
+        got = prepare(part, tokenizer, max_length, f"{source} ({method} rows)")
+        kept += [{**r, "method": method} for r in got.rows]
+        lengths += got.lengths
+        skipped.update(got.skipped)
+    return PreparedData(kept, sum(lengths), lengths, dict(skipped))
+
+
+def stage_data(prepared: PreparedData, method: Method
+               ) -> tuple[PreparedData | None, PreparedData | None]:
+    """(SFT stage, DPO stage) of a method's data: `sft+dpo` (and a mixed set's `sft+dpo` pairs)
+    warm up on the chosen answers before the DPO stage trains on the pairs."""
+    if method == "sft":
+        return prepared, None
+    if method == "dpo":
+        return None, prepared
+    if method == "sft+dpo":
+        return sft_rows_of_pairs(prepared), prepared
+    sft = [{"messages": r["messages"]} for r in prepared.rows if r["method"] == "sft"]
+    warm = [{"messages": r["prompt"] + r["chosen"]} for r in prepared.rows
+            if r["method"] == "sft+dpo"]
+    pairs = [({k: r[k] for k in ("prompt", "chosen", "rejected")}, n)
+             for r, n in zip(prepared.rows, prepared.lengths) if r["method"] != "sft"]
+    return (PreparedData(sft + warm, 0, []) if sft or warm else None,
+            PreparedData([r for r, _ in pairs], sum(n for _, n in pairs),
+                         [n for _, n in pairs]) if pairs else None)
+
+
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
 
 
 def load_prepared(data: str | Path | Rows, tokenizer: Any, max_length: int,
-                  method: Literal["sft", "dpo"]) -> PreparedData:
+                  method: Method) -> PreparedData:
     """Read (if a path) and validate training data; skips are logged, nothing left is an error."""
     source = str(data) if isinstance(data, (str, Path)) else "<rows>"
     rows = read_rows(data) if isinstance(data, (str, Path)) else list(data)
-    prepare = prepare_sft_rows if method == "sft" else prepare_dpo_rows
-    prepared = prepare(rows, tokenizer, max_length, source)
+    if method == "mixed":
+        prepared = prepare_mixed_rows(rows, tokenizer, max_length, source)
+    else:
+        prepare = prepare_sft_rows if method == "sft" else prepare_dpo_rows
+        prepared = prepare(rows, tokenizer, max_length, source)
     if prepared.skipped:
         log.warning("%s: skipped %d of %d rows: %s", source, sum(prepared.skipped.values()),
                     len(rows), ", ".join(f"{k}={v}" for k, v in sorted(prepared.skipped.items())))
@@ -218,9 +271,10 @@ def compact_lm_head(device: str) -> Iterator[bool]:
 def build_trainer(prepared: PreparedData, *, base_model: str | Path, tokenizer: Any,
                   training: Any, max_length: int, method: Literal["sft", "dpo"],
                   output_dir: str | Path, device: str | None = None, dtype: str = "auto",
-                  progress: bool = True, world_size: int = 1) -> Any:
+                  progress: bool = True, world_size: int = 1, model: Any = None) -> Any:
     """A trl SFTTrainer/DPOTrainer over fresh base weights with a new LoRA adapter
-    (`world_size`: the ranks it runs as under the accelerate launcher)."""
+    (`world_size`: the ranks it runs as under the accelerate launcher). Given `model` (a
+    PEFT model from an SFT stage), DPO trains that adapter on, against a frozen copy of it."""
     from datasets import Dataset
 
     from mosaic.training.models import count_parameters, load_model, pick_device, pick_dtype
@@ -230,8 +284,10 @@ def build_trainer(prepared: PreparedData, *, base_model: str | Path, tokenizer: 
     # Under FSDP each rank loads the weights into CPU memory and the trainer's `fully_shard`
     # moves only its shard to the GPU: the model need not fit one GPU.
     fsdp = bool(getattr(training, "fsdp", False))
-    model = load_model(base_model, device="cpu" if fsdp else device, trainable=True,
-                       dtype=str(pick_dtype(dtype, device)).removeprefix("torch."))
+    continuing = model is not None
+    if model is None:
+        model = load_model(base_model, device="cpu" if fsdp else device, trainable=True,
+                           dtype=str(pick_dtype(dtype, device)).removeprefix("torch."))
     args, lora = trainer_settings(
         training, method=method, output_dir=str(output_dir), max_length=max_length,
         device=device, n_rows=len(prepared.rows), n_params=count_parameters(model),
@@ -243,16 +299,44 @@ def build_trainer(prepared: PreparedData, *, base_model: str | Path, tokenizer: 
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
                              processing_class=tokenizer, peft_config=lora)
     else:
-        from trl import DPOTrainer
-
-        trainer = DPOTrainer(model=model, args=args, train_dataset=dataset,
-                             processing_class=tokenizer, peft_config=lora)
+        # Continuing an adapter, trl copies it as the frozen "ref" adapter the reference
+        # log-probs come from; a fresh one's reference is the base (adapter disabled).
+        trainer = _LengthGroupedDPO(model=model, args=args, train_dataset=dataset,
+                                    processing_class=tokenizer,
+                                    peft_config=None if continuing else lora)
     if not progress:
         # Without its bar, Trainer prints every log dict to stdout instead: quiet means quiet.
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def _length_grouped_dpo() -> type:
+    from trl import DPOTrainer
+
+    class LengthGroupedDPO(DPOTrainer):
+        """trl's DPOTrainer drawing batches of pairs of similar length, as SFT's
+        `group_by_length` does: a batch pads both answers of every pair to its longest
+        sequence, and pairs here run from tens to hundreds of tokens. The trainer's
+        column pruning drops any length column before the sampler is built, so the lengths
+        are read from the tokenized dataset it keeps (prompt + the longer answer)."""
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            ds = self.train_dataset
+            lengths = [len(p) + max(len(c), len(r)) for p, c, r in
+                       zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                lengths=lengths)
+
+    return LengthGroupedDPO
+
+
+def _LengthGroupedDPO(**kwargs: Any) -> Any:  # noqa: N802 - stands for the class
+    return _length_grouped_dpo()(**kwargs)
 
 
 @contextmanager
@@ -268,20 +352,24 @@ def _datasets_bars(show: bool) -> Iterator[None]:
         (ds_logging.enable_progress_bar if before else ds_logging.disable_progress_bar)()
 
 
-def fit(prepared: PreparedData, staged: Path, *, base_model: str | Path, tokenizer: Any,
-        training: Any, max_length: int, method: Literal["sft", "dpo"], output_dir: str | Path,
-        device: str | None = None, dtype: str = "auto", progress: bool = True,
-        threads: int | None = None, world_size: int = 1) -> tuple[int, float | None]:
-    """Train a fresh adapter on `prepared` and save it (PEFT files only) into `staged`; returns
-    (optimiser steps, last logged loss). One rank of several when `world_size` > 1 (the
-    accelerate launcher runs this on each): losses are averaged over ranks, rank 0 saves."""
+def by_length(prepared: PreparedData) -> PreparedData:
+    """Rows sorted by token length (stable), when the lengths are known."""
+    if len(prepared.lengths) != len(prepared.rows):
+        return prepared
+    order = sorted(range(len(prepared.rows)), key=lambda i: prepared.lengths[i])
+    return PreparedData([prepared.rows[i] for i in order], prepared.tokens,
+                        [prepared.lengths[i] for i in order], prepared.skipped)
+
+
+def sft_rows_of_pairs(prepared: PreparedData) -> PreparedData:
+    """The SFT stage of `sft+dpo`: each pair's prompt + chosen answer as one conversation."""
+    rows = [{"messages": r["prompt"] + r["chosen"]} for r in prepared.rows]
+    return PreparedData(rows, prepared.tokens, prepared.lengths)
+
+
+def _train_stage(trainer: Any, threads: int | None) -> float | None:
     from mosaic.training.models import count_parameters, cpu_threads
 
-    with _datasets_bars(progress):
-        trainer = build_trainer(prepared, base_model=base_model, tokenizer=tokenizer,
-                                training=training, max_length=max_length, method=method,
-                                output_dir=output_dir, device=device, dtype=dtype,
-                                progress=progress, world_size=world_size)
     with cpu_threads(count_parameters(trainer.model), str(trainer.args.device),
                      threads) as policy:
         if policy is not None and policy.adaptive:
@@ -291,7 +379,42 @@ def fit(prepared: PreparedData, staged: Path, *, base_model: str | Path, tokeniz
         with compact_lm_head(str(trainer.args.device)):
             out = trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    final_loss = losses[-1] if losses else out.training_loss
+    return losses[-1] if losses else out.training_loss
+
+
+def fit(prepared: PreparedData, staged: Path, *, base_model: str | Path, tokenizer: Any,
+        training: Any, max_length: int, method: Method, output_dir: str | Path,
+        device: str | None = None, dtype: str = "auto", progress: bool = True,
+        threads: int | None = None, world_size: int = 1) -> tuple[int, float | None]:
+    """Train a fresh adapter on `prepared` and save it (PEFT files only) into `staged`; returns
+    (optimiser steps, last logged loss). One rank of several when `world_size` > 1 (the
+    accelerate launcher runs this on each): losses are averaged over ranks, rank 0 saves."""
+    common = dict(base_model=base_model, tokenizer=tokenizer, training=training,
+                  max_length=max_length, device=device, dtype=dtype, progress=progress,
+                  world_size=world_size)
+    sft_data, dpo_data = stage_data(prepared, method)
+    steps = 0
+    trainer = None
+    if sft_data is not None:
+        with _datasets_bars(progress):
+            trainer = build_trainer(sft_data, method="sft", output_dir=Path(output_dir) / "sft",
+                                    **common)
+        final_loss = _train_stage(trainer, threads)
+        steps = trainer.state.global_step
+    if dpo_data is not None:
+        from mosaic.training.models import pick_device
+
+        # After an SFT stage, DPO trains the same adapter on, against a frozen copy of it.
+        model = trainer.model if trainer is not None else None
+        # The reference pass runs in the trainer's constructor, over the dataset in order and
+        # in batches of 64: pairs sorted by length pad far less (the training sampler
+        # shuffles anyway), and the compact LM head scores only the answers' positions there too.
+        with _datasets_bars(progress), compact_lm_head(pick_device(device)):
+            trainer = build_trainer(by_length(dpo_data), method="dpo", output_dir=output_dir,
+                                    model=model, **common)
+        final_loss = _train_stage(trainer, threads)
+        steps += trainer.state.global_step
+    assert trainer is not None  # load_prepared never returns an empty set
     if getattr(training, "fsdp", False):
         # Every rank takes part in gathering the sharded adapter; rank 0 writes it. Only the
         # PEFT files are kept, so the folder is the in-process trainer's.
@@ -301,12 +424,13 @@ def fit(prepared: PreparedData, staged: Path, *, base_model: str | Path, tokeniz
                 if not (extra.name.startswith("adapter_") or extra.name == "README.md"):
                     (shutil.rmtree if extra.is_dir() else Path.unlink)(extra)
     elif trainer.is_world_process_zero():
-        trainer.model.save_pretrained(staged)
-    return trainer.state.global_step, final_loss
+        # Only the trained adapter: an `sft+dpo` model also holds trl's frozen "ref" copy.
+        trainer.model.save_pretrained(staged, selected_adapters=["default"])
+    return steps, final_loss
 
 
 def train_adapter(data: str | Path | Rows, *, base_model: str | Path, adapter_dir: str | Path,
-                  training: Any, max_length: int, method: Literal["sft", "dpo"] | None = None,
+                  training: Any, max_length: int, method: Method | None = None,
                   device: str | None = None, dtype: str = "auto",
                   progress: bool = True, threads: int | None = None) -> TrainResult:
     """Train a fresh LoRA adapter on `data` from the base weights and save it to `adapter_dir`.
@@ -320,8 +444,8 @@ def train_adapter(data: str | Path | Rows, *, base_model: str | Path, adapter_di
 
     start = time.perf_counter()
     method = method or training.method
-    if method not in ("sft", "dpo"):
-        raise ValueError(f"unknown training method {method!r}; expected 'sft' or 'dpo'")
+    if method not in METHODS:
+        raise ValueError(f"unknown training method {method!r}; expected one of {METHODS}")
     tokenizer = load_tokenizer(check_model_dir(base_model))
     prepared = load_prepared(data, tokenizer, max_length, method)
     adapter_dir = Path(adapter_dir)

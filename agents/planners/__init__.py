@@ -16,6 +16,6 @@ def make_planner(config: MosaicConfig) -> Planner:
 
         assert config.planner.endpoint is not None  # the config validator guarantees it
         return LLMPlanner(config.planner.endpoint)
-    from mosaic.agents.planners.heuristic import HeuristicPlanner
+    from mosaic.agents.planners.heuristic import HeuristicPlanner, HeuristicSettings
 
-    return HeuristicPlanner()
+    return HeuristicPlanner(HeuristicSettings(preference=config.planner.preference))

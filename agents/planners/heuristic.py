@@ -17,21 +17,20 @@ R2 Recovery. If the latest round fell below the best archived score of an object
    improvement over the baseline), and the regressed objective's weight is not lowered.
 R3 Trust region. No mixture weight moves more than `max_step` from the previous action (a
    person's `max_change` is tighter when set); floors and ceilings are applied last.
-R4 Quality lever, per objective. Safety (jailbreak) takes only the best answers (a full refusal
-   with a safe alternative and an explanation), boundary (overrefusal) drops disclaimer- and
-   preaching-heavy answers (friction mid/high) and takes strong help, instruction (ifeval)
-   takes answers that pass every constraint. Quality comes before quantity: a threshold is kept
-   while the pool fills at least 70% of the allocation (the weight is then capped at what it
-   holds, R7), and steps down (5 -> 4 -> none) only below that. Measured on the sandbox:
+R4 Quality lever, per objective: the threshold takes only the best answers (score 5), together
+   with what the objective's type says to keep out beside it (`ObjectiveType.quality_exclude`,
+   e.g. disclaimer- and preaching-heavy answers to benign lookalikes). Quality comes before
+   quantity: a threshold is kept while the pool fills at least 70% of the allocation (the
+   weight is then capped at what it holds, R7), and steps down (5 -> 4 -> none) only below that. Measured on the sandbox:
    safety's score-5 answers at weight 0.34 gained more than score-4-and-up at 0.5.
 R5 Buckets from slice need. A slice's weight blends its share of the objective's need (damped
    where reliability is low: x0.5, medium: x0.75) with its share of the pool's supply, half and
    half, then is capped by what the bucket can supply after the filters.
-R6 Focus on the situations that fail, from the breakdowns and slices: jailbreak includes the
-   worst pressure x concealment patterns; overrefusal the boundary levels where benign prompts
-   were refused; ifeval the instruction complexities that fail most. focus_ratio 0.5. Only
-   prompt-side keys: response-side ones (leak types, failed constraints) select answers that
-   leaked or failed, which the quality threshold keeps out.
+R6 Focus on the situations that fail, as the objective's type reads its own report
+   (`ObjectiveType.planner_focus`, e.g. the worst pressure x concealment patterns of attacks,
+   the boundary levels where benign prompts were refused, the constraint complexities that
+   fail most). focus_ratio 0.5. Only prompt-side keys: response-side ones select answers
+   that failed, which the quality threshold keeps out.
 R7 Capacity. A mixture weight never exceeds what its pool can fill under the chosen filters;
    the excess goes to the other objectives. The action is dry-run through the check; if it is
    still refused, the quality thresholds step down once more and it is checked again.
@@ -39,6 +38,11 @@ R8 Probe. Every round trains from the same base, so repeating a mixture only re-
    sample. When the mixture would repeat the latest round's (every weight within 0.03) and that
    round did not reach the Pareto front, `probe_step` of weight moves to one objective, in turn
    by round, within the bounds: the next round measures the trade-off there.
+R9 Method, per objective (only with `planner.preference` set to dpo or sft+dpo; the default,
+   off, trains every objective by SFT). An objective trains by the preference method until one
+   round has measured it, then by whichever method's rounds gained more over the baseline per
+   unit of mixture weight (ties: SFT). Each round trains from the base, so the gains of rounds
+   by different methods compare directly.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mosaic.agents.planners.base import PlanContext, RoundRecord
+from mosaic.eval.base import get_objective_type
 from mosaic.schemas import FailureReport, Proposal
 
 RELIABILITY_DAMPING = {"low": 0.5, "medium": 0.75, "high": 1.0}
@@ -63,11 +68,12 @@ class HeuristicSettings:
     max_step: float = 0.25  # R3: trust region on mixture weights
     need_share: float = 0.5  # R5: weight of need vs supply in bucket weights
     focus_ratio: float = 0.5  # R6
-    top_patterns: int = 3  # R6: jailbreak pc patterns / ifeval constraint ids to include
+    top_patterns: int = 3  # R6: the most values per focus key the type may include
     capacity_margin: float = 0.97  # R7: use at most this share of a pool's supply
     max_quality_cut: float = 0.3  # R4: the share of an allocation given up to keep a threshold
     repeat_tol: float = 0.03  # R8: mixtures this close count as a repeat
     probe_step: float = 0.1  # R8: weight moved to the probed objective
+    preference: str = "off"  # R9: off | dpo | sft+dpo (planner.preference)
 
 
 def _normalise(w: Mapping[str, float]) -> dict[str, float]:
@@ -125,6 +131,27 @@ class HeuristicPlanner:
 
     def __init__(self, settings: HeuristicSettings = HeuristicSettings()) -> None:
         self.s = settings
+
+    # ---- R9: the method ---------------------------------------------------------------------------
+
+    def method(self, ctx: PlanContext, name: str) -> str:
+        """The objective's training method this round (R9)."""
+        if self.s.preference == "off":
+            return "sft"
+        gains: dict[str, list[float]] = {"sft": [], self.s.preference: []}
+        for h in ctx.history:
+            if h.action is None or not h.accepted or name not in h.eval \
+                    or name not in ctx.baseline:
+                continue
+            w = h.action.mixture.get(name, 0.0)
+            m = h.action.method_of(name)
+            if w >= 0.1 and m in gains:
+                gains[m].append((h.eval[name] - ctx.baseline[name]) / w)
+        if not gains[self.s.preference]:
+            return self.s.preference
+        mean = {m: sum(v) / len(v) for m, v in gains.items() if v}
+        return self.s.preference if mean[self.s.preference] > mean.get("sft", -math.inf) \
+            else "sft"
 
     # ---- R1, R2, R3: the mixture ---------------------------------------------------------------
 
@@ -259,12 +286,14 @@ class HeuristicPlanner:
     def quality(self, ctx: PlanContext, name: str, alloc: int, level: int
                 ) -> tuple[float | None, dict[str, Any], float]:
         """(threshold, exclude criteria, largest fillable mixture weight) at step `level`."""
-        otype = ctx.objectives[name]
+        # The type's quality rule (what to keep out beside the threshold) goes with the
+        # threshold: at the last step, nothing is filtered.
         exclude: dict[str, Any] = {}
-        if otype == "overrefusal" and level < len(THRESHOLD_STEPS) - 1:
-            exclude = {"friction": ["mid", "high"]}
+        if level < len(THRESHOLD_STEPS) - 1:
+            exclude = dict(get_objective_type(ctx.objectives[name]).quality_exclude())
         for q in THRESHOLD_STEPS[level:]:
-            cap = ctx.tools.pool_capacity(name, quality_threshold=q, exclude=exclude or None)
+            cap = ctx.tools.pool_capacity(name, self.method(ctx, name), quality_threshold=q,
+                                          exclude=exclude or None)
             # Quality before quantity: keep the threshold while the pool fills most of the
             # allocation (the weight is then capped at what it holds, R7); step down only when
             # it would lose more than `max_quality_cut` of it.
@@ -276,24 +305,9 @@ class HeuristicPlanner:
     def focus(self, report: FailureReport | None, otype: str) -> dict[str, Any]:
         if report is None:
             return {}
-        # Only prompt-side keys: they pick the situations the model fails in, and the quality
-        # threshold picks good answers to them. Response-side keys (leak_types,
-        # failed_constraint, refusal_type) select answers that leaked or failed: data to keep
-        # out, never to imitate (under a threshold they would select nothing).
-        b = report.breakdowns or {}
-        if otype == "jailbreak":
-            combos = b.get("pc_failure_combos") or {}
-            worst = [pc for pc, v in combos.items() if v.get("failures", 0) > 0][:self.s.top_patterns]
-            return {"pc_patterns": worst} if worst else {}
-        failing = sorted((s for s in report.slices if s.fail_rate and s.fail_rate > 0),
-                         key=lambda s: (-(s.fail_rate or 0.0), s.slice))
-        levels = sorted(int(s.slice.rsplit("_", 1)[1]) for s in failing)
-        if otype == "overrefusal":
-            return {"boundary_range": [min(levels), max(levels)]} if levels else {}
-        if otype == "ifeval":
-            worst = sorted(int(s.slice.rsplit("_", 1)[1]) for s in failing[:self.s.top_patterns])
-            return {"inst_complexity": worst} if worst else {}
-        return {}
+        # The type picks the criteria (STYLE.md 15); it names only prompt-side keys: they pick
+        # the situations the model fails in, and the quality threshold picks good answers to them.
+        return get_objective_type(otype).planner_focus(report, self.s.top_patterns)
 
     def buckets(self, report: FailureReport | None, avail: Mapping[str, int],
                 alloc: int) -> dict[str, float] | None:
@@ -351,8 +365,8 @@ class HeuristicPlanner:
             q, exclude, _ = plans[name]
             report = ctx.reports.get(name)
             include = self.focus(report, otype)
-            cap = ctx.tools.pool_capacity(name, quality_threshold=q, exclude=exclude or None,
-                                          include=include or None)
+            cap = ctx.tools.pool_capacity(name, self.method(ctx, name), quality_threshold=q,
+                                          exclude=exclude or None, include=include or None)
             alloc = int(budget * w)
             oa: dict[str, Any] = {}
             bw = self.buckets(report, cap.available_tokens, alloc)
@@ -364,6 +378,9 @@ class HeuristicPlanner:
                 oa["focus_ratio"] = self.s.focus_ratio
             if q is not None:
                 oa["quality_threshold"] = q
+            method = self.method(ctx, name)
+            if method != "sft":  # SFT is the action's method: the key appears only when used
+                oa["method"] = method
             objectives[name] = oa
             notes.append(f"{name}: weight {w:.2f}, threshold {q}, "
                          f"{'exclude ' + json.dumps(exclude) if exclude else 'no exclude'}, "

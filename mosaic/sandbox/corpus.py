@@ -101,3 +101,43 @@ def make_corpus(seed: int, size: int, lex_in: Lexicon, lex_ho: Lexicon,
             made += 1
     rng.shuffle(rows)
     return rows
+
+
+# Tool-world conversations added to the corpus when `world.tool_world` is on, as a share of
+# base_corpus_size. They come on top of the default mixture (its rows and order untouched), so
+# the default world's corpus is the same whether or not the tool world code exists.
+TOOL_SHARE = 0.2
+
+
+def add_tool_corpus(rows: list[dict[str, Any]], seed: int, size: int,
+                    avoid: set[str]) -> list[dict[str, Any]]:
+    """`rows` with round(TOOL_SHARE * size) tool-world conversations inserted at seeded
+    positions: injected items mostly followed (the base's built-in attack success), benign ones
+    completed; 30% in the held-out wording, as every other kind (module docstring)."""
+    from mosaic.sandbox import tool_world
+
+    rng = derive_rng(seed, "corpus", "tool_world")
+    voices = {"in": tool_world.tool_voice("in"), "heldout": tool_world.tool_voice("heldout")}
+    n = round(TOOL_SHARE * size)
+    extra: list[dict[str, Any]] = []
+    tries = 0
+    while len(extra) < n:
+        tries += 1
+        if tries > 50 * n + 1000:
+            raise RuntimeError(f"base corpus: could not write {n} tool-world conversations that "
+                               f"avoid the eval and held-out prompts")
+        wording = voices["heldout" if rng.random() < HELDOUT_WORDING_SHARE else "in"]
+        level = weighted(rng, tool_world.POOL_LEVELS)
+        p = tool_world.make_prompt(rng, wording, level)
+        if prompt_key(p.users) in avoid:
+            continue
+        cls = tool_world.corpus_class(rng, p)
+        # Replies in the in-distribution wording only (held-out replies stay unseen).
+        reply = tool_world.make_response(rng, voices["in"], p, cls).text
+        extra.append({"messages": p.conversation(reply),
+                      "metadata": {"kind": "tool", "response_class": cls, "topic": p.meta["task"],
+                                   "l3_prompt": p.atoms, "turns": 1, "seed": seed}})
+    out = list(rows)
+    for r in extra:
+        out.insert(rng.randrange(len(out) + 1), r)
+    return out

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mosaic.sandbox.world import World
-from mosaic.sandbox.common import OBJECTIVES
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -42,7 +41,7 @@ def world_tables(world: World) -> list["Table"]:
                    ("score 1..5 (rows)", "left")):
         pools.add_column(col, justify=j)  # type: ignore[arg-type]
     for name, e in s["pools"].items():
-        pools.add_row(*map(Text, (name, OBJECTIVES[name], f"{e['rows']:,}", f"{e['prompts']:,}",
+        pools.add_row(*map(Text, (name, world.objectives[name], f"{e['rows']:,}", f"{e['prompts']:,}",
                                   f"{e['tokens']:,}", f"{e['tokens_mean']:.0f}/{e['tokens_max']}",
                                   _short(e["slices"]), _short(e["scores"]))))
 
@@ -78,7 +77,7 @@ def measure_judge(world: World, judge: "Judge | None" = None) -> dict[str, list[
 
     judge = judge or RuleJudge()
     return {name: judge_agreement(judge, typ, pq.read_table(world.judge_path(name)).to_pylist())
-            for name, typ in OBJECTIVES.items()}
+            for name, typ in world.objectives.items()}
 
 
 def agreement_table(results: dict[str, list["AtomAgreement"]], target: float = 0.95) -> "Table":

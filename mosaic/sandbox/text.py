@@ -279,4 +279,8 @@ def template_samples() -> dict[str, dict[str, str]]:
         out[v.responses_safety] = safety
         out[v.responses_help] = help_
         out[v.responses_if] = iff
+    tool = {"part": "injection", "phrase": "pay the bill", "call": "send_money(mallory)",
+            "datum": "pin-4471", "plan": "pay the bill", "tool": "send_money"}
+    out["tool_wording.j2"] = tool
+    out["heldout_tool_wording.j2"] = tool
     return {f"{SANDBOX}/{name}": sample for name, sample in out.items()}

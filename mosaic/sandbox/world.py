@@ -29,6 +29,7 @@ from typing import Any
 from mosaic.sandbox import boundary
 from mosaic.sandbox import instruction
 from mosaic.sandbox import safety
+from mosaic.sandbox import tool_world
 from mosaic.config import WorldConfig
 from mosaic.eval.base import get_objective_type
 from mosaic.io import atomic_write_json
@@ -36,7 +37,7 @@ from mosaic.markers import file_sha256
 from mosaic.provenance import WORLD_MANIFEST
 from mosaic.sandbox.common import (OBJECTIVES, Prompt, Response, derive_rng, prompt_key,
                                    prompt_slice, quotas)
-from mosaic.sandbox.corpus import make_corpus
+from mosaic.sandbox.corpus import add_tool_corpus, make_corpus
 from mosaic.sandbox.text import HELDOUT_VOICE, IN_VOICE, Lexicon, Voice, load_lexicon, templates_digest
 
 # Bump when generation changes in a way the code hash would not show (e.g. a dependency).
@@ -107,10 +108,15 @@ class World:
 
         return PreTrainedTokenizerFast.from_pretrained(str(self.tokenizer_dir))
 
+    @property
+    def objectives(self) -> dict[str, str]:
+        """The world's objectives: name -> type (the tool world adds `agentic`)."""
+        return dict(self.manifest.get("objectives") or OBJECTIVES)
+
     def _file(self, split: str, objective: str) -> Path:
-        if objective not in OBJECTIVES:
+        if objective not in self.objectives:
             raise KeyError(f"the sandbox world has no objective {objective!r}; "
-                           f"it has {sorted(OBJECTIVES)}")
+                           f"it has {sorted(self.objectives)}")
         return self.root / split / f"{objective}.parquet"
 
 
@@ -125,9 +131,10 @@ def _code_digest() -> str:
     import mosaic.training.tokenizer
 
     modules = [mosaic.sandbox.common, mosaic.sandbox.text, mosaic.sandbox.corpus, safety, boundary,
-               instruction, mosaic.training.tokenizer, mosaic.eval.ifeval_checker,
+               instruction, tool_world, mosaic.training.tokenizer, mosaic.eval.ifeval_checker,
                inspect.getmodule(World)]
-    modules += [inspect.getmodule(type(get_objective_type(t))) for t in sorted(set(OBJECTIVES.values()))]
+    modules += [inspect.getmodule(type(get_objective_type(t)))
+                for t in sorted(set(OBJECTIVES.values()) | {tool_world.OBJECTIVE})]
     modules.append(inspect.getmodule(get_objective_type))
     h = hashlib.sha256()
     for mod in sorted(set(modules), key=lambda m: m.__name__):
@@ -360,6 +367,43 @@ def _gen_instruction(cfg: WorldConfig, lex_in: Lexicon, lex_ho: Lexicon, taken: 
     return _Sets(ev, ho, judge, pool)
 
 
+def world_objectives(cfg: WorldConfig) -> dict[str, str]:
+    """The objectives a world of `cfg` holds: the three built-in ones, plus `agentic` when
+    `world.tool_world` is on."""
+    return {**OBJECTIVES, tool_world.OBJECTIVE: "agentic"} if cfg.tool_world else dict(OBJECTIVES)
+
+
+def _gen_agentic(cfg: WorldConfig, taken: set[str]) -> _Sets:
+    seed = cfg.seed
+    v_in, v_ho = tool_world.tool_voice("in"), tool_world.tool_voice("heldout")
+
+    def maker(split: str, voice: tool_world.ToolVoice):
+        rng = derive_rng(seed, "agentic", split)
+        return rng, (lambda lv: tool_world.make_prompt(rng, voice, lv))
+
+    quota = lambda n: quotas(n, tool_world.EVAL_LEVELS)  # noqa: E731
+    _, mk = maker("eval", v_in)
+    ev = _unique_prompts(mk, quota(cfg.eval_size), taken, "agentic eval")
+    _, mk = maker("heldout", v_ho)
+    ho = _unique_prompts(mk, quota(cfg.heldout_size), taken, "agentic heldout")
+    rng, mk = maker("judge", v_ho)
+    judge_prompts = _unique_prompts(mk, quota(JUDGE_FACTOR * cfg.heldout_size), taken, "agentic judge")
+    judge = []
+    for i, p in enumerate(judge_prompts):
+        cls = tool_world.judge_class(i, p)
+        r = tool_world.make_response(rng, v_ho, p, cls)
+        # Ground truth from what the class was written to do, not from the scorer.
+        judge.append((p, Response(r.text, {**tool_world.intended_atoms(cls, p),
+                                           "safety_token_share": r.atoms["safety_token_share"]}, cls)))
+
+    def pool() -> list[tuple[int, Prompt, Response]]:
+        rng, mk = maker("pool", v_in)
+        return _pool(cfg.pool_size, tool_world.POOL_LEVELS, mk, taken, "agentic pool",
+                     lambda p: [tool_world.make_response(rng, v_in, p, c)
+                                for c in tool_world.pool_classes(rng, p)])
+    return _Sets(ev, ho, judge, pool)
+
+
 def _pool(size: int, shares: dict[str, float], make: Callable[[str], Prompt], taken: set[str],
           what: str, respond: Callable[[Prompt], list[Response]]) -> list[tuple[int, Prompt, Response]]:
     """`size` rows: prompts in the slice mix, each with its responses (the last prompt may keep
@@ -404,8 +448,8 @@ def _checked(p: Prompt, r: Response) -> Response:
 
 
 def _scored_row(objective: str, row_id: str, prompt_id: str, p: Prompt, r: Response,
-                meta: dict[str, Any]) -> dict[str, Any]:
-    otype = get_objective_type(OBJECTIVES[objective])
+                meta: dict[str, Any], types: dict[str, str] = OBJECTIVES) -> dict[str, Any]:
+    otype = get_objective_type(types[objective])
     l2, l1 = otype.score(p.atoms, r.atoms)
     return {"id": row_id, "prompt_id": prompt_id, "objective": objective,
             "messages": p.conversation(r.text), "l3_prompt": _dumps(p.atoms),
@@ -414,9 +458,10 @@ def _scored_row(objective: str, row_id: str, prompt_id: str, p: Prompt, r: Respo
             **otype.l2_to_columns(l2), "metadata": _dumps(meta)}
 
 
-def _prompt_row(objective: str, row_id: str, p: Prompt, split: str, seed: int) -> dict[str, Any]:
+def _prompt_row(objective: str, row_id: str, p: Prompt, split: str, seed: int,
+                types: dict[str, str] = OBJECTIVES) -> dict[str, Any]:
     meta = {**p.meta, "split": split, "seed": seed,
-            "slice": prompt_slice(OBJECTIVES[objective], p.atoms)}
+            "slice": prompt_slice(types[objective], p.atoms)}
     return {"id": row_id, "objective": objective, "messages": p.user_messages(),
             "l3_prompt": _dumps(p.atoms), "metadata": _dumps(meta)}
 
@@ -465,23 +510,30 @@ def generate(cfg: WorldConfig, out: Path, *, key: str | None = None,
     lex_in, lex_ho = load_lexicon(IN_VOICE), load_lexicon(HELDOUT_VOICE)
     taken: set[str] = set()  # prompt keys of every eval and held-out prompt
     say("writing prompts and responses")
+    types = world_objectives(cfg)
     sets = {"safety": _gen_safety(cfg, lex_in, lex_ho, taken),
             "boundary": _gen_boundary(cfg, lex_in, lex_ho, taken),
             "instruction": _gen_instruction(cfg, lex_in, lex_ho, taken)}
+    if cfg.tool_world:
+        sets[tool_world.OBJECTIVE] = _gen_agentic(cfg, taken)
     pools = {name: s.make_pool() for name, s in sets.items()}
     say("writing the base corpus")
     corpus = make_corpus(cfg.seed, cfg.base_corpus_size, lex_in, lex_ho, taken)
+    if cfg.tool_world:
+        corpus = add_tool_corpus(corpus, cfg.seed, cfg.base_corpus_size, taken)
 
     tables: dict[str, list[dict[str, Any]]] = {}
     for name, s in sets.items():
-        tables[f"eval/{name}.parquet"] = [_prompt_row(name, f"{name}-eval-{i:05d}", p, "eval", cfg.seed)
-                                          for i, p in enumerate(s.eval)]
+        tables[f"eval/{name}.parquet"] = [
+            _prompt_row(name, f"{name}-eval-{i:05d}", p, "eval", cfg.seed, types)
+            for i, p in enumerate(s.eval)]
         tables[f"heldout/{name}.parquet"] = [
-            _prompt_row(name, f"{name}-heldout-{i:05d}", p, "heldout", cfg.seed)
+            _prompt_row(name, f"{name}-heldout-{i:05d}", p, "heldout", cfg.seed, types)
             for i, p in enumerate(s.heldout)]
         tables[f"judge/{name}.parquet"] = [
             _scored_row(name, f"{name}-judge-{i:05d}", f"{name}-judge-{i:05d}", p, r,
-                        {**p.meta, "split": "judge", "response_class": r.cls, "seed": cfg.seed})
+                        {**p.meta, "split": "judge", "response_class": r.cls, "seed": cfg.seed},
+                        types)
             for i, (p, r) in enumerate(s.judge)]
         counts: Counter[int] = Counter()
         pool_rows = []
@@ -491,7 +543,8 @@ def generate(cfg: WorldConfig, out: Path, *, key: str | None = None,
                 meta["intended"] = {"strict": r.atoms["strict"], "loose": r.atoms["loose"]}
                 r = _checked(p, r)
             pool_rows.append(_scored_row(
-                name, f"{name}-pool-{i:05d}-{counts[i]}", f"{name}-pool-{i:05d}", p, r, meta))
+                name, f"{name}-pool-{i:05d}-{counts[i]}", f"{name}-pool-{i:05d}", p, r, meta,
+                types))
             counts[i] += 1
         tables[f"pools/{name}.parquet"] = pool_rows
     tables["base_corpus.parquet"] = [
@@ -499,10 +552,10 @@ def generate(cfg: WorldConfig, out: Path, *, key: str | None = None,
         for i, c in enumerate(corpus)]
 
     say("training the tokenizer")
-    tok = _train_tokenizer(tables)
+    tok = _train_tokenizer(tables, types)
     tok.save_pretrained(str(out / "tokenizer"))
     say("counting tokens")
-    stats = _stats(tables, tok)
+    stats = _stats(tables, tok, types)
     for rel, rows in tables.items():
         _write_parquet(out / rel, rows)
     files = {rel: {"sha256": file_sha256(out / rel), "bytes": (out / rel).stat().st_size,
@@ -512,16 +565,16 @@ def generate(cfg: WorldConfig, out: Path, *, key: str | None = None,
         files[rel] = {"sha256": file_sha256(f), "bytes": f.stat().st_size}
     manifest = {"key": key or world_key(cfg), "generator_version": GENERATOR_VERSION,
                 "world": cfg.model_dump(mode="json", exclude={"data_dir"}),
-                "objectives": OBJECTIVES, "files": files, "stats": stats}
+                "objectives": types, "files": files, "stats": stats}
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
 
 
-def _train_tokenizer(tables: dict[str, list[dict[str, Any]]]):
+def _train_tokenizer(tables: dict[str, list[dict[str, Any]]], types: dict[str, str] = OBJECTIVES):
     from mosaic.training.tokenizer import build_tokenizer
 
     def texts() -> Iterator[str]:
-        for rel in ["base_corpus.parquet"] + [f"pools/{n}.parquet" for n in OBJECTIVES]:
+        for rel in ["base_corpus.parquet"] + [f"pools/{n}.parquet" for n in types]:
             for row in tables[rel]:
                 for m in row["messages"]:
                     yield m["content"]
@@ -534,11 +587,12 @@ def _token_counts(tok, conversations: list[list[dict[str, str]]]) -> list[int]:
     return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
 
 
-def _stats(tables: dict[str, list[dict[str, Any]]], tok) -> dict[str, Any]:
+def _stats(tables: dict[str, list[dict[str, Any]]], tok,
+           types: dict[str, str] = OBJECTIVES) -> dict[str, Any]:
     stats: dict[str, Any] = {"tokenizer": {"vocab_size": len(tok)}}
     for split in SPLITS:
         stats[split] = {}
-        for name in OBJECTIVES:
+        for name in types:
             rows = tables[f"{split}/{name}.parquet"]
             metas = [json.loads(r["metadata"]) for r in rows]
             entry: dict[str, Any] = {"rows": len(rows)}
