@@ -1,7 +1,8 @@
 """The real-model smoke run end to end, with the wall time of every stage.
 
     .venv/bin/python scripts/real_smoke.py            # the whole run (configs/real-smoke.yaml)
-    .venv/bin/python scripts/real_smoke.py --quick    # 12 prompts a pool, 10 an eval set
+    .venv/bin/python scripts/real_smoke.py --quick    # 12 prompts a pool, 10 an eval set,
+                                                      # 3,000 training tokens a round
     .venv/bin/python scripts/real_smoke.py --stages doctor,run   # some stages only
 
 Stages, each a `mosaic` command (printed before it runs, so the transcript can be replayed):
@@ -40,6 +41,7 @@ LICENCE = ("per row: metadata.licence (MIT or ODC-BY sources; see "
            "mosaic/resources/real_text/README.md)")
 # objective -> (type, raw pool file, raw eval file)
 STAGES = ["import", "replies", "annotate", "doctor", "run"]
+QUICK_BUDGET = 3000  # training tokens per round with --quick
 OBJECTIVES = {
     "jailbreak": ("jailbreak", "jailbreak_pool.jsonl", "jailbreak_eval.jsonl"),
     "overrefusal": ("overrefusal", "overrefusal_pool.jsonl", "overrefusal_eval.jsonl"),
@@ -75,7 +77,7 @@ def split_raw(src: Path, dest: Path, limit: int | None) -> tuple[Path | None, Pa
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="12 prompts a pool, 10 an eval set")
+    ap.add_argument("--quick", action="store_true", help="12 prompts a pool, 10 an eval set, a 3,000-token budget")
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "real-smoke")
     ap.add_argument("--config", type=Path, default=CONFIG)
     ap.add_argument("--stages", default=",".join(STAGES),
@@ -95,6 +97,9 @@ def main() -> int:
         env[f"MOSAIC__objectives__{name}__eval"] = str(data / "eval" / f"{name}.parquet")
     if args.quick:
         env["MOSAIC__run_dir"] = str(ROOT / "runs" / "real-smoke-quick")
+        # 12 prompts a pool supply 2-3k training tokens each: at the config's 12,000 no mixture
+        # is fillable, and every proposal is refused as unfillable.
+        env["MOSAIC__budget__max_tokens"] = str(QUICK_BUDGET)
     config = str(args.config)
     times: dict[str, float] = {}
 

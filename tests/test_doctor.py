@@ -111,6 +111,20 @@ def test_with_the_files_a_local_endpoint_and_a_tiny_model_it_passes_and_estimate
     assert "not estimated" in est["generation and training time"].value
 
 
+def test_the_judge_probe_sends_the_judges_schema_constraint(paper_like, openai_server):
+    # A small local model (SmolLM2-135M behind llama-cpp-python) unconstrained writes until its
+    # context ends, and the probe timed out where the judge itself, constrained, answers.
+    cfg = yaml.safe_load(paper_like.read_text())
+    cfg["judge"]["endpoint"]["response_format"] = "json_object_schema"
+    paper_like.write_text(yaml.safe_dump(cfg))
+    result = invoke("doctor", paper_like)
+    assert result.exit_code == 0, result.output
+    probe = next(r for r in openai_server.requests if r.body.get("model") == "judge")
+    fmt = probe.body["response_format"]
+    assert fmt["type"] == "json_object"
+    assert "explicit_refusal" in fmt["schema"]["properties"]
+
+
 def test_missing_annotations_and_a_non_json_judge_are_reported(paper_like, openai_server, tmp_path):
     cfg = yaml.safe_load(paper_like.read_text())
     pool = tmp_path / "xguard-pool.parquet"

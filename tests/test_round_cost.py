@@ -34,6 +34,11 @@ def test_cpu_threads_policy_and_override(monkeypatch):
         assert policy.recheck(force=True) == 2  # runtime.threads is not second-guessed
     with cpu_threads(SMALL_MODEL_PARAMS, "cpu") as policy:
         assert policy is None and torch.get_num_threads() == before  # large: torch's default
+    # SmolLM2-135M (configs/real-smoke.yaml) follows the policy: on torch's default 2 threads
+    # a loaded machine made its generation 7.7x slower (training/threads.py).
+    with cpu_threads(134_515_008, "cpu") as policy:
+        assert policy is not None and policy.adaptive
+    assert threads.decode_workers(134_515_008, "cpu", None) == cores
     with cpu_threads(3_000_000, "cuda", threads=1) as policy:
         assert policy is None and torch.get_num_threads() == before  # GPUs are left alone
     assert torch.get_num_threads() == before

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -26,7 +27,7 @@ from mosaic.eval.annotate import failures_path
 from mosaic.eval.base import ObjectiveType
 from mosaic.eval.judge import JudgeRangeError, check_judge_range
 from mosaic.llm import (EndpointError, RetryingCaller, TokenUsage, chat_completion, describe,
-                        make_client, text_completion)
+                        make_client, response_format, text_completion)
 from mosaic.schemas import DoctorCheck, DoctorEstimate, DoctorReport
 
 # A model this large is not trained on a CPU in any useful time (the 135M smoke model is).
@@ -394,10 +395,14 @@ def _endpoints(config: MosaicConfig) -> list[tuple[str, EndpointConfig, str]]:
 
 
 def _judge_probe(config: MosaicConfig, endpoint: EndpointConfig,
-                 samples: dict[str, list[dict[str, str]]]) -> tuple[list[dict[str, str]], int]:
+                 samples: dict[str, list[dict[str, str]]]
+                 ) -> tuple[list[dict[str, str]], int, dict[str, Any]]:
     """A real judge request (the response channel of a pool conversation of a type a judge
-    labels) and the length of that conversation in characters."""
-    from mosaic.eval.llm_judge import LLMJudge
+    labels): its messages, the length of that conversation in characters, and the request
+    options the judge sends with it (the JSON-schema constraint its endpoint is configured
+    for: without it a small local model may write until its context ends, and the probe
+    times out where the judge itself would answer)."""
+    from mosaic.eval.llm_judge import LLMJudge, atoms_schema
 
     types = [o.type for o in config.objectives.values()]
     judged = [t for t in types
@@ -407,8 +412,11 @@ def _judge_probe(config: MosaicConfig, endpoint: EndpointConfig,
     if not conv or conv[-1]["role"] != "assistant":
         conv = [{"role": "user", "content": "How do I stop a process that hangs?"},
                 {"role": "assistant", "content": "Find its id with ps, then run kill with that id."}]
-    messages = LLMJudge(endpoint, None).request_messages(type_name, "response", conv)
-    return messages, sum(len(m["content"]) for m in conv)
+    judge = LLMJudge(endpoint, None)
+    messages = judge.request_messages(type_name, "response", conv)
+    constrain = response_format(endpoint, f"{type_name}_response_atoms",
+                                atoms_schema(judge.atom_spec(type_name, "response")))
+    return messages, sum(len(m["content"]) for m in conv), constrain
 
 
 def _check_endpoints(config: MosaicConfig, samples: dict[str, list[dict[str, str]]],
@@ -444,8 +452,9 @@ def _check_endpoints(config: MosaicConfig, samples: dict[str, list[dict[str, str
             elif kind == "judge":
                 from mosaic.eval.llm_judge import strip_fence
 
-                messages, chars = _judge_probe(config, ep, samples)
-                reply = caller(lambda: chat_completion(client, ep.model, messages, usage=usage),
+                messages, chars, constrain = _judge_probe(config, ep, samples)
+                reply = caller(lambda: chat_completion(client, ep.model, messages, usage=usage,
+                                                       **constrain),
                                what="judge probe")
                 try:
                     json.loads(strip_fence(reply))
