@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mosaic.tools.evaluate import ReplayStage
@@ -52,3 +56,29 @@ def stall_first_responses(**kwargs):
 
     stage.judge.response_atoms = response_atoms
     return stage
+
+
+@contextmanager
+def killing_the_stalled_worker(victim: Path) -> Iterator[list[int]]:
+    """While the block runs, SIGKILL the process whose pid a stalled stage wrote to `victim`
+    (a real kill of a Ray actor's process, once); yields the list of killed pids."""
+    killed: list[int] = []
+    done = threading.Event()
+
+    def kill() -> None:
+        while not done.is_set() and not killed:
+            if victim.is_file() and victim.read_text():
+                pid = int(victim.read_text())
+                assert pid != os.getpid()
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        killer.join(timeout=5)
+

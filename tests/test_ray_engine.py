@@ -5,9 +5,6 @@ without losing or doubling a row."""
 from __future__ import annotations
 
 import os
-import signal
-import threading
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -53,31 +50,14 @@ def test_a_killed_worker_is_restarted_and_its_batch_rerun(tiny_run_config, ray_c
                            max_new_tokens=cfg.inference.max_new_tokens, temperature=0.0)
 
     victim = tmp_path / "victim.pid"
-    killed: list[int] = []
-    done = threading.Event()
+    from ray_stages import StallFirstBatch, killing_the_stalled_worker
 
-    def kill_the_stalled_worker() -> None:
-        while not done.is_set() and not killed:
-            if victim.is_file() and victim.read_text():
-                pid = int(victim.read_text())
-                assert pid != os.getpid()
-                os.kill(pid, signal.SIGKILL)  # a real kill of the actor's process
-                killed.append(pid)
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_the_stalled_worker, daemon=True)
-    killer.start()
-    from ray_stages import StallFirstBatch
-
-    try:
+    with killing_the_stalled_worker(victim) as killed:
         got = map_rows(StallFirstBatch, [{"id": r["id"], "system": r["system"],
                                           "turns": list(r["turns"])} for r in rows],
                        kwargs={"claim_dir": str(tmp_path), "config": cfg.model_dump(mode="json"),
                                "model_dir": model, "adapter_dir": None, "threads": 1},
                        runtime=cfg.runtime, batch_rows=5, what="kill test")
-    finally:
-        done.set()
-        killer.join(timeout=5)
     assert len(killed) == 1
     with pytest.raises(ProcessLookupError):
         os.kill(killed[0], 0)  # that worker is gone; another ran its batch
