@@ -57,8 +57,16 @@ def test_annotation_on_ray_matches_the_local_path_on_the_sandbox_pools(tiny_run_
         pd.testing.assert_frame_equal(local.frame, ray.frame)
         assert local.frame["score"].notna().sum() > 250, name
         assert [f.as_dict() for f in local.failures] == [f.as_dict() for f in ray.failures]
-        # The same judging work, counted on the workers, and the same cache entries.
-        assert local.counts == ray.counts and sum(ray.counts.values()) > 0
+        # The same judging work, counted on the workers, and the same cache entries. Which of two
+        # batches holding the same prompt reaches the cache first is timing when two workers run
+        # them side by side, so only the split between judged and cached may differ (never fewer
+        # judged than the one-at-a-time local path).
+        for channel in ("prompt", "response"):
+            done_local = local.counts.get(f"judged_{channel}", 0) + local.counts.get(f"cached_{channel}", 0)
+            done_ray = ray.counts.get(f"judged_{channel}", 0) + ray.counts.get(f"cached_{channel}", 0)
+            assert done_local == done_ray, (channel, local.counts, ray.counts)
+            assert ray.counts.get(f"judged_{channel}", 0) >= local.counts.get(f"judged_{channel}", 0)
+        assert sum(ray.counts.values()) > 0
         assert local_cache.keys() == ray_cache.keys()
         assert seen[-1] == (300, 300) and len(seen) == 5  # progress per batch as it came back
         # Each worker's own time in the stage came back with its batches.
@@ -202,13 +210,14 @@ def test_a_run_that_dies_on_ray_resumes_without_rejudging_a_cached_row(openai_se
     assert isinstance(died.value.__cause__, ray_cluster.exceptions.RayError)
     assert pool.read_bytes() == before  # nothing half-written
     # The failed pipeline's other worker may still be finishing (and committing) its batch, as a
-    # killed run's would not: the cache is read once every worker is gone. (Ray shuts a failed
-    # pipeline's actors down gracefully; on a busy machine that has taken over 2 minutes.)
-    started, deadline = time.monotonic(), time.monotonic() + 600
-    while ray_cluster.available_resources().get("CPU", 0) < ray_cluster.cluster_resources()["CPU"]:
-        assert time.monotonic() < deadline, "the failed pipeline's workers did not stop"
+    # killed run's would not. Ray shuts it down gracefully, usually within seconds; on a busy
+    # machine it has outlived 2 minutes. Wait a while for it, then judge what the rerun asked
+    # against the cache as read below: a late commit by that worker is in neither the snapshot
+    # nor the rerun's requests, so completeness counts the first run's requests too.
+    deadline = time.monotonic() + 60
+    while (ray_cluster.available_resources().get("CPU", 0) < ray_cluster.cluster_resources()["CPU"]
+           and time.monotonic() < deadline):
         time.sleep(0.1)
-    print(f"the failed pipeline's workers stopped after {time.monotonic() - started:.1f}s")
     cached = cache.keys()
     first_requests = len(openai_server.requests)
     assert 0 < len(cached) < n // 2 + n
@@ -219,8 +228,12 @@ def test_a_run_that_dies_on_ray_resumes_without_rejudging_a_cached_row(openai_se
     done_pool = load_pool(pool, "jailbreak")
     prompt_cached, reply_cached = cached_conversations(done_pool, cached, judge_identity(judge))
     asked_prompts, asked_replies = asked_conversations(openai_server.requests[first_requests:])
+    first_prompts, first_replies = asked_conversations(openai_server.requests[:first_requests])
     # The killed batch's prompts were committed before it stalled: they are not asked again.
     assert len(prompt_cached) >= batch // 2
-    assert asked_prompts == set(range(n // 2)) - prompt_cached
-    assert asked_replies == set(range(n)) - reply_cached
+    # 0 cached conversations re-judged ...
+    assert asked_prompts & prompt_cached == set() and asked_replies & reply_cached == set()
+    # ... and every other one judged after the snapshot (or, by the straggler, before it).
+    assert set(range(n // 2)) - prompt_cached <= asked_prompts | first_prompts
+    assert set(range(n)) - reply_cached <= asked_replies | first_replies
     cache.close()
