@@ -132,27 +132,35 @@ def sandbox_world(tmp_path_factory):
     return ensure_world(WorldConfig(data_dir=str(root)))
 
 
-@pytest.fixture(scope="session")
-def tiny_run_config(tmp_path_factory, tiny_trained_model_dir):
-    """A run config over a tiny sandbox world (300-row pools, 20-row eval sets) and the tiny
-    trained model as base: a round trains and evaluates in seconds."""
-    root = tmp_path_factory.mktemp("tiny-run")
+def tiny_run_overrides(root: Path, model_dir: Path, objectives: tuple[str, ...], *,
+                       max_tokens: int) -> dict:
+    """Config overrides for a tiny sandbox world under `root` (300-row pools, 20-row eval sets)
+    with the tiny trained model as base: a round trains and evaluates in seconds."""
     data = root / "world"
-    overrides = {
+    return {
         "run_dir": str(root / "run"),
-        "budget": {"max_tokens": 4000},
+        "budget": {"max_tokens": max_tokens},
         "world": {"data_dir": str(data), "pool_size": 300, "eval_size": 20, "heldout_size": 20,
                   "base_corpus_size": 100},
-        "model": {"base": str(tiny_trained_model_dir), "max_length": 256,
-                  "cache_dir": str(root / "models")},
+        "model": {"base": str(model_dir), "max_length": 256, "cache_dir": str(root / "models")},
         "training": {"batch_size": 8, "learning_rate": 5e-3},
         "inference": {"batch_size": 32, "max_new_tokens": 8},
         "judge": {"cache_dir": str(root / "judge")},
         "objectives": {name: {"pool": str(data / "pools" / f"{name}.parquet"),
                               "eval": str(data / "eval" / f"{name}.parquet"),
                               "heldout": str(data / "heldout" / f"{name}.parquet")}
-                       for name in ("safety", "boundary", "instruction")},
+                       for name in objectives},
     }
+
+
+
+@pytest.fixture(scope="session")
+def tiny_run_config(tmp_path_factory, tiny_trained_model_dir):
+    """A run config over a tiny sandbox world (300-row pools, 20-row eval sets) and the tiny
+    trained model as base: a round trains and evaluates in seconds."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    overrides = tiny_run_overrides(root, tiny_trained_model_dir,
+                                   ("safety", "boundary", "instruction"), max_tokens=4000)
     from mosaic.config import load_config
 
     cfg = load_config("configs/sandbox.yaml", environ={}, overrides=overrides)

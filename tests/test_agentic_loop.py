@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_run_overrides
+
 from mosaic.agents.chat import apply_action_edit, apply_limit_edit, parse_command
 from mosaic.agents.planners.heuristic import HeuristicPlanner
 from mosaic.agents.runner import run_loop
@@ -23,23 +25,8 @@ NAMES = ("safety", "boundary", "instruction", "agentic")
 @pytest.fixture(scope="module")
 def agentic_run(tmp_path_factory, tiny_trained_model_dir):
     root = tmp_path_factory.mktemp("tiny-agentic")
-    data = root / "world"
-    overrides = {
-        "run_dir": str(root / "run"),
-        "budget": {"max_tokens": 5000},
-        "world": {"data_dir": str(data), "pool_size": 300, "eval_size": 20, "heldout_size": 20,
-                  "base_corpus_size": 100},
-        "model": {"base": str(tiny_trained_model_dir), "max_length": 256,
-                  "cache_dir": str(root / "models")},
-        "training": {"batch_size": 8, "learning_rate": 5e-3},
-        "inference": {"batch_size": 32, "max_new_tokens": 8},
-        "judge": {"cache_dir": str(root / "judge")},
-        "loop": {"rounds": 1},
-        "objectives": {name: {"pool": str(data / "pools" / f"{name}.parquet"),
-                              "eval": str(data / "eval" / f"{name}.parquet"),
-                              "heldout": str(data / "heldout" / f"{name}.parquet")}
-                       for name in NAMES},
-    }
+    overrides = {**tiny_run_overrides(root, tiny_trained_model_dir, NAMES, max_tokens=5000),
+                 "loop": {"rounds": 1}}
     cfg = load_config("configs/sandbox-agentic.yaml", environ={}, overrides=overrides)
     from mosaic.sandbox import ensure_world
 
