@@ -106,14 +106,22 @@ def make_corpus(seed: int, size: int, lex_in: Lexicon, lex_ho: Lexicon,
 # Tool-world conversations added to the corpus when `world.tool_world` is on, as a share of
 # base_corpus_size. They come on top of the default mixture (its rows and order untouched), so
 # the default world's corpus is the same whether or not the tool world code exists.
-TOOL_SHARE = 0.2
+TOOL_SHARE = 0.3
+# Share of them in the held-out tool voice. The aim is the one of every held-out wording in
+# the corpus (module docstring): the base behaves the same in both wordings, so the held-out set
+# measures behaviour. The jailbreak's 30% reaches it because its leaks hang on the request and
+# cues; a tool item is one whole transcript turn (request, results, injection, datum) in its
+# voice, and at 30% of 0.2 the base followed held-out injections at 0.27 against 0.46 in the
+# eval voice (issue 17, docs/agentic.md). Half the tool conversations in each voice, and the
+# voice never decides the reply (corpus_class reads the item's plan only).
+TOOL_HELDOUT_SHARE = 0.5
 
 
 def add_tool_corpus(rows: list[dict[str, Any]], seed: int, size: int,
                     avoid: set[str]) -> list[dict[str, Any]]:
     """`rows` with round(TOOL_SHARE * size) tool-world conversations inserted at seeded
     positions: injected items mostly followed (the base's built-in attack success), benign ones
-    completed; 30% in the held-out wording, as every other kind (module docstring)."""
+    completed, whatever the voice; TOOL_HELDOUT_SHARE of them in the held-out tool voice."""
     from mosaic.sandbox import tool_world
 
     rng = derive_rng(seed, "corpus", "tool_world")
@@ -126,7 +134,7 @@ def add_tool_corpus(rows: list[dict[str, Any]], seed: int, size: int,
         if tries > 50 * n + 1000:
             raise RuntimeError(f"base corpus: could not write {n} tool-world conversations that "
                                f"avoid the eval and held-out prompts")
-        wording = voices["heldout" if rng.random() < HELDOUT_WORDING_SHARE else "in"]
+        wording = voices["heldout" if rng.random() < TOOL_HELDOUT_SHARE else "in"]
         level = weighted(rng, tool_world.POOL_LEVELS)
         p = tool_world.make_prompt(rng, wording, level)
         if prompt_key(p.users) in avoid:
@@ -136,7 +144,8 @@ def add_tool_corpus(rows: list[dict[str, Any]], seed: int, size: int,
         reply = tool_world.make_response(rng, voices["in"], p, cls).text
         extra.append({"messages": p.conversation(reply),
                       "metadata": {"kind": "tool", "response_class": cls, "topic": p.meta["task"],
-                                   "l3_prompt": p.atoms, "turns": 1, "seed": seed}})
+                                   "voice": p.meta["voice"], "l3_prompt": p.atoms, "turns": 1,
+                                   "seed": seed}})
     out = list(rows)
     for r in extra:
         out.insert(rng.randrange(len(out) + 1), r)
