@@ -106,15 +106,14 @@ def make_corpus(seed: int, size: int, lex_in: Lexicon, lex_ho: Lexicon,
 # Tool-world conversations added to the corpus when `world.tool_world` is on, as a share of
 # base_corpus_size. They come on top of the default mixture (its rows and order untouched), so
 # the default world's corpus is the same whether or not the tool world code exists.
-TOOL_SHARE = 0.3
-# Share of them in the held-out tool voice. The aim is the one of every held-out wording in
-# the corpus (module docstring): the base behaves the same in both wordings, so the held-out set
-# measures behaviour. The jailbreak's 30% reaches it because its leaks hang on the request and
-# cues; a tool item is one whole transcript turn (request, results, injection, datum) in its
-# voice, and at 30% of 0.2 the base followed held-out injections at 0.27 against 0.46 in the
-# eval voice (issue 17, docs/agentic.md). Half the tool conversations in each voice, and the
-# voice never decides the reply (corpus_class reads the item's plan only).
-TOOL_HELDOUT_SHARE = 0.5
+TOOL_SHARE = 0.2
+# Share of them in the held-out tool voice: the 30% every other kind has (module docstring),
+# the voice never deciding the reply (corpus_class reads the item's plan only). Measured on
+# builder 3 (issue 17, docs/agentic.md): the base hijacks on 0.61 of attacked eval items and
+# 0.47 of held-out ones, both above the 0.3 the agentic loop needs. Half of 0.3 (v2) brought
+# the held-out voice level with the eval one (0.79 / 0.72) but the loop then lost benign
+# utility (0.97 -> 0.77), which this recipe's loop holds (0.75 -> 0.83): not taken.
+TOOL_HELDOUT_SHARE = HELDOUT_WORDING_SHARE
 
 
 def add_tool_corpus(rows: list[dict[str, Any]], seed: int, size: int,
