@@ -134,6 +134,17 @@ def test_the_agentic_config_loads_with_its_own_data_dir():
     assert all(cfg.world.data_dir in o.pool for o in cfg.objectives.values())
 
 
+def test_the_three_objective_control_differs_from_the_agentic_config_only_by_agentic():
+    """The README compares the agentic loop with this control; any other difference (world,
+    training, planner, budget) would confound that comparison."""
+    agentic = load_config("configs/sandbox-agentic.yaml", environ={}).model_dump(mode="json")
+    three = load_config("configs/sandbox-agentic-three.yaml", environ={}).model_dump(mode="json")
+    del agentic["objectives"]["agentic"]
+    for cfg in (agentic, three):
+        del cfg["name"], cfg["run_dir"]
+    assert three == agentic
+
+
 def test_the_base_corpus_follows_injections_alike_in_both_voices():
     """The base's attack success is built in whatever the wording (issue 17): the corpus holds
     both tool voices at TOOL_HELDOUT_SHARE, each slice in each voice, and the reply class never
