@@ -322,6 +322,11 @@ class LoopConfig(Section):
     # eval sets are generated each round; held-out scores are then measured where needed (the
     # benchmark does it for each run's final point).
     heldout_every_round: bool = True
+    # Candidate actions per round: above 1 the planner proposes this many, each passing one is
+    # built, trained and evaluated in round_<k>/candidates/<j>/ (Ray tasks side by side on
+    # runtime.engine: ray) and the one that adds most to the archive's hypervolume is kept
+    # (mosaic.tools.candidates). 1: one action per round.
+    candidates: int = Field(1, ge=1)
 
 
 class MosaicConfig(Section):
