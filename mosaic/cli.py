@@ -1088,9 +1088,11 @@ def run_main(cfg) -> None:
                 live.event(event)
                 # Without a terminal, live.event already logged the stage with its figures.
                 if (console.is_terminal and event.status == "done"
-                        and event.stage in ("baseline", "evaluate")):
+                        and event.stage in ("baseline", "evaluate", "candidates")):
+                    what = ("candidates trained and evaluated" if event.stage == "candidates"
+                            else "evaluated")
                     live.say(f"{'baseline' if event.round == 0 else f'round {event.round}'} "
-                             f"evaluated in {event.seconds:.0f}s")
+                             f"{what} in {event.seconds:.0f}s")
 
             outcome = run_loop(cfg, progress=progress, say=live.say, on_start=started)
     except RunConfigError as e:

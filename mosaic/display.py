@@ -148,7 +148,8 @@ class LoopProgress:
             if e.round != self.round or e.round not in self.round_started:
                 self.round = e.round
                 self.round_started.setdefault(e.round, now)
-        elif e.stage in ("evaluate", "baseline") and e.round in self.round_started and e.round > 0:
+        elif e.stage in ("evaluate", "candidates", "baseline") and e.round in self.round_started \
+                and e.round > 0:
             self.round_seconds.append(now - self.round_started[e.round])
         self.live.update(self._line())
 
