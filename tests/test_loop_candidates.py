@@ -205,6 +205,13 @@ def test_a_run_with_two_candidates_trains_both_keeps_one_and_its_audit_verifies(
     assert executed["data"]["candidate"] == kept.index
     assert executed["data"]["action_hash"] == next(e["data"]["action_hash"] for e in cands
                                                    if e["data"]["kept"])
+    from mosaic.audit import read_entries
+    from mosaic.audit_events import CandidateRan
+
+    for e in read_entries(run_dir):  # every entry fits its typed record, nothing undeclared
+        assert not e.payload().model_extra
+    assert all(isinstance(e.payload(), CandidateRan) for e in read_entries(run_dir)
+               if e.event == "candidate")
     verified = verify_run(run_dir)  # what `mosaic audit --verify` checks
     assert verified.ok, verified.problem
     assert any("candidate 1 (done) matches candidates.json" in c for c in verified.checked)
