@@ -1555,6 +1555,10 @@ def _round_candidates(cfg, actions: list[Path], texts: list[str], round_dir: Pat
     except (RoundConflictError, *_user_errors()) as e:
         _fail(e)
     for c, action in zip(got.candidates, actions):
+        if c.duplicate_of is not None:
+            _say(f"candidate {c.index + 1} ({action}): the same action as candidate "
+                 f"{c.duplicate_of + 1} apart from its rationale; not run again", "yellow")
+            continue
         if c.result.status == "rejected":
             _say(f"candidate {c.index + 1} ({action}): the check rejected it:", "red")
             _say(format_problems(c.result.verdict))

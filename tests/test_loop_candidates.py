@@ -282,6 +282,43 @@ def test_refused_and_duplicate_candidates_are_recorded_without_being_built(tiny_
     assert not list(tmp_path.rglob("adapter"))
 
 
+@pytest.mark.slow
+def test_the_llm_planners_second_candidate_hears_of_the_first_and_a_refused_one_is_not_built(
+        openai_server, tiny_run_config, tmp_path):
+    from openai_server import Text
+
+    from mosaic.agents.planners.llm import LLMPlanner
+    from mosaic.agents.runner import run_loop
+    from mosaic.config import EndpointConfig
+    from mosaic.io import read_record
+    from mosaic.tools.candidates import CANDIDATES_FILE, CandidateRound
+    from mosaic.tools.verify_run import verify_run
+
+    config = _candidates_config(tiny_run_config, tmp_path)
+    over_one = {**SAFETY_HEAVY, "mixture": {"safety": 0.9, "boundary": 0.3, "instruction": 0.2}}
+    openai_server.push(Text(json.dumps(over_one)), Text(json.dumps(SAFETY_HEAVY)))
+    planner = LLMPlanner(EndpointConfig(base_url=openai_server.base_url, model="planner-model",
+                                        timeout_s=5, max_retries=0), backoff_s=0.01)
+    out = run_loop(config, planner=planner)
+    assert out.state["finished"]
+
+    asked = [r for r in openai_server.requests if (r.body or {}).get("tools")]
+    assert len(asked) == 2  # one request per candidate
+    first, second = (r.messages[1]["content"] for r in asked)
+    assert "You are proposing candidate 1 of 2" in first and "already proposed" not in first
+    assert "You are proposing candidate 2 of 2" in second
+    assert f"candidate 1 (check: invalid): {json.dumps(over_one)}" in second
+    assert "[weights_not_summing]" in second
+
+    run_dir = Path(config.run_dir)
+    record = read_record(run_dir / "round_1" / CANDIDATES_FILE, CandidateRound)
+    assert [c.status for c in record.candidates] == ["rejected", "done"] and record.kept == 1
+    assert not (run_dir / "round_1" / "candidates" / "0").exists()  # refused: never built
+    assert out.state["history"][1]["action"]["mixture"] == SAFETY_HEAVY["mixture"]
+    verified = verify_run(run_dir)
+    assert verified.ok, verified.problem
+
+
 # ---- a SIGKILL inside the candidate stage ------------------------------------------------------
 
 # Planning candidate 0, checking it, between the two candidates' training, after both with the
