@@ -224,7 +224,18 @@ def test_a_run_with_two_candidates_trains_both_keeps_one_and_its_audit_verifies(
     assert [p.candidate for p in report.rounds[1].proposals] == [0, 1]
     html = render_html_report(report)
     assert "Candidates (kept: the largest archive hypervolume)" in html
-    assert kept.result.action is not None
+    from rich.console import Console
+
+    from mosaic.display import audit_round
+
+    console = Console(width=200, record=True)
+    for part in audit_round(report.rounds[1]):  # `mosaic audit RUN_DIR` in the terminal
+        console.print(part)
+    text = console.export_text()
+    assert "candidates (the kept one: the largest hypervolume)" in text
+    assert "proposal 0 candidate 2 by planner" in text
+    hashes = [e["data"]["action_hash"][:12] for e in cands]
+    assert all(h in text for h in hashes)
 
 
 @pytest.mark.slow
