@@ -173,6 +173,12 @@ def test_trls_layout_where_packing_cannot_apply(monkeypatch, tiny_model_dir, tmp
     from mosaic.training import settings
     from mosaic.training.models import load_tokenizer
 
+    tok = load_tokenizer(tiny_model_dir)
+    common = dict(base_model=tiny_model_dir, tokenizer=tok, max_length=96, method="dpo",
+                  progress=False)
+    off = build_trainer(PreparedData(_pairs(), 0, []), output_dir=tmp_path / "off",
+                        training=FAST.model_copy(update={"dpo_packed": False}), **common)
+    assert off.packed_attention is None  # the config's switch
     real = settings.trainer_settings
 
     def per_step_reference(*args, **kwargs):
@@ -181,9 +187,7 @@ def test_trls_layout_where_packing_cannot_apply(monkeypatch, tiny_model_dir, tmp
         return args_, lora
 
     monkeypatch.setattr(settings, "trainer_settings", per_step_reference)
-    tok = load_tokenizer(tiny_model_dir)
-    common = dict(base_model=tiny_model_dir, tokenizer=tok, training=FAST, max_length=96,
-                  method="dpo", progress=False)
+    common["training"] = FAST
     trainer = build_trainer(PreparedData(_pairs(), 0, []), output_dir=tmp_path / "a", **common)
     assert trainer.packed_attention is None
     assert not isinstance(trainer.data_collator, PackedPairCollator)

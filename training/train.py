@@ -306,7 +306,10 @@ def build_trainer(prepared: PreparedData, *, base_model: str | Path, tokenizer: 
 
         # One packed row per pair (the prompt encoded once, in the reference pass and in
         # training) where the model and settings allow it; trl's two rows per pair otherwise.
-        why_not = unsupported_reason(model, args) if packed is not False else "not asked for"
+        if packed is None and not getattr(training, "dpo_packed", True):
+            packed = False
+        why_not = unsupported_reason(model, args) if packed is not False else \
+            "training.dpo_packed is false"
         if packed and why_not:
             raise ValueError(f"packed DPO pairs are not possible here: {why_not}")
         collator = None
