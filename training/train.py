@@ -272,15 +272,17 @@ def build_trainer(prepared: PreparedData, *, base_model: str | Path, tokenizer: 
                   training: Any, max_length: int, method: Literal["sft", "dpo"],
                   output_dir: str | Path, device: str | None = None, dtype: str = "auto",
                   progress: bool = True, world_size: int = 1, model: Any = None,
-                  packed: bool | None = None) -> Any:
+                  packed: bool | None = None, threads: int | None = None) -> Any:
     """A trl SFTTrainer/DPOTrainer over fresh base weights with a new LoRA adapter
     (`world_size`: the ranks it runs as under the accelerate launcher). Given `model` (a
     PEFT model from an SFT stage), DPO trains that adapter on, against a frozen copy of it.
     `packed` (DPO): one packed row per pair (`packed_pairs`) - None where the model allows
-    it, True required, False trl's own layout."""
+    it, True required, False trl's own layout. `threads`: the CPU intra-op threads of DPO's
+    reference pass, which runs in the constructor (as `_train_stage` sets them for the steps)."""
     from datasets import Dataset
 
-    from mosaic.training.models import count_parameters, load_model, pick_device, pick_dtype
+    from mosaic.training.models import (count_parameters, cpu_threads, load_model, pick_device,
+                                        pick_dtype)
     from mosaic.training.settings import trainer_settings
 
     device = pick_device(device)
@@ -320,12 +322,16 @@ def build_trainer(prepared: PreparedData, *, base_model: str | Path, tokenizer: 
         else:
             log.info("DPO pairs as trl's two rows each: %s", why_not)
         # Continuing an adapter, trl copies it as the frozen "ref" adapter the reference
-        # log-probs come from; a fresh one's reference is the base (adapter disabled).
-        trainer = _LengthGroupedDPO(model=model, args=args, train_dataset=dataset,
-                                    processing_class=tokenizer, data_collator=collator,
-                                    peft_config=None if continuing else lora,
-                                    packed_attention=None if why_not else
-                                    model.config._attn_implementation)
+        # log-probs come from; a fresh one's reference is the base (adapter disabled). The
+        # reference pass runs on the threads the steps get, not torch's default (every core):
+        # on the busy 2-core sandbox machine its CPU seconds went 12.1 -> 9.1 (load 7.5,
+        # bench/dpo_profile.py), a second thread sharing its core stalling every op.
+        with cpu_threads(count_parameters(model), device, threads):
+            trainer = _LengthGroupedDPO(model=model, args=args, train_dataset=dataset,
+                                        processing_class=tokenizer, data_collator=collator,
+                                        peft_config=None if continuing else lora,
+                                        packed_attention=None if why_not else
+                                        model.config._attn_implementation)
     if not progress:
         # Without its bar, Trainer prints every log dict to stdout instead: quiet means quiet.
         from transformers import PrinterCallback
@@ -461,7 +467,7 @@ def fit(prepared: PreparedData, staged: Path, *, base_model: str | Path, tokeniz
         # shuffles anyway), and the compact LM head scores only the answers' positions there too.
         with _datasets_bars(progress), compact_lm_head(pick_device(device)):
             trainer = build_trainer(by_length(dpo_data), method="dpo", output_dir=output_dir,
-                                    model=model, **common)
+                                    model=model, threads=threads, **common)
         final_loss = _train_stage(trainer, threads)
         steps += trainer.state.global_step
     assert trainer is not None  # load_prepared never returns an empty set
