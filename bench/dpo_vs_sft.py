@@ -259,8 +259,10 @@ def main() -> None:
     print(f"\n{'variant':<26} {'eval':>6} {'95% CI':>15} {'held-out':>9} {'95% CI':>15} "
           f"{'train s':>8} {'cpu s':>7} {'x SFT':>6} {'load':>5}")
     for r in rows:
+        # Against this SFT row only rows of its commit (the README table pairs the others).
         ratio = (f"{r['train_cpu_seconds'] / sft['train_cpu_seconds']:.2f}"
-                 if sft and r.get("train_cpu_seconds") else "")
+                 if sft and r.get("train_cpu_seconds") and r.get("code") == sft.get("code")
+                 else "")
         print(f"{r['name']:<26} {r['eval']:6.3f} [{r['eval_ci'][0]:.2f}, {r['eval_ci'][1]:.2f}]"
               f"  {r['heldout']:8.3f} [{r['heldout_ci'][0]:.2f}, {r['heldout_ci'][1]:.2f}]"
               f" {r.get('train_seconds', 0):8.1f} {r.get('train_cpu_seconds', 0):7.1f} "
@@ -271,14 +273,24 @@ def main() -> None:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The rows as the README's table: scores with CIs, training CPU seconds against SFT's
-    (split into reference pass / optimiser steps / the rest where measured), the commit; then
-    the superseded measurements, each against the SFT row of its own time."""
-    def table(rows: list[dict[str, Any]], sft: dict[str, Any] | None) -> list[str]:
+    """The rows as the README's table: scores with CIs, training CPU seconds against the SFT
+    row measured at the same commit (the oldest SFT row for rows of commits without one),
+    split into reference pass / optimiser steps / the rest where measured. The rows measured
+    with the current SFT row come first, then older ones, then the superseded measurements."""
+    rows, old = result["rows"], result.get("superseded", [])
+    sfts = [r for r in rows + old if r["name"] == "sft"]
+    current = next((r for r in rows if r["name"] == "sft"), None)
+    oldest = next((r for r in reversed(sfts) if "code" not in r), sfts[-1] if sfts else None)
+
+    def sft_of(r: dict[str, Any]) -> dict[str, Any] | None:
+        return next((s for s in sfts if "code" in r and s.get("code") == r["code"]), oldest)
+
+    def table(rows: list[dict[str, Any]]) -> list[str]:
         out = ["| variant | eval (95% CI) | held-out (95% CI) | train wall s | train CPU s | "
                "CPU x SFT | ref pass / steps / rest CPU s | load | code |",
                "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
+            sft = sft_of(r)
             ratio = (f"{r['train_cpu_seconds'] / sft['train_cpu_seconds']:.2f}"
                      if sft and r.get("train_cpu_seconds") else "")
             split = (f"{r['ref_pass_cpu_seconds']:.1f} / {r['steps_cpu_seconds']:.1f} / "
@@ -292,13 +304,11 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{r.get('code', '')} |")
         return out
 
-    rows, old = result["rows"], result.get("superseded", [])
-    sft = next((r for r in rows if r["name"] == "sft"), None)
-    out = table(rows, sft)
+    code = current.get("code") if current else None
+    same = [r for r in rows if code and r.get("code") == code]
+    out = table(same + [r for r in rows if r not in same])
     if old:
-        old_sft = next((r for r in old if r["name"] == "sft"), sft)
-        out += ["", "Superseded (measured again above; CPU x SFT against the SFT row of their "
-                "time):", ""] + table(old, old_sft)
+        out += ["", "Superseded (measured again above):", ""] + table(old)
     return "\n".join(out)
 
 
