@@ -305,7 +305,8 @@ def markdown(result: dict[str, Any]) -> str:
         return out
 
     code = current.get("code") if current else None
-    same = [r for r in rows if code and r.get("code") == code]
+    # The base row (no training) leads whatever commit scored it.
+    same = [r for r in rows if r["name"] == "base" or (code and r.get("code") == code)]
     out = table(same + [r for r in rows if r not in same])
     if old:
         out += ["", "Superseded (measured again above):", ""] + table(old)
