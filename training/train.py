@@ -2,7 +2,8 @@
 
 Methods: `sft`, `dpo` (reference log-probs computed once, before the first step, with the adapter
 disabled) and `sft+dpo` (SFT on the pairs' chosen answers, then DPO on the same pairs from there,
-the reference being the SFT'd adapter, frozen as trl's "ref" copy).
+the reference being the SFT'd adapter, frozen as trl's "ref" copy). DPO forwards each pair as one
+packed sequence, its prompt once (`packed_pairs`), where the model allows it.
 
 Rows trl would choke on deep inside its pipeline (no assistant turn, empty conversations,
 samples longer than the model's max length, which trl would silently truncate) are skipped
