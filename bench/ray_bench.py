@@ -20,6 +20,7 @@ cluster is idle (the previous pipeline's actors gone). Target on the 2-core sand
     .venv/bin/python bench/ray_bench.py                  # sandbox world, all rows, 3 repeats
     .venv/bin/python bench/ray_bench.py --quick          # tiny world and model: a smoke run
     .venv/bin/python bench/ray_bench.py --stages annotation --pool-copies 10   # 108,000 rows
+    .venv/bin/python bench/ray_bench.py --stages generation --eval-copies 4   # 2,880 eval rows
 
 Prints a table and writes `ray_bench.json` to `--out`. Contended machines give contended
 figures: the 1-minute load average (os.getloadavg) is printed beside every figure.
@@ -39,7 +40,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def eval_rows(cfg, limit: int | None) -> list[dict[str, Any]]:
+def eval_rows(cfg, limit: int | None, copies: int = 1) -> list[dict[str, Any]]:
+    """The sandbox's eval rows (every objective), `limit` of them spread evenly; `copies` > 1
+    repeats them, each copy's first user turn marked " [copy k]" so every copy is generated
+    anew (the eval load of a larger suite, where generation, not the workers' start, is most
+    of the time)."""
     from mosaic.tools.evaluate import load_eval_rows
 
     rows = []
@@ -49,6 +54,10 @@ def eval_rows(cfg, limit: int | None) -> list[dict[str, Any]]:
                          "turns": list(r["turns"])})
     if limit is not None and limit < len(rows):
         rows = [rows[(k * len(rows)) // limit] for k in range(limit)]
+    base = list(rows)
+    for k in range(1, copies):
+        rows += [{**r, "id": f"{r['id']}#copy{k}",
+                  "turns": [f"{r['turns'][0]} [copy {k}]", *r["turns"][1:]]} for r in base]
     return rows
 
 
@@ -94,13 +103,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config", default=str(ROOT / "configs" / "sandbox.yaml"))
     parser.add_argument("--out", default="runs/bench/ray")
     parser.add_argument("--rows", type=int, default=None, help="eval rows (default: all)")
-    parser.add_argument("--batch-rows", type=int, default=32,
-                        help="generation: rows per batch to a worker")
+    parser.add_argument("--batch-rows", type=int, default=None,
+                        help="generation: rows per batch to a worker (default: as `mosaic run`, "
+                             "runtime.ray.batch_rows or inference.batch_size)")
     parser.add_argument("--annotate-batch", type=int, default=256,
                         help="annotation: rows per batch to a worker")
+    parser.add_argument("--eval-copies", type=int, default=1,
+                        help="generation: the eval rows repeated this many times, each copy's "
+                             "first turn marked (1: the sandbox's eval sets as they are)")
     parser.add_argument("--pool-copies", type=int, default=1,
                         help="annotation: each pool repeated this many times, each copy's "
                              "text marked (a larger pool; 1: the sandbox's pools as they are)")
+    parser.add_argument("--judge", default=None, choices=["rule", "embedding"],
+                        help="annotation: the judge (default: the config's; embedding: the "
+                             "offline sentence-embedding judge, real compute per row)")
     parser.add_argument("--stages", default="generation,annotation",
                         help="stages to time (generation, annotation)")
     parser.add_argument("--workers", default="1,2", help="pool sizes to time")
@@ -137,6 +153,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if cfg.world.kind == "sandbox":
             ensure_world(cfg.world)
         model = str(ensure_base_model(cfg))
+    if args.judge is not None:
+        # The embedding judge is measured on real text; on the sandbox's it is a workload here.
+        cfg = cfg.model_copy(update={"judge": cfg.judge.model_copy(
+            update={"kind": args.judge, "allow_out_of_range": True})})
     stages = [x.strip() for x in args.stages.split(",") if x.strip()]
     unknown = set(stages) - {"generation", "annotation"}
     if unknown or not stages:
@@ -158,7 +178,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 update={"workers": w, "cpus_per_worker": 1})})
 
     # ---- generation ------------------------------------------------------------------------
-    rows = eval_rows(cfg, args.rows)
+    if args.batch_rows is None:
+        args.batch_rows = cfg.runtime.ray.batch_rows or cfg.inference.batch_size
+    rows = eval_rows(cfg, args.rows, args.eval_copies)
     stage_kwargs = {"config": cfg.model_dump(mode="json"), "model_dir": model,
                     "adapter_dir": None}
 
@@ -251,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for stage, b in best.items()}
     summary = {"schema_version": 2, "quick": args.quick, "repeats": args.repeats,
                "cpus": os.cpu_count(),
-               "generation": {"rows": len(rows), "batch_rows": args.batch_rows}
+               "generation": {"rows": len(rows), "batch_rows": args.batch_rows,
+                              "eval_copies": args.eval_copies}
                if "generation" in stages else None,
                "annotation": {"rows": n_pool_rows, "batch_rows": args.annotate_batch,
                               "judge": cfg.judge.kind, "pool_copies": args.pool_copies}

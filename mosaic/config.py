@@ -303,7 +303,10 @@ class RayConfig(Section):
     workers: int = Field(2, ge=1)  # actors per stage, each holding one backend
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
-    batch_rows: int | None = Field(None, ge=1)  # rows per batch sent to an actor; None: 32
+    # Rows per batch sent to an actor. None: for generation, inference.batch_size (a worker
+    # then generates at the local path's batch: at 32 rows against 64, 1 worker took 74 s
+    # where 96 took 61 s, bench/ray_bench.py); for annotation, the command's batch size.
+    batch_rows: int | None = Field(None, ge=1)
     # A killed or crashed worker is restarted and its batch run again this many times.
     max_retries: int = Field(3, ge=0)
 

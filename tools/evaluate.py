@@ -129,7 +129,8 @@ def generate_on_engine(config: MosaicConfig, model_dir: Path | None, adapter_dir
               "threads": max(1, int(ray_cfg.cpus_per_worker))}
     return map_rows(ReplayStage, [{"id": r["id"], "system": r["system"], "turns": list(r["turns"])}
                                   for r in rows],
-                    kwargs=kwargs, runtime=config.runtime, batch_rows=ray_cfg.batch_rows or 32,
+                    kwargs=kwargs, runtime=config.runtime,
+                    batch_rows=ray_cfg.batch_rows or config.inference.batch_size,
                     what=f"{what}: generation")
 
 

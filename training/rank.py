@@ -44,7 +44,21 @@ def main(argv: list[str] | None = None) -> None:
     if len(args) != 1:
         raise SystemExit("usage: python -m mosaic.training.rank JOB.json (started by "
                          "train_adapter under torchrun; not meant to be run by hand)")
-    run_rank(json.loads(Path(args[0]).read_text(encoding="utf-8")))
+    try:
+        run_rank(json.loads(Path(args[0]).read_text(encoding="utf-8")))
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group while the interpreter is whole. Left to interpreter exit,
+    gloo's worker threads can still hold work whose teardown aborts the rank ("terminate called
+    without an active exception", seen once in tests/test_launcher.py on a loaded machine), and
+    torchrun then fails the whole job after rank 0 has saved the adapter."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
