@@ -150,6 +150,10 @@ class TrainingConfig(Section):
     # past the shorter one's length count with this weight (trl's LD-DPO `ld_alpha`);
     # null: every token counts (plain DPO), 0: only the shared length counts.
     dpo_length_alpha: float | None = Field(None, ge=0, le=1)
+    # Each pair as one packed row, its prompt encoded once (training/packed_pairs.py: the same
+    # loss as trl's two rows per pair, measured cheaper), where the model allows it; false:
+    # trl's own layout.
+    dpo_packed: bool = True
     seed: int = 0
     # `inprocess` trains in this process; `accelerate` runs the same trainer as `processes`
     # ranks under torchrun (the trainer's Accelerator: DDP over NCCL on GPUs, gloo on CPU; FSDP
