@@ -79,3 +79,31 @@ def test_two_gloo_ranks_train_the_same_lora_as_one_process(tiny_trained_model_di
         replies = backend.generate([[{"role": "user", "content": "Hello there."}]],
                                    max_new_tokens=6)
         assert len(replies) == 1
+
+
+def _pairs(n: int) -> list[dict]:
+    """`n` preference pairs (a refusal chosen over the tiny chats' answers)."""
+    from test_training import _dpo_rows
+
+    return [r for r in _dpo_rows(2 * n) if r["chosen"] != r["rejected"]][:n]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-pairs", "trl-layout"])
+def test_two_gloo_ranks_train_the_same_dpo_lora_as_one_process(packed, tiny_trained_model_dir,
+                                                               tmp_path):
+    from mosaic.training.train import train_adapter
+
+    rows = _pairs(32)
+    base = TrainingConfig(batch_size=8, dpo_learning_rate=5e-3, epochs=1, seed=0,
+                          dpo_packed=packed)
+    results = {}
+    for name, training in (("inprocess", base),
+                           ("ranks", base.model_copy(update={"launcher": "accelerate",
+                                                             "processes": 2}))):
+        results[name] = train_adapter(rows, base_model=tiny_trained_model_dir,
+                                      adapter_dir=tmp_path / name, training=training,
+                                      max_length=64, method="dpo", progress=False, threads=1)
+    one, two = results["inprocess"], results["ranks"]
+    assert one.steps == two.steps == 4, (one.steps, two.steps)
+    print(one.final_loss, two.final_loss)

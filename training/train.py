@@ -364,6 +364,46 @@ def _length_grouped_dpo() -> type:
             self.packed_attention = packed_attention
             super().__init__(*args, **kwargs)
 
+        def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+            """trl's reference pass with its result kept in memory on every rank.
+
+            trl 1.16 has rank 0 write the log-probs to a `datasets` cache file that every
+            rank then reads back. For an in-memory dataset (ours) that file lands in rank 0's
+            own temporary folder, so under the accelerate launcher rank 1 failed with
+            FileNotFoundError, and ranks on different machines share no folder at all. Each
+            rank forwards its share of the batches and `gather_for_metrics` hands every rank
+            all the log-probs in dataset order (the padding of an uneven last batch dropped),
+            so each rank adds them as columns itself: no file, no barrier."""
+            import torch
+            from accelerate.utils import tqdm
+            from datasets import Dataset, concatenate_datasets
+            from torch.utils.data import DataLoader
+
+            if self.is_deepspeed_enabled:
+                # trl wraps the model in a DeepSpeed inference engine here; the launcher
+                # runs DDP or FSDP only, so that path is not carried over.
+                raise ValueError("the in-memory DPO reference pass does not support DeepSpeed")
+            loader = self.accelerator.prepare(DataLoader(
+                dataset, batch_size=batch_size, collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory, shuffle=False))
+            model = self.ref_model or self.model
+            chosen: list[torch.Tensor] = []
+            rejected: list[torch.Tensor] = []
+            for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset",
+                              disable=bool(os.environ.get("TQDM_DISABLE", ""))):
+                c, r = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+                chosen.append(c.cpu())
+                rejected.append(r.cpu())
+            ref_chosen, ref_rejected = torch.cat(chosen), torch.cat(rejected)
+            if len(ref_chosen) != len(dataset) or len(ref_rejected) != len(dataset):
+                raise RuntimeError(f"the reference pass over the {name} dataset gave "
+                                   f"{len(ref_chosen)}/{len(ref_rejected)} log-probs for "
+                                   f"{len(dataset)} pairs")
+            columns = Dataset.from_dict({"ref_chosen_logps": ref_chosen.numpy(),
+                                         "ref_rejected_logps": ref_rejected.numpy()})
+            return concatenate_datasets([dataset, columns], axis=1)
+
         def compute_ref_log_probs(self, model: Any, inputs: Any) -> Any:
             if self.packed_attention is None:
                 return super().compute_ref_log_probs(model, inputs)
