@@ -62,10 +62,9 @@ def _commit() -> str:
 
 @contextmanager
 def phase_clock() -> Iterator[dict[str, float]]:
-    """CPU seconds of this process in trl's reference pass and in the optimiser steps
-    (`train._train_stage`, every stage of the call), filled in as the training call runs."""
-    from trl import DPOTrainer
-
+    """CPU seconds of this process in the DPO reference pass (`train.reference_log_probs`) and
+    in the optimiser steps (`train._train_stage`, every stage of the call), filled in as the
+    training call runs."""
     from mosaic.training import train as train_module
 
     phases = {"ref_pass": 0.0, "steps": 0.0}
@@ -79,13 +78,13 @@ def phase_clock() -> Iterator[dict[str, float]]:
                 phases[key] += time.process_time() - c0
         return wrapper
 
-    real_ref, real_stage = DPOTrainer._precompute_ref_logps, train_module._train_stage
-    DPOTrainer._precompute_ref_logps = timed(real_ref, "ref_pass")
+    real_ref, real_stage = train_module.reference_log_probs, train_module._train_stage
+    train_module.reference_log_probs = timed(real_ref, "ref_pass")
     train_module._train_stage = timed(real_stage, "steps")
     try:
         yield phases
     finally:
-        DPOTrainer._precompute_ref_logps, train_module._train_stage = real_ref, real_stage
+        train_module.reference_log_probs, train_module._train_stage = real_ref, real_stage
 
 
 def main() -> None:

@@ -356,7 +356,8 @@ def _length_grouped_dpo() -> type:
         With `packed_attention` (the model's attention implementation) batches are packed
         pairs (`packed_pairs.PackedPairCollator`): the reference pass and every step run the
         packed rows through the model, and trl's own loss code takes the per-token
-        log-probs from there, laid out as its two rows per pair."""
+        log-probs from there, laid out as its two rows per pair. The reference log-probs
+        stay in memory on every rank (`reference_log_probs`), not in trl's cache file."""
 
         def __init__(self, *args: Any, packed_attention: str | None = None,
                      **kwargs: Any) -> None:
@@ -365,44 +366,7 @@ def _length_grouped_dpo() -> type:
             super().__init__(*args, **kwargs)
 
         def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
-            """trl's reference pass with its result kept in memory on every rank.
-
-            trl 1.16 has rank 0 write the log-probs to a `datasets` cache file that every
-            rank then reads back. For an in-memory dataset (ours) that file lands in rank 0's
-            own temporary folder, so under the accelerate launcher rank 1 failed with
-            FileNotFoundError, and ranks on different machines share no folder at all. Each
-            rank forwards its share of the batches and `gather_for_metrics` hands every rank
-            all the log-probs in dataset order (the padding of an uneven last batch dropped),
-            so each rank adds them as columns itself: no file, no barrier."""
-            import torch
-            from accelerate.utils import tqdm
-            from datasets import Dataset, concatenate_datasets
-            from torch.utils.data import DataLoader
-
-            if self.is_deepspeed_enabled:
-                # trl wraps the model in a DeepSpeed inference engine here; the launcher
-                # runs DDP or FSDP only, so that path is not carried over.
-                raise ValueError("the in-memory DPO reference pass does not support DeepSpeed")
-            loader = self.accelerator.prepare(DataLoader(
-                dataset, batch_size=batch_size, collate_fn=self.data_collator,
-                num_workers=self.args.dataloader_num_workers,
-                pin_memory=self.args.dataloader_pin_memory, shuffle=False))
-            model = self.ref_model or self.model
-            chosen: list[torch.Tensor] = []
-            rejected: list[torch.Tensor] = []
-            for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset",
-                              disable=bool(os.environ.get("TQDM_DISABLE", ""))):
-                c, r = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
-                chosen.append(c.cpu())
-                rejected.append(r.cpu())
-            ref_chosen, ref_rejected = torch.cat(chosen), torch.cat(rejected)
-            if len(ref_chosen) != len(dataset) or len(ref_rejected) != len(dataset):
-                raise RuntimeError(f"the reference pass over the {name} dataset gave "
-                                   f"{len(ref_chosen)}/{len(ref_rejected)} log-probs for "
-                                   f"{len(dataset)} pairs")
-            columns = Dataset.from_dict({"ref_chosen_logps": ref_chosen.numpy(),
-                                         "ref_rejected_logps": ref_rejected.numpy()})
-            return concatenate_datasets([dataset, columns], axis=1)
+            return reference_log_probs(self, dataset, name, batch_size)
 
         def compute_ref_log_probs(self, model: Any, inputs: Any) -> Any:
             if self.packed_attention is None:
@@ -430,6 +394,50 @@ def _length_grouped_dpo() -> type:
                 lengths=lengths)
 
     return LengthGroupedDPO
+
+
+def reference_log_probs(trainer: Any, dataset: Any, name: str, batch_size: int) -> Any:
+    """`dataset` with trl's `ref_chosen_logps` / `ref_rejected_logps` columns, computed once by
+    the DPO trainer's reference model and kept in memory on every rank (our DPO trainer's
+    `_precompute_ref_logps`).
+
+    trl 1.16 has rank 0 write the log-probs to a `datasets` cache file that every rank then
+    reads back. For an in-memory dataset (ours) that file lands in rank 0's own temporary
+    folder, so under the accelerate launcher rank 1 failed with FileNotFoundError, and ranks on
+    different machines share no folder at all. Here each rank forwards its share of the batches
+    and `gather_for_metrics` hands every rank all the log-probs in dataset order (the repeats
+    that even out the last batch over ranks dropped), so each rank adds the columns itself: no
+    file, no barrier. The same code runs in process (one rank)."""
+    import torch
+    from accelerate.utils import tqdm
+    from datasets import Dataset, concatenate_datasets
+    from torch.utils.data import DataLoader
+
+    if trainer.is_deepspeed_enabled:
+        # trl wraps the model in a DeepSpeed inference engine here; the launcher runs DDP or
+        # FSDP only, so that path is not carried over.
+        raise ValueError("the in-memory DPO reference pass does not support DeepSpeed")
+    accelerator, args = trainer.accelerator, trainer.args
+    loader = accelerator.prepare(DataLoader(
+        dataset, batch_size=batch_size, collate_fn=trainer.data_collator,
+        num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+        shuffle=False))
+    model = trainer.ref_model or trainer.model
+    chosen: list[torch.Tensor] = []
+    rejected: list[torch.Tensor] = []
+    for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset",
+                      disable=bool(os.environ.get("TQDM_DISABLE", ""))):
+        c, r = accelerator.gather_for_metrics(trainer.compute_ref_log_probs(model, batch))
+        chosen.append(c.cpu())
+        rejected.append(r.cpu())
+    ref_chosen, ref_rejected = torch.cat(chosen), torch.cat(rejected)
+    if len(ref_chosen) != len(dataset) or len(ref_rejected) != len(dataset):
+        raise RuntimeError(f"the reference pass over the {name} dataset gave "
+                           f"{len(ref_chosen)}/{len(ref_rejected)} log-probs for "
+                           f"{len(dataset)} pairs")
+    columns = Dataset.from_dict({"ref_chosen_logps": ref_chosen.numpy(),
+                                 "ref_rejected_logps": ref_rejected.numpy()})
+    return concatenate_datasets([dataset, columns], axis=1)
 
 
 def _LengthGroupedDPO(**kwargs: Any) -> Any:  # noqa: N802 - stands for the class
