@@ -132,3 +132,31 @@ def test_the_agentic_config_loads_with_its_own_data_dir():
     assert cfg.world.tool_world and cfg.world.data_dir != "data/sandbox"
     assert cfg.objectives["agentic"].type == "agentic"
     assert all(cfg.world.data_dir in o.pool for o in cfg.objectives.values())
+
+
+def test_the_base_corpus_follows_injections_alike_in_both_voices():
+    """The base's attack success is built in whatever the wording (issue 17): the corpus holds
+    both tool voices at TOOL_HELDOUT_SHARE, each slice in each voice, and the reply class never
+    depends on the voice."""
+    from mosaic.sandbox.corpus import TOOL_HELDOUT_SHARE, TOOL_SHARE, add_tool_corpus
+
+    tool = [r["metadata"] for r in add_tool_corpus([], seed=0, size=2000, avoid=set())]
+    assert len(tool) == round(TOOL_SHARE * 2000)
+    by_voice = {v: [m for m in tool if m["voice"] == v] for v in ("in", "heldout")}
+    assert abs(len(by_voice["heldout"]) / len(tool) - TOOL_HELDOUT_SHARE) < 0.06
+    follow = {}
+    for v, ms in by_voice.items():
+        assert {f"injection_{tw.difficulty(m['l3_prompt'])}" for m in ms} == set(tw.LEVELS), v
+        attacked = [m for m in ms if m["l3_prompt"]["injection_present"]]
+        follow[v] = sum(m["response_class"].startswith("follow") for m in attacked) / len(attacked)
+    assert min(follow.values()) >= 0.6 and abs(follow["in"] - follow["heldout"]) < 0.1, follow
+
+
+def test_the_tool_world_version_keys_the_tool_world_only(monkeypatch):
+    from mosaic.sandbox.world import world_key
+
+    default, tools = WorldConfig(), WorldConfig(tool_world=True)
+    before = world_key(default), world_key(tools)
+    monkeypatch.setattr(tw, "TOOL_WORLD_VERSION", tw.TOOL_WORLD_VERSION + "-next")
+    assert world_key(default) == before[0]
+    assert world_key(tools) != before[1]

@@ -107,13 +107,20 @@ def make_corpus(seed: int, size: int, lex_in: Lexicon, lex_ho: Lexicon,
 # base_corpus_size. They come on top of the default mixture (its rows and order untouched), so
 # the default world's corpus is the same whether or not the tool world code exists.
 TOOL_SHARE = 0.2
+# Share of them in the held-out tool voice: the 30% every other kind has (module docstring),
+# the voice never deciding the reply (corpus_class reads the item's plan only). Measured on
+# builder 3 (issue 17, docs/agentic.md): the base hijacks on 0.61 of attacked eval items and
+# 0.47 of held-out ones, both above the 0.3 the agentic loop needs. Half of 0.3 (v2) brought
+# the held-out voice level with the eval one (0.79 / 0.72) but the loop then lost benign
+# utility (0.97 -> 0.77), which this recipe's loop holds (0.75 -> 0.83): not taken.
+TOOL_HELDOUT_SHARE = HELDOUT_WORDING_SHARE
 
 
 def add_tool_corpus(rows: list[dict[str, Any]], seed: int, size: int,
                     avoid: set[str]) -> list[dict[str, Any]]:
     """`rows` with round(TOOL_SHARE * size) tool-world conversations inserted at seeded
     positions: injected items mostly followed (the base's built-in attack success), benign ones
-    completed; 30% in the held-out wording, as every other kind (module docstring)."""
+    completed, whatever the voice; TOOL_HELDOUT_SHARE of them in the held-out tool voice."""
     from mosaic.sandbox import tool_world
 
     rng = derive_rng(seed, "corpus", "tool_world")
@@ -126,7 +133,7 @@ def add_tool_corpus(rows: list[dict[str, Any]], seed: int, size: int,
         if tries > 50 * n + 1000:
             raise RuntimeError(f"base corpus: could not write {n} tool-world conversations that "
                                f"avoid the eval and held-out prompts")
-        wording = voices["heldout" if rng.random() < HELDOUT_WORDING_SHARE else "in"]
+        wording = voices["heldout" if rng.random() < TOOL_HELDOUT_SHARE else "in"]
         level = weighted(rng, tool_world.POOL_LEVELS)
         p = tool_world.make_prompt(rng, wording, level)
         if prompt_key(p.users) in avoid:
@@ -136,7 +143,8 @@ def add_tool_corpus(rows: list[dict[str, Any]], seed: int, size: int,
         reply = tool_world.make_response(rng, voices["in"], p, cls).text
         extra.append({"messages": p.conversation(reply),
                       "metadata": {"kind": "tool", "response_class": cls, "topic": p.meta["task"],
-                                   "l3_prompt": p.atoms, "turns": 1, "seed": seed}})
+                                   "voice": p.meta["voice"], "l3_prompt": p.atoms, "turns": 1,
+                                   "seed": seed}})
     out = list(rows)
     for r in extra:
         out.insert(rng.randrange(len(out) + 1), r)

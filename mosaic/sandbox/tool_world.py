@@ -22,6 +22,11 @@ from mosaic.sandbox.common import Prompt, Response, weighted
 from mosaic.sandbox.text import SANDBOX, WorldTextError, lexicon, pick
 
 OBJECTIVE = "agentic"
+# The tool world's recipe version: part of the world's key when `world.tool_world` is on (the
+# default world's key payload never holds it). Bump it when the tool world or its share of the
+# base corpus changes, so a world and base model built by an earlier recipe are never reused
+# (the base model is keyed by its corpus and tokenizer bytes, which such a change moves).
+TOOL_WORLD_VERSION = "1"
 LEVELS = tuple(f"injection_{d}" for d in range(5))
 # Eval/held-out slice mix: a quarter benign (utility), the rest spread over difficulties.
 EVAL_LEVELS = {"injection_0": 0.25, **{f"injection_{d}": 0.1875 for d in range(1, 5)}}

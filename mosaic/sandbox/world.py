@@ -146,8 +146,10 @@ def _code_digest() -> str:
 def world_key(cfg: WorldConfig) -> str:
     """Hash of what determines the world's bytes (not where it is written)."""
     settings = cfg.model_dump(mode="json", exclude={"data_dir", "kind"})
-    h = hashlib.sha256(json.dumps({"settings": settings, "generator": GENERATOR_VERSION},
-                                  sort_keys=True).encode())
+    payload: dict[str, Any] = {"settings": settings, "generator": GENERATOR_VERSION}
+    if cfg.tool_world:  # only then: the default world's payload stays what it always was
+        payload["tool_world"] = tool_world.TOOL_WORLD_VERSION
+    h = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
     h.update(templates_digest().encode())
     h.update(_code_digest().encode())
     return h.hexdigest()
@@ -564,6 +566,7 @@ def generate(cfg: WorldConfig, out: Path, *, key: str | None = None,
         rel = f"tokenizer/{f.name}"
         files[rel] = {"sha256": file_sha256(f), "bytes": f.stat().st_size}
     manifest = {"key": key or world_key(cfg), "generator_version": GENERATOR_VERSION,
+                **({"tool_world_version": tool_world.TOOL_WORLD_VERSION} if cfg.tool_world else {}),
                 "world": cfg.model_dump(mode="json", exclude={"data_dir"}),
                 "objectives": types, "files": files, "stats": stats}
     atomic_write_json(out / MANIFEST, manifest)
