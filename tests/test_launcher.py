@@ -47,18 +47,9 @@ def test_launcher_settings_that_cannot_keep_the_global_batch_are_refused(tmp_pat
 
 @pytest.mark.slow
 def test_two_gloo_ranks_train_the_same_lora_as_one_process(tiny_trained_model_dir, tmp_path):
-    from mosaic.training.train import train_adapter
-
     rows = tiny_chat_rows(48)
     base = TrainingConfig(batch_size=8, learning_rate=5e-3, epochs=1, seed=0)
-    results = {}
-    for name, training in (("inprocess", base),
-                           ("ranks", base.model_copy(update={"launcher": "accelerate",
-                                                             "processes": 2}))):
-        results[name] = train_adapter(rows, base_model=tiny_trained_model_dir,
-                                      adapter_dir=tmp_path / name, training=training,
-                                      max_length=64, progress=False, threads=1)
-    one, two = results["inprocess"], results["ranks"]
+    one, two = _train_in_process_and_as_two_ranks(rows, base, tiny_trained_model_dir, tmp_path)
     assert one.steps == two.steps == 6  # 48 rows / global batch 8, on both
     assert one.train_rows == two.train_rows and one.train_tokens == two.train_tokens
     assert one.final_loss and two.final_loss
@@ -67,6 +58,19 @@ def test_two_gloo_ranks_train_the_same_lora_as_one_process(tiny_trained_model_di
 
     assert json.loads((tmp_path / "ranks" / "train_result.json").read_text())["steps"] == 6
     _assert_same_adapters(tiny_trained_model_dir, tmp_path / "inprocess", tmp_path / "ranks")
+
+
+def _train_in_process_and_as_two_ranks(rows, base, model_dir, tmp_path, method=None):
+    """The same rows and global batch trained in process (`inprocess/`) and as 2 gloo ranks
+    under torchrun (`ranks/`): their TrainResults."""
+    from mosaic.training.train import train_adapter
+
+    return tuple(
+        train_adapter(rows, base_model=model_dir, adapter_dir=tmp_path / name, training=training,
+                      max_length=64, method=method, progress=False, threads=1)
+        for name, training in (("inprocess", base),
+                               ("ranks", base.model_copy(update={"launcher": "accelerate",
+                                                                 "processes": 2}))))
 
 
 def _assert_same_adapters(model_dir, one_dir, two_dir) -> None:
@@ -104,21 +108,13 @@ def test_two_gloo_ranks_train_the_same_dpo_lora_as_one_process(method, packed,
     import torch
     from test_training import _lora_tensors
 
-    from mosaic.training.train import train_adapter
-
     # 72 pairs: two reference-pass batches of 64 and 8, so the ranks forward different
     # batches and the uneven last one is padded for one rank and dropped again.
     rows = _pairs(72)
     base = TrainingConfig(batch_size=8, learning_rate=5e-3, dpo_learning_rate=5e-3, epochs=1,
                           seed=0, dpo_packed=packed)
-    results = {}
-    for name, training in (("inprocess", base),
-                           ("ranks", base.model_copy(update={"launcher": "accelerate",
-                                                             "processes": 2}))):
-        results[name] = train_adapter(rows, base_model=tiny_trained_model_dir,
-                                      adapter_dir=tmp_path / name, training=training,
-                                      max_length=64, method=method, progress=False, threads=1)
-    one, two = results["inprocess"], results["ranks"]
+    one, two = _train_in_process_and_as_two_ranks(rows, base, tiny_trained_model_dir, tmp_path,
+                                                  method=method)
     stages = 2 if method == "sft+dpo" else 1
     assert one.steps == two.steps == 9 * stages  # 72 pairs / global batch 8, per stage
     assert one.train_rows == two.train_rows and one.train_tokens == two.train_tokens
