@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mosaic.agents.planners.base import PlanContext, Planner, PlannerTools, RoundRecord
+from mosaic.agents.planners.base import (EarlierCandidate, PlanContext, Planner, PlannerTools,
+                                         RoundRecord)
 from mosaic.agents.state import LoopState
 from mosaic.audit import AuditLog
 from mosaic.config import LimitsConfig, MosaicConfig
@@ -115,6 +116,8 @@ class LoopContext:
                    for h in history]
         baseline = next((h["eval"] for h in history if h["round"] == 0), {})
         k = state.get("round", 1)
+        n = self.config.loop.candidates
+        j = state.get("candidate", 0) if n > 1 else 0
         return PlanContext(
             round=k, rounds=self.rounds,
             objectives={n: o.type for n, o in self.config.objectives.items()},
@@ -123,7 +126,23 @@ class LoopContext:
             reports_round=latest, history=records, archive=load_archive(self.run_dir),
             limits=self.limits(state), previous_action=self.previous_action(state), tools=tools,
             feedback=list(state.get("feedback") or []), notes=list(state.get("notes") or []),
-            seed=round_seed(self.config, k))
+            seed=round_seed(self.config, k) + j, candidate=j, candidates=n,
+            earlier_candidates=self.earlier_candidates(state) if n > 1 else [])
+
+    def earlier_candidates(self, state: LoopState) -> list[EarlierCandidate]:
+        """This round's candidates checked before the one being planned (loop.candidates > 1)."""
+        j = state.get("candidate", 0)
+        out = []
+        for c in state.get("candidates") or []:
+            if c["index"] >= j:
+                continue
+            verdict = ActionVerdict.model_validate(c["verdict"])
+            problems = tuple(f"[{p.code}] {p.path}: {p.message}" for p in verdict.problems)
+            if c.get("error"):
+                problems = (f"no usable reply: {c['error']}", *problems)
+            out.append(EarlierCandidate(index=c["index"], raw=c["raw"], status=verdict.status,
+                                        problems=problems))
+        return out
 
     # ---- timing ---------------------------------------------------------------------------------
 

@@ -7,6 +7,13 @@
                            '-> refuse: fallback planner / last valid action --> review
                                                         (nothing valid) ---> skip --> plan ...
 
+With `loop.candidates: N` > 1 a round plans and checks N candidates (plan -> check -> plan ...,
+the heuristic exploring, the LLM planner told the earlier ones), then hands every one that
+passed to the candidates node in place of review/build/train/evaluate:
+
+    plan -> check --next candidate--> plan ... --all N checked, one passed--> candidates -> archive
+                  '--none passed--> revise / refuse, as above
+
 `build_graph` wires the nodes (agents/nodes.py); their `LoopContext` (planner, fallback, audit
 log, run folder, base model) is LangGraph's run context (`context_schema`), given to each
 stream by the driver (agents/runner.py), so tests build the graph with scripted planners. With a
@@ -26,7 +33,7 @@ from mosaic.agents.context import LoopContext
 from mosaic.agents.state import LoopState
 
 NODES = ("baseline", "plan", "check", "revise", "refuse", "review", "build", "train", "evaluate",
-         "archive", "skip", "finish")
+         "candidates", "archive", "skip", "finish")
 
 
 def build_graph(*, checkpointer: Any = None) -> Any:
@@ -39,7 +46,8 @@ def build_graph(*, checkpointer: Any = None) -> Any:
     g.add_conditional_edges("baseline", nodes.after_round, {"plan": "plan", "finish": "finish"})
     g.add_edge("plan", "check")
     g.add_conditional_edges("check", nodes.after_check,
-                            {"execute": "review", "revise": "revise", "refuse": "refuse"})
+                            {"execute": "review", "revise": "revise", "refuse": "refuse",
+                             "candidate": "plan", "candidates": "candidates"})
     g.add_edge("revise", "plan")
     g.add_conditional_edges("refuse", nodes.after_refuse, {"execute": "review", "skip": "skip"})
     # In chat the review node pauses for a person (interrupt); otherwise it passes through.
@@ -48,6 +56,7 @@ def build_graph(*, checkpointer: Any = None) -> Any:
     g.add_edge("build", "train")
     g.add_edge("train", "evaluate")
     g.add_edge("evaluate", "archive")
+    g.add_edge("candidates", "archive")
     for name in ("archive", "skip"):
         g.add_conditional_edges(name, nodes.after_round, {"plan": "plan", "finish": "finish"})
     g.add_edge("finish", END)

@@ -84,19 +84,31 @@ def baseline(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
 # ---- plan -> check -> revise / refuse -------------------------------------------------------------
 
 
+def _proposal_key(ctx: LoopContext, state: LoopState) -> str:
+    """The proposal's name in the round: its revision, and with loop.candidates > 1 which
+    candidate of that revision it is (`<revision>-<j>`)."""
+    rev = state.get("revision", 0)
+    if ctx.config.loop.candidates == 1:
+        return str(rev)
+    return f"{rev}-{state.get('candidate', 0)}"
+
+
 def plan(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
-    """Ask the planner for this round's action (kept in the round folder once made)."""
+    """Ask the planner for this round's action, or with loop.candidates > 1 for the next of the
+    round's candidates (kept in the round folder once made)."""
     ctx = _ctx(runtime)
     k, rev = _round(state), state.get("revision", 0)
-    path = ctx.round_dir(k) / "proposals" / f"{rev}.json"
+    key = _proposal_key(ctx, state)
+    path = ctx.round_dir(k) / "proposals" / f"{key}.json"
     if path.is_file():
         proposal = read_record(path, Proposal)
     else:
         proposal, seconds = ctx.timed("plan", k, lambda: ctx.planner.propose(ctx.plan_context(state)))
         atomic_write_json(path, proposal)
+    extra = {"candidate": state.get("candidate", 0)} if ctx.config.loop.candidates > 1 else {}
     ctx.audit.append("proposal", {**proposal.model_dump(mode="json", exclude={"schema_version"}),
-                                  "revision": rev},
-                     round=k, author="planner", event_id=f"r{k}/proposal/{rev}", files=[path])
+                                  "revision": rev, **extra},
+                     round=k, author="planner", event_id=f"r{k}/proposal/{key}", files=[path])
     return {"proposal": proposal.model_dump(mode="json")}
 
 
@@ -107,17 +119,40 @@ def check(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
     raw = (state.get("proposal") or {}).get("raw", "")
     verdict, _ = ctx.timed("check", k, lambda: ctx.check(state, raw))
     ctx.audit.append("verdict", verdict.model_dump(mode="json", exclude={"schema_version"}),
-                     round=k, author="system", event_id=f"r{k}/verdict/{rev}")
+                     round=k, author="system", event_id=f"r{k}/verdict/{_proposal_key(ctx, state)}")
+    n = ctx.config.loop.candidates
+    if n > 1:
+        # One of the round's candidates: recorded; the revision moves on after the last one.
+        j = state.get("candidate", 0)
+        entry = {"index": j, "raw": raw, "verdict": verdict.model_dump(mode="json"),
+                 "error": (state.get("proposal") or {}).get("error")}
+        earlier = [c for c in state.get("candidates") or [] if c["index"] < j]
+        update = {"verdict": verdict.model_dump(mode="json"), "candidates": [*earlier, entry]}
+        if j + 1 < n:
+            return {**update, "candidate": j + 1}
+        return {**update, "candidate": 0, "revision": rev + 1}
     update: dict[str, Any] = {"verdict": verdict.model_dump(mode="json"), "revision": rev + 1}
     if verdict.ok and verdict.action is not None:
         update.update(action=verdict.action.model_dump(mode="json"), author="planner")
     return update
 
 
-def after_check(state: LoopState, runtime: Runtime[LoopContext]) -> Literal["execute", "revise", "refuse"]:
+def _passing(candidate: dict[str, Any]) -> ActionVerdict | None:
+    verdict = ActionVerdict.model_validate(candidate["verdict"])
+    return verdict if verdict.ok and verdict.action is not None else None
+
+
+def after_check(state: LoopState, runtime: Runtime[LoopContext]
+                ) -> Literal["execute", "revise", "refuse", "candidate", "candidates"]:
     ctx = _ctx(runtime)
-    verdict = ActionVerdict.model_validate(state["verdict"])
-    if verdict.ok:
+    n = ctx.config.loop.candidates
+    if n > 1:
+        checked = state.get("candidates") or []
+        if len(checked) < n:
+            return "candidate"  # plan the round's next candidate
+        if any(_passing(c) for c in checked):
+            return "candidates"
+    elif ActionVerdict.model_validate(state["verdict"]).ok:
         return "execute"
     # max_revisions revisions after the first proposal; then the proposal is refused.
     if state.get("revision", 1) <= ctx.config.planner.max_revisions:
@@ -131,12 +166,26 @@ def revise(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
     from mosaic.tools.validate_action import format_problems
 
     k, rev = _round(state), state.get("revision", 1)
+
+    def problems(verdict: ActionVerdict, error: str | None) -> list[str]:
+        lines = [f"[{p.code}] {p.path}: {p.message}" + (f" (hint: {p.hint})" if p.hint else "")
+                 for p in verdict.problems]
+        return [f"no usable reply: {error}", *lines] if error else lines
+
+    if ctx.config.loop.candidates > 1:
+        # Every candidate of the revision failed: each one's problems, named by candidate.
+        feedback, texts = [], []
+        for c in state.get("candidates") or []:
+            verdict = ActionVerdict.model_validate(c["verdict"])
+            feedback += [f"candidate {c['index'] + 1}: {line}"
+                         for line in problems(verdict, c.get("error"))]
+            texts.append(f"candidate {c['index'] + 1}: {format_problems(verdict)}")
+        ctx.audit.append("revision", {"revision": rev, "feedback": feedback,
+                                      "verdict": "\n".join(texts)},
+                         round=k, author="system", event_id=f"r{k}/revision/{rev}")
+        return {"feedback": feedback, "candidates": [], "candidate": 0}
     verdict = ActionVerdict.model_validate(state["verdict"])
-    feedback = [f"[{p.code}] {p.path}: {p.message}" + (f" (hint: {p.hint})" if p.hint else "")
-                for p in verdict.problems]
-    error = (state.get("proposal") or {}).get("error")
-    if error:
-        feedback.insert(0, f"no usable reply: {error}")
+    feedback = problems(verdict, (state.get("proposal") or {}).get("error"))
     ctx.audit.append("revision", {"revision": rev, "feedback": feedback,
                                   "verdict": format_problems(verdict)},
                      round=k, author="system", event_id=f"r{k}/revision/{rev}")
@@ -301,13 +350,11 @@ def after_review(state: LoopState) -> Literal["execute", "plan", "review"]:
 
 def build(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
     ctx = _ctx(runtime)
-    from mosaic.tools.run_round import DATASET_MARKER, dataset_stage
+    from mosaic.tools.run_round import dataset_stage
 
     k = _round(state)
     action = state["action"]
-    ctx.audit.append("executed", {"action": action, "action_hash": _action_hash(action),
-                                  "decided_by": state.get("author")},
-                     round=k, author=state.get("author") or "planner", event_id=f"r{k}/executed")
+    _log_executed(ctx, k, action, state.get("author"))
     (verdict, manifest), seconds = ctx.timed("build", k, lambda: dataset_stage(
         ctx.config, _action_json(action), ctx.round_dir(k), round_index=k,
         previous_action=ctx.previous_action(state), progress=ctx.say))
@@ -315,29 +362,14 @@ def build(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
     if manifest is None:  # cannot happen after a passing check: the same rules, stricter limits
         raise RuntimeError(f"round {k}: the build rejected an action the check passed: "
                            f"{[p.message for p in verdict.problems]}")
-    per_objective: dict[str, dict[str, int]] = {}
-    for b in manifest.buckets:
-        o = per_objective.setdefault(b.objective, {"rows": 0, "tokens": 0, "focus_rows": 0})
-        o["rows"] += b.rows
-        o["tokens"] += b.tokens_used
-        o["focus_rows"] += b.focus_rows
-    ctx.audit.append("manifest", {"output_hash": manifest.output_hash,
-                                  "total_tokens": manifest.total_tokens,
-                                  "total_rows": manifest.total_rows, "budget": manifest.budget,
-                                  "per_objective": per_objective,
-                                  "buckets": {f"{b.objective}/{b.bucket}": b.tokens_used
-                                              for b in manifest.buckets},
-                                  "seconds": round(seconds, 2)},
-                     round=k, event_id=f"r{k}/manifest",
-                     files=[ctx.round_dir(k) / n for n in ("action.json", "verdict.json", "dataset",
-                                                           DATASET_MARKER)])
+    _log_manifest(ctx, k, manifest, seconds)
     return {}
 
 
 def train(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
     ctx = _ctx(runtime)
     from mosaic.schemas import DatasetManifest
-    from mosaic.tools.run_round import ADAPTER_MARKER, train_stage
+    from mosaic.tools.run_round import train_stage
 
     k = _round(state)
     manifest = read_record(ctx.round_dir(k) / "dataset" / "manifest.json", DatasetManifest)
@@ -345,11 +377,7 @@ def train(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
         ctx.config, ctx.round_dir(k), manifest, round_index=k, progress=ctx.say, bars=False,
         base_model=ctx.base_model))
     crash_point(f"r{k}/train/during")
-    ctx.audit.append("trained", {"train_tokens": result.train_tokens, "rows": result.train_rows,
-                                 "steps": result.steps, "final_loss": result.final_loss,
-                                 "seconds": round(seconds, 2)},
-                     round=k, event_id=f"r{k}/trained",
-                     files=[ctx.round_dir(k) / "adapter", ctx.round_dir(k) / ADAPTER_MARKER])
+    _log_trained(ctx, k, result, seconds)
     return {}
 
 
@@ -362,10 +390,135 @@ def evaluate(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
         ctx.config, ctx.round_dir(k), round_index=k, adapter_dir=ctx.round_dir(k) / "adapter",
         heldout=ctx.config.loop.heldout_every_round, progress=ctx.say, base_model=ctx.base_model))
     crash_point(f"r{k}/evaluate/during")
-    ctx.audit.append("scores", {"eval": scores, "heldout": heldout,
-                                "seconds": round(seconds, 2)},
-                     round=k, event_id=f"r{k}/scores", files=_evaluated(ctx, k))
+    _log_scores(ctx, k, scores, heldout, seconds)
     return {}
+
+
+# What the stages of an executed round log (the build, train and evaluate nodes, or for the
+# kept candidate the candidates node); `seconds` None: the stage's time is not its own entry's.
+
+
+def _log_executed(ctx: LoopContext, k: int, action: dict[str, Any], author: str | None,
+                  **extra: Any) -> None:
+    ctx.audit.append("executed", {"action": action, "action_hash": _action_hash(action),
+                                  "decided_by": author, **extra},
+                     round=k, author=author or "planner", event_id=f"r{k}/executed")
+
+
+def _seconds(seconds: float | None) -> dict[str, float]:
+    return {} if seconds is None else {"seconds": round(seconds, 2)}
+
+
+def _log_manifest(ctx: LoopContext, k: int, manifest: Any, seconds: float | None) -> None:
+    from mosaic.tools.run_round import DATASET_MARKER
+
+    per_objective: dict[str, dict[str, int]] = {}
+    for b in manifest.buckets:
+        o = per_objective.setdefault(b.objective, {"rows": 0, "tokens": 0, "focus_rows": 0})
+        o["rows"] += b.rows
+        o["tokens"] += b.tokens_used
+        o["focus_rows"] += b.focus_rows
+    ctx.audit.append("manifest", {"output_hash": manifest.output_hash,
+                                  "total_tokens": manifest.total_tokens,
+                                  "total_rows": manifest.total_rows, "budget": manifest.budget,
+                                  "per_objective": per_objective,
+                                  "buckets": {f"{b.objective}/{b.bucket}": b.tokens_used
+                                              for b in manifest.buckets},
+                                  **_seconds(seconds)},
+                     round=k, event_id=f"r{k}/manifest",
+                     files=[ctx.round_dir(k) / n for n in ("action.json", "verdict.json", "dataset",
+                                                           DATASET_MARKER)])
+
+
+def _log_trained(ctx: LoopContext, k: int, result: Any, seconds: float | None) -> None:
+    from mosaic.tools.run_round import ADAPTER_MARKER
+
+    ctx.audit.append("trained", {"train_tokens": result.train_tokens, "rows": result.train_rows,
+                                 "steps": result.steps, "final_loss": result.final_loss,
+                                 **_seconds(seconds)},
+                     round=k, event_id=f"r{k}/trained",
+                     files=[ctx.round_dir(k) / "adapter", ctx.round_dir(k) / ADAPTER_MARKER])
+
+
+def _log_scores(ctx: LoopContext, k: int, scores: dict[str, float | None],
+                heldout: dict[str, float | None] | None, seconds: float | None) -> None:
+    ctx.audit.append("scores", {"eval": scores, "heldout": heldout, **_seconds(seconds)},
+                     round=k, event_id=f"r{k}/scores", files=_evaluated(ctx, k))
+
+
+# ---- candidates: several actions trained side by side, the archive's best kept -----------------
+
+
+def candidates(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
+    """loop.candidates > 1: every candidate that passed the check is built, trained and
+    evaluated in round_<k>/candidates/<j>/ (`run_candidates`: Ray tasks side by side, or in
+    turn), the one adding most to the archive is kept and placed in the round folder, and the
+    audit log gets one entry per candidate and the kept one's executed/manifest/trained/scores,
+    as any round's. The archive node then adds the kept point."""
+    ctx = _ctx(runtime)
+    from mosaic.schemas import DatasetManifest
+    from mosaic.tools.archive import load_archive
+    from mosaic.tools.candidates import (CANDIDATES_FILE, Candidate, candidate_dir, keep_candidate,
+                                         run_candidates)
+
+    k = _round(state)
+    rd = ctx.round_dir(k)
+    checked = state.get("candidates") or []
+    proposed: list[Candidate] = []
+    hashes: list[str | None] = []
+    for c in checked:
+        verdict = _passing(c)
+        if verdict is not None and verdict.action is not None:
+            # Built from the checked action, as the build node builds a single round's.
+            action = verdict.action.model_dump(mode="json")
+            proposed.append(Candidate(action=_action_json(action)))
+            hashes.append(_action_hash(action))
+        else:
+            refused = ActionVerdict.model_validate(c["verdict"])
+            proposed.append(Candidate(action=c["raw"], refused=refused))
+            hashes.append(_action_hash(refused.action.model_dump(mode="json"))
+                          if refused.action is not None else None)
+    record, seconds = ctx.timed("candidates", k, lambda: run_candidates(
+        ctx.config, proposed, rd, round_index=k, archive=load_archive(ctx.run_dir),
+        previous_action=ctx.previous_action(state),
+        heldout=ctx.config.loop.heldout_every_round, progress=ctx.say,
+        # A kill between two candidates: the resumed node retrains neither (their markers).
+        on_candidate=lambda j, result: crash_point(f"r{k}/candidates/{j}")))
+    kept = record.kept_outcome
+    if kept is None or kept.result.action is None or kept.result.manifest is None \
+            or kept.result.train is None:
+        # cannot happen: the check passed at least one, and the build checks by the same rules
+        raise RuntimeError(f"round {k}: no candidate ran although the check passed "
+                           f"{sum(_passing(c) is not None for c in checked)}; see "
+                           f"{rd / CANDIDATES_FILE}")
+    keep_candidate(rd, kept.index)
+    crash_point(f"r{k}/candidates/during")
+    for o in record.candidates:
+        cd = candidate_dir(rd, o.index)
+        action_hash = (_action_hash(o.result.action.model_dump(mode="json"))
+                       if o.result.action is not None else hashes[o.index])
+        verdict = o.result.verdict
+        ctx.audit.append("candidate", {
+            "index": o.index, "status": o.status, "action_hash": action_hash,
+            "verdict": checked[o.index]["verdict"]["status"],
+            "problems": [p.code for p in verdict.problems] if verdict else [],
+            "duplicate_of": o.duplicate_of, "eval": o.result.scores,
+            "heldout": o.result.heldout_scores,
+            "hypervolume_after": o.decision.hypervolume_after if o.decision else None,
+            "on_front": o.decision.on_front if o.decision else None, "kept": o.kept,
+            "round_dir": cd.relative_to(ctx.run_dir).as_posix() if o.status == "done" else None},
+            round=k, author=o.author, event_id=f"r{k}/candidate/{o.index}",
+            files=[rd / CANDIDATES_FILE, *((cd / "eval", cd / "heldout",
+                                            cd / "dataset" / "manifest.json",
+                                            cd / "adapter" / "train_result.json")
+                                           if o.status == "done" else ())])
+    action = kept.result.action.model_dump(mode="json")
+    _log_executed(ctx, k, action, "planner", candidate=kept.index)
+    _log_manifest(ctx, k, read_record(rd / "dataset" / "manifest.json", DatasetManifest), None)
+    _log_trained(ctx, k, kept.result.train, None)
+    _log_scores(ctx, k, kept.result.scores, kept.result.heldout_scores, seconds)
+    return {"action": action, "author": "planner",
+            "verdict": (kept.result.verdict or ActionVerdict(status="ok")).model_dump(mode="json")}
 
 
 def archive(state: LoopState, runtime: Runtime[LoopContext]) -> dict[str, Any]:
@@ -430,9 +583,13 @@ def skip(state: LoopState) -> dict[str, Any]:
 def _next_round(state: LoopState, entry: HistoryEntry,
                 feedback: list[str] | None = None) -> dict[str, Any]:
     history = [h for h in state.get("history") or [] if h["round"] != entry["round"]]
-    return {"history": [*history, entry], "round": entry["round"] + 1, "revision": 0,
-            "proposal": None, "verdict": None, "feedback": feedback or [], "action": None,
-            "author": None, "decision": None, "review_message": None, "human_seq": 0}
+    update: dict[str, Any] = {
+        "history": [*history, entry], "round": entry["round"] + 1, "revision": 0,
+        "proposal": None, "verdict": None, "feedback": feedback or [], "action": None,
+        "author": None, "decision": None, "review_message": None, "human_seq": 0}
+    if "candidates" in state:  # loop.candidates > 1: the next round plans its own
+        update.update(candidates=[], candidate=0)
+    return update
 
 
 def after_round(state: LoopState, runtime: Runtime[LoopContext]) -> Literal["plan", "finish"]:

@@ -46,9 +46,11 @@ class LoopOutcome:
     timings: dict[str, float]
 
 
-def graph_config(rounds: int) -> dict[str, Any]:
-    # ~10 steps a round plus revisions; the limit only guards against a wiring bug.
-    return {"configurable": {"thread_id": THREAD_ID}, "recursion_limit": 40 * (rounds + 2)}
+def graph_config(rounds: int, candidates: int = 1) -> dict[str, Any]:
+    # ~10 steps a round plus revisions (each revision plans and checks every candidate); the
+    # limit only guards against a wiring bug.
+    return {"configurable": {"thread_id": THREAD_ID},
+            "recursion_limit": 40 * candidates * (rounds + 2)}
 
 
 def open_checkpointer(run_dir: Path):
@@ -112,12 +114,20 @@ class LoopDriver:
         from mosaic.run_store import open_run, run_lock
 
         check_objective_types(self.config)
+        if self._review and self.config.loop.candidates > 1:
+            from mosaic.run_store import RunConfigError
+
+            raise RunConfigError(
+                f"loop.candidates is {self.config.loop.candidates}: each round trains its "
+                f"candidates side by side with no pause for a person, and mosaic chat pauses "
+                f"before the one action of each round. Use mosaic run, or chat with "
+                f"loop.candidates: 1 in a run folder started with it.")
         with ExitStack() as stack:
             stack.enter_context(run_lock(self.run_dir))
             base_model = resolve_base_model(self.config)
             saver = stack.enter_context(open_checkpointer(self.run_dir))
             self.graph = build_graph(checkpointer=saver)
-            self.gcfg = graph_config(self.rounds)
+            self.gcfg = graph_config(self.rounds, self.config.loop.candidates)
             snapshot = self.graph.get_state(self.gcfg)
             self._check_rounds(dict(snapshot.values or {}))
             audit = AuditLog(self.run_dir)  # refuses a log its head does not vouch for

@@ -38,3 +38,7 @@ class LoopState(TypedDict, total=False):
     review_message: str | None
     human_seq: int  # human events in this round (makes their audit ids unique and stable)
     finished: bool
+    # loop.candidates > 1 only (absent otherwise): the candidate being planned this round
+    # (0-based), and this round's checked candidates so far, each {index, raw, verdict, error}.
+    candidate: int
+    candidates: list[dict[str, Any]]

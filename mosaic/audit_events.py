@@ -114,6 +114,7 @@ class ProposalMade(EventData):
     rationale: str = ""
     error: str | None = None
     revision: int = 0
+    candidate: int | None = None  # loop.candidates > 1: which of the revision's candidates
 
 
 class VerdictGiven(EventData):
@@ -160,6 +161,27 @@ class Executed(EventData):
     action: dict[str, Any]
     action_hash: str
     decided_by: str | None = None
+    candidate: int | None = None  # the kept candidate's index (loop.candidates > 1)
+
+
+class CandidateRan(EventData):
+    """One of a round's candidate actions (loop.candidates > 1), as `<round>/candidates.json`
+    records it: run (done) in `round_dir`, rejected by the check (never built), or dropped as a
+    duplicate of an earlier one; the kept one's executed/manifest/trained/scores follow."""
+
+    KIND: ClassVar[str] = "candidate"
+    index: int
+    status: Literal["done", "rejected", "duplicate"]
+    action_hash: str | None = None  # of the checked action (None: the check found none)
+    verdict: str | None = None  # the loop's check: ok | fixable | invalid
+    problems: list[str] = Field(default_factory=list)  # problem codes
+    duplicate_of: int | None = None
+    eval: dict[str, float | None] = Field(default_factory=dict)
+    heldout: dict[str, float | None] | None = None
+    hypervolume_after: float | None = None  # the archive's, with this candidate added
+    on_front: bool | None = None
+    kept: bool = False
+    round_dir: str | None = None  # its folder, relative to the run folder (done ones)
 
 
 class ManifestBuilt(EventData):
@@ -237,8 +259,8 @@ class HumanDecision(EventData):
 
 EVENT_MODELS: dict[str, type[EventData]] = {m.KIND: m for m in (
     RunStarted, RunResumed, Baseline, ProposalMade, VerdictGiven, Revision, Refusal, Fallback,
-    Executed, ManifestBuilt, Trained, Scores, ArchiveUpdated, HumanEdit, HumanLimits,
-    HumanDecision, RoundSkipped, RunFinished, TornTailRecovered, AuditRepaired)}
+    CandidateRan, Executed, ManifestBuilt, Trained, Scores, ArchiveUpdated, HumanEdit,
+    HumanLimits, HumanDecision, RoundSkipped, RunFinished, TornTailRecovered, AuditRepaired)}
 EVENTS: tuple[str, ...] = tuple(EVENT_MODELS)
 
 

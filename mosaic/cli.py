@@ -1088,9 +1088,11 @@ def run_main(cfg) -> None:
                 live.event(event)
                 # Without a terminal, live.event already logged the stage with its figures.
                 if (console.is_terminal and event.status == "done"
-                        and event.stage in ("baseline", "evaluate")):
+                        and event.stage in ("baseline", "evaluate", "candidates")):
+                    what = ("candidates trained and evaluated" if event.stage == "candidates"
+                            else "evaluated")
                     live.say(f"{'baseline' if event.round == 0 else f'round {event.round}'} "
-                             f"evaluated in {event.seconds:.0f}s")
+                             f"{what} in {event.seconds:.0f}s")
 
             outcome = run_loop(cfg, progress=progress, say=live.say, on_start=started)
     except RunConfigError as e:
@@ -1553,6 +1555,10 @@ def _round_candidates(cfg, actions: list[Path], texts: list[str], round_dir: Pat
     except (RoundConflictError, *_user_errors()) as e:
         _fail(e)
     for c, action in zip(got.candidates, actions):
+        if c.duplicate_of is not None:
+            _say(f"candidate {c.index + 1} ({action}): the same action as candidate "
+                 f"{c.duplicate_of + 1} apart from its rationale; not run again", "yellow")
+            continue
         if c.result.status == "rejected":
             _say(f"candidate {c.index + 1} ({action}): the check rejected it:", "red")
             _say(format_problems(c.result.verdict))

@@ -150,6 +150,10 @@ class TrainingConfig(Section):
     # past the shorter one's length count with this weight (trl's LD-DPO `ld_alpha`);
     # null: every token counts (plain DPO), 0: only the shared length counts.
     dpo_length_alpha: float | None = Field(None, ge=0, le=1)
+    # Each pair as one packed row, its prompt encoded once (training/packed_pairs.py: the same
+    # loss as trl's two rows per pair, measured cheaper), where the model allows it; false:
+    # trl's own layout.
+    dpo_packed: bool = True
     seed: int = 0
     # `inprocess` trains in this process; `accelerate` runs the same trainer as `processes`
     # ranks under torchrun (the trainer's Accelerator: DDP over NCCL on GPUs, gloo on CPU; FSDP
@@ -325,6 +329,11 @@ class LoopConfig(Section):
     # eval sets are generated each round; held-out scores are then measured where needed (the
     # benchmark does it for each run's final point).
     heldout_every_round: bool = True
+    # Candidate actions per round: above 1 the planner proposes this many, each passing one is
+    # built, trained and evaluated in round_<k>/candidates/<j>/ (Ray tasks side by side on
+    # runtime.engine: ray) and the one that adds most to the archive's hypervolume is kept
+    # (mosaic.tools.candidates). 1: one action per round.
+    candidates: int = Field(1, ge=1)
 
 
 class MosaicConfig(Section):

@@ -148,7 +148,8 @@ class LoopProgress:
             if e.round != self.round or e.round not in self.round_started:
                 self.round = e.round
                 self.round_started.setdefault(e.round, now)
-        elif e.stage in ("evaluate", "baseline") and e.round in self.round_started and e.round > 0:
+        elif e.stage in ("evaluate", "candidates", "baseline") and e.round in self.round_started \
+                and e.round > 0:
             self.round_seconds.append(now - self.round_started[e.round])
         self.live.update(self._line())
 
@@ -184,6 +185,11 @@ def stage_figures(result: Any) -> str:
             if item.status == "invalid" or len(items) == 1:  # a build's passing verdict: implied
                 parts.append(f"{item.status}" + (f", {len(item.problems)} problem(s)"
                                                  if item.problems else ""))
+        elif name == "CandidateRound":
+            kept = item.kept_outcome
+            parts.append(f"{len(item.candidates)} candidates, kept "
+                         + (f"{kept.index + 1}: eval {_scores(kept.result.scores)}"
+                            if kept is not None else "none"))
         elif name == "Proposal":
             parts.append(f"{item.planner} planner" + (f" ({item.error})" if item.error else ""))
         elif isinstance(item, dict) and item and all(
@@ -202,7 +208,8 @@ def _clock(seconds: float) -> str:
 # Events the round view shows in its own sections; any other (a person's edits in chat, events
 # added later) is listed generically by author and data.
 _STRUCTURED_EVENTS = {"baseline", "proposal", "verdict", "revision", "refusal", "fallback",
-                      "executed", "manifest", "trained", "scores", "archive", "round_skipped"}
+                      "candidate", "executed", "manifest", "trained", "scores", "archive",
+                      "round_skipped"}
 
 
 def _ci(ci: Sequence[float] | None) -> str:
@@ -300,6 +307,25 @@ def _manifest_table(m: Any) -> Table:
     return table
 
 
+def candidates_table(candidates: Sequence[Any]) -> Table:
+    """A round's candidates (loop.candidates > 1): j, action hash, verdict, eval scores, the
+    archive's hypervolume with it added, kept."""
+    table = Table(title=Text("candidates (the kept one: the largest hypervolume)"),
+                  box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("j", "action sha256", "verdict", "eval", "hypervolume", "kept"):
+        table.add_column(col, justify="right" if col in ("j", "hypervolume") else "left")
+    for c in candidates:
+        verdict = {"duplicate": f"duplicate of {(c.duplicate_of or 0) + 1}",
+                   "rejected": f"{c.verdict or 'rejected'}"
+                               + (f" ({', '.join(c.problems[:3])})" if c.problems else "")
+                   }.get(c.status, c.verdict or c.status)
+        table.add_row(Text(str(c.index + 1)), Text((c.action_hash or "-")[:12]), Text(verdict),
+                      Text(", ".join(f"{o} {_num(v)}" for o, v in c.eval.items()) or "-"),
+                      Text(_num(c.hypervolume_after)),
+                      Text("kept" if c.kept else "", style="bold green" if c.kept else ""))
+    return table
+
+
 def score_change_table(changes: Sequence[Any], title: str) -> Table:
     """before [CI] -> after [CI] per objective (f) and slice (mean); * marks separated CIs."""
     table = Table(title=Text(title), box=box.SIMPLE_HEAD, title_justify="left",
@@ -328,7 +354,8 @@ def audit_round(r: Any) -> list[Any]:
         out.append(_saw_table(r))
     for p in r.proposals:
         verdict = p.verdict.status if p.verdict else "not checked"
-        out.append(Text(f"proposal {p.revision} by {p.author} ({p.proposal.planner}"
+        which = f" candidate {p.candidate + 1}" if p.candidate is not None else ""
+        out.append(Text(f"proposal {p.revision}{which} by {p.author} ({p.proposal.planner}"
                         + (f", {p.proposal.model}" if p.proposal.model else "")
                         + f"): verdict {verdict}", style="bold"))
         if p.proposal.error:
@@ -345,6 +372,8 @@ def audit_round(r: Any) -> list[Any]:
                 out.append(Text(f"  note: {note}", style="dim"))
         for f in p.feedback:
             out.append(Text(f"  revision feedback: {f}", style="yellow"))
+    if r.candidates:
+        out.append(candidates_table(r.candidates))
     if r.refusal is not None:
         out.append(Text(f"refused after {r.refusal.get('revisions')} proposals", style="red"))
     if r.fallback is not None:

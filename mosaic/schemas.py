@@ -468,6 +468,21 @@ class ProposalRecord(Strict):
     proposal: Proposal
     verdict: ActionVerdict | None = None
     feedback: list[str] = Field(default_factory=list)  # sent back for the next revision
+    candidate: int | None = None  # loop.candidates > 1: which candidate of its revision
+
+
+class CandidateSummary(Strict):
+    """One of a round's candidate actions (loop.candidates > 1), from its audit entry."""
+
+    index: int  # 0-based, in proposal order
+    status: Literal["done", "rejected", "duplicate"]
+    action_hash: str | None = None
+    verdict: str | None = None
+    problems: list[str] = Field(default_factory=list)
+    duplicate_of: int | None = None
+    eval: dict[str, float | None] = Field(default_factory=dict)
+    hypervolume_after: float | None = None
+    kept: bool = False
 
 
 class ExecutedRecord(Strict):
@@ -522,6 +537,7 @@ class RoundAudit(Strict):
     saw_round: int | None = None  # the evaluated round whose reports the planner read
     saw: list[ObjectiveFailures] = Field(default_factory=list)
     proposals: list[ProposalRecord] = Field(default_factory=list)
+    candidates: list[CandidateSummary] = Field(default_factory=list)  # loop.candidates > 1
     refusal: dict[str, Any] | None = None
     fallback: dict[str, Any] | None = None
     skipped_reason: str | None = None

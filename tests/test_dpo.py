@@ -367,7 +367,8 @@ def test_an_old_run_folder_resumes_and_keeps_its_adapters(tmp_path):
                                                          "training": {"dpo_learning_rate": None}})
     open_run(cfg)
     saved = yaml.safe_load((tmp_path / CONFIG_FILE).read_text())
-    new_keys = ("dpo_learning_rate", "dpo_loss", "dpo_sft_weight", "dpo_length_alpha")
+    new_keys = ("dpo_learning_rate", "dpo_loss", "dpo_sft_weight", "dpo_length_alpha",
+                "dpo_packed")
     for key in new_keys:
         del saved["training"][key]
     del saved["planner"]["preference"]

@@ -347,3 +347,35 @@ def test_r8_a_repeated_mixture_off_the_front_probes_another_objective():
     on_front = archive.model_copy(update={"front": [0, 1, 2]})
     ctx.archive = on_front
     assert "probing" not in json.loads(planner.propose(ctx).raw)["rationale"]
+
+
+def test_r10_a_later_candidate_explores_one_objective_in_turn_and_the_first_is_the_rules():
+    planner = HeuristicPlanner()
+    plain = propose(context(reports()))
+    names = list(TYPES)
+
+    def candidate(j: int, n: int = 4) -> dict[str, Any]:
+        ctx = context(reports())
+        ctx.candidate, ctx.candidates, ctx.seed = j, n, ctx.seed + j
+        return json.loads(planner.propose(ctx).raw)
+
+    assert candidate(0) == plain  # the seed changes nothing: the rules are deterministic
+    for j in (1, 2, 3):
+        action = candidate(j)
+        target = names[(1 + j - 1) % len(names)]  # round 1: in turn from objective 1
+        moved = {n: action["mixture"].get(n, 0.0) - plain["mixture"].get(n, 0.0) for n in names}
+        assert moved[target] == pytest.approx(0.1, abs=0.01), (j, moved)
+        assert f"candidate {j + 1} of 4: exploring with more {target}" in action["rationale"]
+    # past one step per objective, the step grows
+    far = candidate(4)
+    assert far["mixture"][names[1]] - plain["mixture"][names[1]] == pytest.approx(0.2, abs=0.01)
+
+
+def test_r10_an_objective_at_its_bound_is_skipped():
+    ctx = context(reports(), limits=LimitsConfig(ceilings={"boundary": 0.25}))
+    plain = json.loads(HeuristicPlanner().propose(ctx).raw)
+    assert plain["mixture"]["boundary"] == pytest.approx(0.25, abs=1e-3)
+    ctx.candidate, ctx.candidates = 1, 2  # round 1, candidate 1: boundary first, at its ceiling
+    action = json.loads(HeuristicPlanner().propose(ctx).raw)
+    assert action["mixture"]["boundary"] <= 0.25 + 1e-9
+    assert "exploring with more instruction" in action["rationale"]

@@ -67,10 +67,21 @@ def _planner_user() -> dict[str, Any]:
             "notes": ["keep boundary above 4.7"]}
 
 
+def _planner_candidates() -> dict[str, Any]:
+    from mosaic.agents.planners.base import EarlierCandidate
+
+    return {"round": 2, "candidate": 2, "candidates": 3,
+            "earlier": [EarlierCandidate(index=0, raw='{"mixture": {"safety": 1.0}}', status="ok"),
+                        EarlierCandidate(index=1, raw='{"mixture": {"nonsense": 1.0}}',
+                                         status="invalid",
+                                         problems=("[unknown_objective] $.mixture.nonsense: ...",))]}
+
+
 def _run_report() -> dict[str, Any]:
     """A two-round AuditReport with every section filled, including a person's decision."""
-    from mosaic.schemas import (ActionVerdict, AuditEvent, AuditReport, DataAction,
-                                ExecutedRecord, Proposal, ProposalRecord, RoundAudit, ScoreChange)
+    from mosaic.schemas import (ActionVerdict, AuditEvent, AuditReport, CandidateSummary,
+                                DataAction, ExecutedRecord, Proposal, ProposalRecord, RoundAudit,
+                                ScoreChange)
     from mosaic.tools.html_report import page_variables
 
     objs = ["safety", "boundary"]
@@ -94,6 +105,16 @@ def _run_report() -> dict[str, Any]:
                            proposals=[ProposalRecord(revision=0, author="planner", proposal=Proposal(
                                raw="{}", planner="llm", rationale="close the safety gap"),
                                verdict=ActionVerdict(status="ok", action=action))],
+                           candidates=[CandidateSummary(index=0, status="done",
+                                                        action_hash="0" * 64, verdict="ok",
+                                                        eval={"safety": 3.1, "boundary": 4.0},
+                                                        hypervolume_after=0.41, kept=True),
+                                       CandidateSummary(index=1, status="rejected",
+                                                        verdict="invalid",
+                                                        problems=["unknown_objective"]),
+                                       CandidateSummary(index=2, status="duplicate",
+                                                        action_hash="0" * 64, verdict="ok",
+                                                        duplicate_of=0)],
                            executed=ExecutedRecord(action=action, action_hash="0" * 64,
                                                    decided_by="human"),
                            scores={"safety": 3.1, "boundary": 4.0},
@@ -130,6 +151,7 @@ SAMPLES: dict[str, dict[str, Any] | Callable[[], dict[str, Any]]] = {
                                                     "focus_keys": ["pc_patterns", "leak_types"]}},
                           "budget": 300_000, "max_tool_rounds": 6},
     "planner/user.j2": lambda: _planner_user(),
+    "planner/candidates.j2": lambda: _planner_candidates(),
     # agents/chat_session.py
     "chat/translate.j2": {"objectives": {"boundary": {"type": "overrefusal",
                                                       "slices": ["boundary_1", "boundary_2"],

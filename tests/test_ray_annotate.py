@@ -28,6 +28,19 @@ def _on_ray(cfg: MosaicConfig, workers: int = 2) -> MosaicConfig:
     return cfg.model_copy(update={"runtime": runtime})
 
 
+def _llm_judge_on_ray(server, tmp_path, judge_extra=None, **endpoint) -> MosaicConfig:
+    """A jailbreak objective judged by the test server's LLM judge, on Ray. No key variable:
+    the workers of the session's cluster do not see this test's env. A long timeout: no retry
+    may add a request on a loaded machine (they are counted)."""
+    return _on_ray(MosaicConfig.model_validate({
+        "objectives": {"safety": {"type": "jailbreak"}},
+        "judge": {"kind": "llm", "endpoint": {
+            "base_url": server.base_url, "model": "judge-model",
+            "api_key_env": "MOSAIC_TEST_UNSET_KEY", "timeout_s": 60, **endpoint},
+            **(judge_extra or {})},
+        "world": {"kind": "files"}, "run_dir": str(tmp_path / "run")}))
+
+
 def _unannotated(df: pd.DataFrame, type_name: str) -> pd.DataFrame:
     """The pool as a team would import it: no L1, L2 or response atoms, and no prompt atoms
     where a judge labels them (instruction-following prompt atoms come with the data)."""
@@ -79,15 +92,8 @@ def test_a_killed_annotation_worker_loses_and_doubles_no_row(openai_server, ray_
     openai_server.responder = JudgeScript()
     pool = tmp_path / "safety.parquet"
     write_table(pool, pool_frame(n))
-    cfg = _on_ray(MosaicConfig.model_validate({
-        "objectives": {"safety": {"type": "jailbreak"}},
-        # No key variable: the workers of the session's cluster do not see this test's env.
-        # A long timeout: no retry may add a request on a loaded machine (they are counted).
-        "judge": {"kind": "llm", "endpoint": {
-            "base_url": openai_server.base_url, "model": "judge-model",
-            "api_key_env": "MOSAIC_TEST_UNSET_KEY", "timeout_s": 60, "concurrency": 4},
-            "cache_dir": str(tmp_path / "judge-cache")},
-        "world": {"kind": "files"}, "run_dir": str(tmp_path / "run")}))
+    cfg = _llm_judge_on_ray(openai_server, tmp_path, concurrency=4,
+                            judge_extra={"cache_dir": str(tmp_path / "judge-cache")})
     # The test-only hook: the stage whose first response call stalls until killed.
     monkeypatch.setattr("mosaic.eval.annotate.AnnotateStage", ray_stages.stall_first_responses)
     cache = AtomCache(tmp_path / "atoms" / "annotate.sqlite")
@@ -145,12 +151,7 @@ def test_an_endpoint_down_on_ray_stops_the_run(openai_server, ray_cluster, tmp_p
 
     openai_server.responder = JudgeScript()
     df = pool_frame(24, dict.fromkeys(range(24), "always500"))
-    cfg = _on_ray(MosaicConfig.model_validate({
-        "objectives": {"safety": {"type": "jailbreak"}},
-        "judge": {"kind": "llm", "endpoint": {
-            "base_url": openai_server.base_url, "model": "judge-model",
-            "api_key_env": "MOSAIC_TEST_UNSET_KEY", "timeout_s": 60, "max_retries": 0}},
-        "world": {"kind": "files"}, "run_dir": str(tmp_path / "run")}))
+    cfg = _llm_judge_on_ray(openai_server, tmp_path, max_retries=0)
     judge = build_judge(cfg, request_cache=False, record_endpoint_errors=True)
     with pytest.raises(EndpointDown, match="endpoint looks down"):
         annotate_pool(df, "jailbreak", judge, batch_size=8, ray_config=cfg)
@@ -170,12 +171,7 @@ def test_a_run_that_dies_on_ray_resumes_without_rejudging_a_cached_row(openai_se
     pool = tmp_path / "safety.parquet"
     write_table(pool, pool_frame(n))
     before = pool.read_bytes()
-    cfg = _on_ray(MosaicConfig.model_validate({
-        "objectives": {"safety": {"type": "jailbreak"}},
-        "judge": {"kind": "llm", "endpoint": {
-            "base_url": openai_server.base_url, "model": "judge-model",
-            "api_key_env": "MOSAIC_TEST_UNSET_KEY", "timeout_s": 60, "concurrency": 4}},
-        "world": {"kind": "files"}, "run_dir": str(tmp_path / "run")}))
+    cfg = _llm_judge_on_ray(openai_server, tmp_path, concurrency=4)
     cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={
         "ray": cfg.runtime.ray.model_copy(update={"max_retries": 0})})})
     cache = AtomCache(tmp_path / "atoms" / "annotate.sqlite")

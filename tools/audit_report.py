@@ -24,8 +24,8 @@ from mosaic.audit import LOG_FILE, verify_log
 from mosaic.audit_events import AuditEntry
 from mosaic.io import read_record
 from mosaic.markers import flatten
-from mosaic.schemas import (ActionVerdict, ArchiveDecision, AuditEvent, AuditReport, DataAction,
-                            DatasetManifest, EvalReport, ExecutedRecord, FailureReport,
+from mosaic.schemas import (ActionVerdict, ArchiveDecision, AuditEvent, AuditReport,
+                            CandidateSummary, DataAction, DatasetManifest, EvalReport, ExecutedRecord, FailureReport,
                             ManifestSummary, ObjectiveFailures, ObjectiveUsage, Proposal,
                             ProposalRecord, RoundAudit, RoundDiff, ScoreChange, TrainResult,
                             ValueChange)
@@ -187,7 +187,9 @@ def _proposals(k: int, events: list[AuditEvent], warnings: list[str]) -> list[Pr
                 continue
             rev = e.data.get("revision", len(records))
             by_rev[rev] = len(records)
-            records.append(ProposalRecord(revision=rev, author=e.author, proposal=proposal))
+            cand = e.data.get("candidate")
+            records.append(ProposalRecord(revision=rev, author=e.author, proposal=proposal,
+                                          candidate=cand if isinstance(cand, int) else None))
         elif e.event == "verdict" and records:
             try:
                 verdict = ActionVerdict.model_validate(e.data)
@@ -204,6 +206,20 @@ def _proposals(k: int, events: list[AuditEvent], warnings: list[str]) -> list[Pr
             records[i] = records[i].model_copy(update={"feedback": list(e.data.get("feedback")
                                                                         or [])})
     return records
+
+
+def _candidates(k: int, events: list[AuditEvent], warnings: list[str]) -> list[CandidateSummary]:
+    """The round's candidates (loop.candidates > 1) in proposal order, from their entries."""
+    out = []
+    for e in events:
+        if e.event != "candidate":
+            continue
+        try:
+            out.append(CandidateSummary.model_validate(
+                {n: e.data[n] for n in CandidateSummary.model_fields if n in e.data}))
+        except ValidationError:
+            warnings.append(f"round {k}: candidate seq {e.seq} does not parse")
+    return sorted(out, key=lambda c: c.index)
 
 
 def _rev_from_id(event_id: str | None) -> int | None:
@@ -303,7 +319,7 @@ def build_audit_report(run_dir: str | Path, *, worst_slices: int = WORST_SLICES)
             saw_round=saw,
             saw=([failure_summary(r, worst_slices) for r in reports[saw].reports.values()]
                  if saw is not None and reports.get(saw) is not None else []),
-            proposals=_proposals(k, evs, warnings),
+            proposals=_proposals(k, evs, warnings), candidates=_candidates(k, evs, warnings),
             refusal=first["refusal"].data if "refusal" in first else None,
             fallback=first["fallback"].data if "fallback" in first else None,
             skipped_reason=(first["round_skipped"].data.get("reason")

@@ -285,7 +285,7 @@ def plot_svgs(report: AuditReport) -> dict[str, str]:
 # ---- the decision timeline ----------------------------------------------------------------------
 
 _STEP_EVENTS = ("proposal", "verdict", "revision", "refusal", "fallback", "round_skipped",
-                "executed", "archive")
+                "candidate", "executed", "archive")
 
 
 def _step(e: AuditEvent) -> dict[str, str] | None:
@@ -311,6 +311,10 @@ def _step(e: AuditEvent) -> dict[str, str] | None:
     elif e.event == "round_skipped":
         detail = "no valid action"
         kind = "bad"
+    elif e.event == "candidate":
+        detail = f"#{int(d.get('index', 0)) + 1} {d.get('status')}" + (" · kept" if d.get("kept")
+                                                                          else "")
+        kind = "bad" if d.get("status") != "done" else ("executed" if d.get("kept") else "ok")
     elif e.event == "executed":
         detail = f"decided by {d.get('decided_by') or e.author}"
         kind = "executed"

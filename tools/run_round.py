@@ -176,7 +176,8 @@ def dataset_stage(config: MosaicConfig, raw_action: str | bytes | dict[str, Any]
 # with: at that value they are left out of the adapter marker, so those runs' adapters still
 # count as done.
 _LATER_TRAINING_DEFAULTS = {"dpo_learning_rate": None, "dpo_loss": "sigmoid",
-                            "dpo_sft_weight": 0.0, "dpo_length_alpha": None}
+                            "dpo_sft_weight": 0.0, "dpo_length_alpha": None,
+                            "dpo_packed": True}
 
 
 def training_inputs(config: MosaicConfig, method: str = "dpo") -> dict[str, Any]:

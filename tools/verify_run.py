@@ -20,6 +20,10 @@ In order:
    audit log's `trained` entry, and match the fingerprints its completion marker recorded for
    exactly this training set;
 5. every scored round: the eval and held-out reports give the scores the audit log recorded;
+   with loop.candidates > 1, every `candidate` entry against `round_<k>/candidates.json` (its
+   status, hash, scores, archive figures, kept or not), a candidate that ran re-checked like an
+   executed action and its eval reports giving the logged scores, and the round's executed
+   action being the kept candidate's;
 6. every file an entry recorded by sha256 (`files`: the archive, eval reports with their slice
    means, responses, samples, proposals, round summaries, training sets, adapters, markers):
    each file as it is now against the latest entry that recorded it. A log repaired with
@@ -43,7 +47,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mosaic.audit import HEAD_FILE, LOG_FILE, file_digests, read_entries, verify_log
-from mosaic.audit_events import AuditEntry, AuditRepaired, EventData, Executed
+from mosaic.audit_events import AuditEntry, AuditRepaired, CandidateRan, EventData, Executed
 from mosaic.schemas import DataAction, DatasetManifest, RunVerification, TrainResult
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_result.json")
@@ -143,6 +147,7 @@ def _verify(run_dir: Path, out: RunVerification, expect: str | None) -> None:
     previous: DataAction | None = None
     human_limits: dict[str, Any] | None = None
     executed = 0
+    kept: dict[int, str | None] = {}  # round -> the kept candidate's action hash
     for e, p in zip(entries, payloads):  # in log order: the first problem is the earliest's
         if e.event == "human_limits":
             # The limits a person set in chat (agents/nodes.py::decide logs the whole set).
@@ -150,9 +155,18 @@ def _verify(run_dir: Path, out: RunVerification, expect: str | None) -> None:
                 human_limits = p.limits  # type: ignore[attr-defined]
         elif e.event in ("scores", "baseline"):
             _check_scores(run_dir, e, p, checked)
+        elif e.event == "candidate" and e.round is not None:
+            assert isinstance(p, CandidateRan)
+            _check_candidate(run_dir, config, e, p, previous, human_limits, checked)
+            kept.setdefault(e.round, None)
+            if p.kept:
+                kept[e.round] = p.action_hash
         elif e.event == "executed" and e.round is not None:
             assert isinstance(p, Executed)
             k = e.round
+            if k in kept and kept[k] != p.action_hash:
+                raise _Bad(f"{_entry(e)}: the executed action is not the kept candidate of "
+                           f"round_{k}/candidates.json")
             action = _check_action(run_dir, config, e, p, previous, human_limits, checked)
             previous, executed = action, executed + 1
             logged = first.get((k, "manifest"))
@@ -200,9 +214,6 @@ def _check_files(run_dir: Path, entries: list[AuditEntry], out: RunVerification)
 def _check_action(run_dir: Path, config: Any, e: AuditEntry, data: Executed,
                   previous: DataAction | None, human_limits: dict[str, Any] | None,
                   checked: list[str]) -> DataAction:
-    from mosaic.tools.run_round import round_seed, run_data
-    from mosaic.tools.validate_action import ActionContext, format_problems, validate_action
-
     k = e.round
     raw = data.action
     if data.action_hash != _logged_action_hash(raw):
@@ -217,6 +228,22 @@ def _check_action(run_dir: Path, config: Any, e: AuditEntry, data: Executed,
         if not same:
             raise _Bad(f"round_{k}/action.json: differs from the executed action in "
                        f"{_entry(e)}")
+    verdict = _recheck(config, e, raw, previous, human_limits, "executed action")
+    checked.append(f"round {k}: executed action ({data.decided_by or e.author}) "
+                   f"re-checked against config.yaml and the pools: {verdict.status}")
+    assert verdict.action is not None
+    return verdict.action
+
+
+def _recheck(config: Any, e: AuditEntry, raw: dict[str, Any], previous: DataAction | None,
+             human_limits: dict[str, Any] | None, what: str) -> Any:
+    """A fresh check of an action against the saved settings and pools, as the loop checked it
+    in round `e.round` (the previous executed action, the round's seed, a person's limits)."""
+    from mosaic.tools.run_round import round_seed, run_data
+    from mosaic.tools.validate_action import ActionContext, format_problems, validate_action
+
+    k = e.round
+    assert k is not None
     try:
         prepared = run_data(config)
     except Exception as exc:  # the pools or tokenizer are gone or unreadable
@@ -228,11 +255,55 @@ def _check_action(run_dir: Path, config: Any, e: AuditEntry, data: Executed,
                               seed=round_seed(config, k))
     verdict = validate_action(raw, ctx)
     if not verdict.ok or verdict.action is None:
-        raise _Bad(f"{_entry(e)}: the executed action fails the check against the saved "
+        raise _Bad(f"{_entry(e)}: the {what} fails the check against the saved "
                    f"settings and pools:\n{format_problems(verdict)}")
-    checked.append(f"round {k}: executed action ({data.decided_by or e.author}) "
-                   f"re-checked against config.yaml and the pools: {verdict.status}")
-    return verdict.action
+    return verdict
+
+
+def _check_candidate(run_dir: Path, config: Any, e: AuditEntry, data: CandidateRan,
+                     previous: DataAction | None, human_limits: dict[str, Any] | None,
+                     checked: list[str]) -> None:
+    """A `candidate` entry against round_<k>/candidates.json; one that ran is re-checked like an
+    executed action and its eval reports give the logged scores."""
+    from mosaic.tools.candidates import CANDIDATES_FILE, CandidateRound
+
+    k = e.round
+    rel = f"round_{k}/{CANDIDATES_FILE}"
+    try:
+        record = CandidateRound.model_validate(_read_json(run_dir / rel, run_dir))
+    except ValidationError:
+        raise _Bad(f"{rel}: not a candidates record") from None
+    if not 0 <= data.index < len(record.candidates):
+        raise _Bad(f"{_entry(e)}: candidate {data.index} is not in {rel}")
+    o = record.candidates[data.index]
+    logged = {"status": data.status, "kept": data.kept, "duplicate_of": data.duplicate_of,
+              "eval": data.eval, "heldout": data.heldout,
+              "hypervolume_after": data.hypervolume_after}
+    recorded = {"status": o.status, "kept": o.kept, "duplicate_of": o.duplicate_of,
+                "eval": o.result.scores, "heldout": o.result.heldout_scores,
+                "hypervolume_after": o.decision.hypervolume_after if o.decision else None}
+    diff = sorted(n for n in logged if logged[n] != recorded[n])
+    if diff:
+        raise _Bad(f"{rel}: candidate {data.index} differs from {_entry(e)} in "
+                   f"{', '.join(diff)}")
+    if o.status == "done":
+        assert o.result.action is not None
+        raw = o.result.action.model_dump(mode="json")
+        if data.action_hash != _logged_action_hash(raw):
+            raise _Bad(f"{rel}: candidate {data.index}'s action differs from {_entry(e)}")
+        _recheck(config, e, raw, previous, human_limits, f"candidate {data.index}'s action")
+        for split, logged_scores in (("eval", data.eval), ("heldout", data.heldout)):
+            if not isinstance(logged_scores, dict):
+                continue
+            rrel = f"round_{k}/candidates/{data.index}/{split}/eval_report.json"
+            report = _read_json(run_dir / rrel, run_dir)
+            scores = {n: r.get("f") for n, r in (report.get("reports") or {}).items()}
+            if scores != logged_scores:
+                raise _Bad(f"{rrel}: scores differ from {_entry(e)}")
+    checked.append(f"round {k}: candidate {data.index} ({data.status}"
+                   f"{', kept' if data.kept else ''}) matches {CANDIDATES_FILE}"
+                   + ("; its action re-checked and its reports give the logged scores"
+                      if o.status == "done" else ""))
 
 
 def _check_manifest(run_dir: Path, config: Any, k: int, action: DataAction,

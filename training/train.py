@@ -2,7 +2,8 @@
 
 Methods: `sft`, `dpo` (reference log-probs computed once, before the first step, with the adapter
 disabled) and `sft+dpo` (SFT on the pairs' chosen answers, then DPO on the same pairs from there,
-the reference being the SFT'd adapter, frozen as trl's "ref" copy).
+the reference being the SFT'd adapter, frozen as trl's "ref" copy). DPO forwards each pair as one
+packed sequence, its prompt once (`packed_pairs`), where the model allows it.
 
 Rows trl would choke on deep inside its pipeline (no assistant turn, empty conversations,
 samples longer than the model's max length, which trl would silently truncate) are skipped
@@ -271,13 +272,18 @@ def compact_lm_head(device: str) -> Iterator[bool]:
 def build_trainer(prepared: PreparedData, *, base_model: str | Path, tokenizer: Any,
                   training: Any, max_length: int, method: Literal["sft", "dpo"],
                   output_dir: str | Path, device: str | None = None, dtype: str = "auto",
-                  progress: bool = True, world_size: int = 1, model: Any = None) -> Any:
+                  progress: bool = True, world_size: int = 1, model: Any = None,
+                  packed: bool | None = None, threads: int | None = None) -> Any:
     """A trl SFTTrainer/DPOTrainer over fresh base weights with a new LoRA adapter
     (`world_size`: the ranks it runs as under the accelerate launcher). Given `model` (a
-    PEFT model from an SFT stage), DPO trains that adapter on, against a frozen copy of it."""
+    PEFT model from an SFT stage), DPO trains that adapter on, against a frozen copy of it.
+    `packed` (DPO): one packed row per pair (`packed_pairs`) - None where the model allows
+    it, True required, False trl's own layout. `threads`: the CPU intra-op threads of DPO's
+    reference pass, which runs in the constructor (as `_train_stage` sets them for the steps)."""
     from datasets import Dataset
 
-    from mosaic.training.models import count_parameters, load_model, pick_device, pick_dtype
+    from mosaic.training.models import (count_parameters, cpu_threads, load_model, pick_device,
+                                        pick_dtype)
     from mosaic.training.settings import trainer_settings
 
     device = pick_device(device)
@@ -299,11 +305,34 @@ def build_trainer(prepared: PreparedData, *, base_model: str | Path, tokenizer: 
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
                              processing_class=tokenizer, peft_config=lora)
     else:
+        from mosaic.training.packed_pairs import PackedPairCollator, unsupported_reason
+
+        # One packed row per pair (the prompt encoded once, in the reference pass and in
+        # training) where the model and settings allow it; trl's two rows per pair otherwise.
+        if packed is None and not getattr(training, "dpo_packed", True):
+            packed = False
+        why_not = unsupported_reason(model, args) if packed is not False else \
+            "training.dpo_packed is false"
+        if packed and why_not:
+            raise ValueError(f"packed DPO pairs are not possible here: {why_not}")
+        collator = None
+        if why_not is None:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+                else tokenizer.eos_token_id
+            collator = PackedPairCollator(pad_token_id=pad, max_length=args.max_length)
+        else:
+            log.info("DPO pairs as trl's two rows each: %s", why_not)
         # Continuing an adapter, trl copies it as the frozen "ref" adapter the reference
-        # log-probs come from; a fresh one's reference is the base (adapter disabled).
-        trainer = _LengthGroupedDPO(model=model, args=args, train_dataset=dataset,
-                                    processing_class=tokenizer,
-                                    peft_config=None if continuing else lora)
+        # log-probs come from; a fresh one's reference is the base (adapter disabled). The
+        # reference pass runs on the threads the steps get, not torch's default (every core):
+        # on the busy 2-core sandbox machine its CPU seconds went 12.1 -> 9.1 (load 7.5,
+        # bench/dpo_profile.py), a second thread sharing its core stalling every op.
+        with cpu_threads(count_parameters(model), device, threads):
+            trainer = _LengthGroupedDPO(model=model, args=args, train_dataset=dataset,
+                                        processing_class=tokenizer, data_collator=collator,
+                                        peft_config=None if continuing else lora,
+                                        packed_attention=None if why_not else
+                                        model.config._attn_implementation)
     if not progress:
         # Without its bar, Trainer prints every log dict to stdout instead: quiet means quiet.
         from transformers import PrinterCallback
@@ -315,12 +344,44 @@ def build_trainer(prepared: PreparedData, *, base_model: str | Path, tokenizer: 
 def _length_grouped_dpo() -> type:
     from trl import DPOTrainer
 
+    from mosaic.training.packed_pairs import PackedForward, trl_view
+
     class LengthGroupedDPO(DPOTrainer):
         """trl's DPOTrainer drawing batches of pairs of similar length, as SFT's
         `group_by_length` does: a batch pads both answers of every pair to its longest
         sequence, and pairs here run from tens to hundreds of tokens. The trainer's
         column pruning drops any length column before the sampler is built, so the lengths
-        are read from the tokenized dataset it keeps (prompt + the longer answer)."""
+        are read from the tokenized dataset it keeps (prompt + the longer answer).
+
+        With `packed_attention` (the model's attention implementation) batches are packed
+        pairs (`packed_pairs.PackedPairCollator`): the reference pass and every step run the
+        packed rows through the model, and trl's own loss code takes the per-token
+        log-probs from there, laid out as its two rows per pair. The reference log-probs
+        stay in memory on every rank (`reference_log_probs`), not in trl's cache file."""
+
+        def __init__(self, *args: Any, packed_attention: str | None = None,
+                     **kwargs: Any) -> None:
+            # Set first: the reference pass runs inside trl's constructor.
+            self.packed_attention = packed_attention
+            super().__init__(*args, **kwargs)
+
+        def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+            return reference_log_probs(self, dataset, name, batch_size)
+
+        def compute_ref_log_probs(self, model: Any, inputs: Any) -> Any:
+            if self.packed_attention is None:
+                return super().compute_ref_log_probs(model, inputs)
+            return super().compute_ref_log_probs(
+                PackedForward(model, inputs, self.packed_attention), trl_view(inputs))
+
+        def _compute_loss(self, model: Any, inputs: Any, return_outputs: bool) -> Any:
+            if self.packed_attention is None:
+                return super()._compute_loss(model, inputs, return_outputs)
+            if return_outputs:
+                raise ValueError("packed DPO pairs give the loss only, not logits: evaluate "
+                                 "with prediction_loss_only")
+            return super()._compute_loss(PackedForward(model, inputs, self.packed_attention),
+                                         trl_view(inputs), False)
 
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -333,6 +394,50 @@ def _length_grouped_dpo() -> type:
                 lengths=lengths)
 
     return LengthGroupedDPO
+
+
+def reference_log_probs(trainer: Any, dataset: Any, name: str, batch_size: int) -> Any:
+    """`dataset` with trl's `ref_chosen_logps` / `ref_rejected_logps` columns, computed once by
+    the DPO trainer's reference model and kept in memory on every rank (our DPO trainer's
+    `_precompute_ref_logps`).
+
+    trl 1.16 has rank 0 write the log-probs to a `datasets` cache file that every rank then
+    reads back. For an in-memory dataset (ours) that file lands in rank 0's own temporary
+    folder, so under the accelerate launcher rank 1 failed with FileNotFoundError, and ranks on
+    different machines share no folder at all. Here each rank forwards its share of the batches
+    and `gather_for_metrics` hands every rank all the log-probs in dataset order (the repeats
+    that even out the last batch over ranks dropped), so each rank adds the columns itself: no
+    file, no barrier. The same code runs in process (one rank)."""
+    import torch
+    from accelerate.utils import tqdm
+    from datasets import Dataset, concatenate_datasets
+    from torch.utils.data import DataLoader
+
+    if trainer.is_deepspeed_enabled:
+        # trl wraps the model in a DeepSpeed inference engine here; the launcher runs DDP or
+        # FSDP only, so that path is not carried over.
+        raise ValueError("the in-memory DPO reference pass does not support DeepSpeed")
+    accelerator, args = trainer.accelerator, trainer.args
+    loader = accelerator.prepare(DataLoader(
+        dataset, batch_size=batch_size, collate_fn=trainer.data_collator,
+        num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+        shuffle=False))
+    model = trainer.ref_model or trainer.model
+    chosen: list[torch.Tensor] = []
+    rejected: list[torch.Tensor] = []
+    for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset",
+                      disable=bool(os.environ.get("TQDM_DISABLE", ""))):
+        c, r = accelerator.gather_for_metrics(trainer.compute_ref_log_probs(model, batch))
+        chosen.append(c.cpu())
+        rejected.append(r.cpu())
+    ref_chosen, ref_rejected = torch.cat(chosen), torch.cat(rejected)
+    if len(ref_chosen) != len(dataset) or len(ref_rejected) != len(dataset):
+        raise RuntimeError(f"the reference pass over the {name} dataset gave "
+                           f"{len(ref_chosen)}/{len(ref_rejected)} log-probs for "
+                           f"{len(dataset)} pairs")
+    columns = Dataset.from_dict({"ref_chosen_logps": ref_chosen.numpy(),
+                                 "ref_rejected_logps": ref_rejected.numpy()})
+    return concatenate_datasets([dataset, columns], axis=1)
 
 
 def _LengthGroupedDPO(**kwargs: Any) -> Any:  # noqa: N802 - stands for the class
@@ -411,7 +516,7 @@ def fit(prepared: PreparedData, staged: Path, *, base_model: str | Path, tokeniz
         # shuffles anyway), and the compact LM head scores only the answers' positions there too.
         with _datasets_bars(progress), compact_lm_head(pick_device(device)):
             trainer = build_trainer(by_length(dpo_data), method="dpo", output_dir=output_dir,
-                                    model=model, **common)
+                                    model=model, threads=threads, **common)
         final_loss = _train_stage(trainer, threads)
         steps += trainer.state.global_step
     assert trainer is not None  # load_prepared never returns an empty set

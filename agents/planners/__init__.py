@@ -3,10 +3,12 @@ OpenAI-compatible endpoint with tool calls). Both return a `Proposal` the check 
 
 from __future__ import annotations
 
-from mosaic.agents.planners.base import PlanContext, Planner, PlannerTools, RoundRecord
+from mosaic.agents.planners.base import (EarlierCandidate, PlanContext, Planner, PlannerTools,
+                                         RoundRecord)
 from mosaic.config import MosaicConfig
 
-__all__ = ["PlanContext", "Planner", "PlannerTools", "RoundRecord", "make_planner"]
+__all__ = ["EarlierCandidate", "PlanContext", "Planner", "PlannerTools", "RoundRecord",
+           "make_planner"]
 
 
 def make_planner(config: MosaicConfig) -> Planner:

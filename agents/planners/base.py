@@ -30,6 +30,17 @@ class RoundRecord:
     accepted: bool = True  # False: a person's acceptance guard refused it
 
 
+@dataclass(frozen=True)
+class EarlierCandidate:
+    """A candidate proposed earlier in the same round (loop.candidates > 1), as the check saw
+    it: a planner told these can propose something else."""
+
+    index: int  # 0-based, in proposal order
+    raw: str  # the action as proposed
+    status: str  # the check's verdict: ok | fixable | invalid
+    problems: tuple[str, ...] = ()  # the verdict's problems, one line each
+
+
 @dataclass
 class PlannerTools:
     """The planner's tools bound to this run: the latest evaluated round, its pools and check."""
@@ -95,7 +106,12 @@ class PlanContext:
     tools: PlannerTools
     feedback: list[str] = field(default_factory=list)  # why the last proposal was sent back
     notes: list[str] = field(default_factory=list)  # standing guidance from a person (chat)
-    seed: int = 0
+    seed: int = 0  # the round's seed, plus `candidate` (each candidate its own)
+    # With loop.candidates > 1: which of the round's `candidates` this proposal is (0-based),
+    # and the ones proposed before it this round.
+    candidate: int = 0
+    candidates: int = 1
+    earlier_candidates: list[EarlierCandidate] = field(default_factory=list)
 
 
 @runtime_checkable

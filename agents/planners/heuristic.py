@@ -43,6 +43,16 @@ R9 Method, per objective (only with `planner.preference` set to dpo or sft+dpo; 
    round has measured it, then by whichever method's rounds gained more over the baseline per
    unit of mixture weight (ties: SFT). Each round trains from the base, so the gains of rounds
    by different methods compare directly.
+R10 Candidates (loop.candidates N > 1: the round trains N candidates side by side and keeps the
+   one that adds most to the archive). The rules above are deterministic -- the seed the loop
+   gives candidate j (the round's seed + j) changes nothing -- so N proposals by them would be
+   one action N times. Candidate 0 is the rules' proposal; candidate j >= 1 explores: it moves
+   `explore_step` x ceil(j / n) of mixture weight to one objective, in turn by round and
+   candidate (objective (round + j - 1) mod n first, skipping those at a bound), within the
+   trust region, floors, ceilings and pool capacity (R3, R7) -- a deliberate R8 probe, so a
+   round measures trade-offs the rules alone would not try. Where every objective is at a
+   bound the candidate repeats an earlier one; the loop drops such exact duplicates (the same
+   action apart from its rationale) before training (mosaic.tools.candidates).
 """
 
 from __future__ import annotations
@@ -74,6 +84,7 @@ class HeuristicSettings:
     repeat_tol: float = 0.03  # R8: mixtures this close count as a repeat
     probe_step: float = 0.1  # R8: weight moved to the probed objective
     preference: str = "off"  # R9: off | dpo | sft+dpo (planner.preference)
+    explore_step: float = 0.1  # R10: weight a candidate after the first moves to one objective
 
 
 def _normalise(w: Mapping[str, float]) -> dict[str, float]:
@@ -266,6 +277,28 @@ class HeuristicPlanner:
                 return moved
         return dict(mix)
 
+    def explore(self, ctx: PlanContext, mix: Mapping[str, float], lo: Mapping[str, float],
+                hi: Mapping[str, float], notes: list[str]) -> dict[str, float]:
+        """R10: candidate j >= 1 of a round moves `explore_step` x ceil(j / n) of weight to one
+        objective (in turn by round and candidate, skipping those at a bound)."""
+        j = ctx.candidate
+        if j <= 0:
+            return dict(mix)
+        names = list(ctx.objectives)
+        step = self.s.explore_step * ((j - 1) // len(names) + 1)
+        for i in range(len(names)):
+            target = names[(ctx.round + j - 1 + i) % len(names)]
+            if hi[target] - mix[target] >= self.s.explore_step / 2:
+                raised = dict(mix)
+                raised[target] = min(hi[target], mix[target] + step)
+                moved = project(raised, {**lo, target: raised[target]}, hi)
+                notes.append(f"candidate {j + 1} of {ctx.candidates}: exploring with more "
+                             f"{target} ({mix[target]:.2f} -> {moved[target]:.2f})")
+                return moved
+        notes.append(f"candidate {j + 1} of {ctx.candidates}: every objective is at a bound, "
+                     f"nothing to explore")
+        return dict(mix)
+
     def bounds(self, ctx: PlanContext) -> tuple[dict[str, float], dict[str, float]]:
         """Per-objective mixture bounds: the person's floors and ceilings, and the trust region
         around the previous action (the tighter of max_step and the person's max_change)."""
@@ -356,7 +389,8 @@ class HeuristicPlanner:
         hi = {n: min(hi[n], plans[n][2]) for n in ctx.objectives}  # capacity wins
         lo = {n: min(lo[n], hi[n]) for n in ctx.objectives}
         mix = project(mixture, lo, hi)
-        mix = _round_weights(self.probe(ctx, mix, lo, hi, notes))
+        mix = self.probe(ctx, mix, lo, hi, notes)
+        mix = _round_weights(self.explore(ctx, mix, lo, hi, notes))
         objectives: dict[str, Any] = {}
         for name, otype in ctx.objectives.items():
             w = mix.get(name, 0.0)

@@ -50,6 +50,9 @@ log = logging.getLogger("mosaic.agents.llm_planner")
 
 SYSTEM_TEMPLATE = "planner/system.j2"
 USER_TEMPLATE = "planner/user.j2"
+# Appended to the user message only when a round has several candidates (loop.candidates > 1):
+# with one, the prompt and its hash are what they were before candidates existed.
+CANDIDATES_TEMPLATE = "planner/candidates.j2"
 
 # The function tools as the endpoint sees them, made from the same declarations ToolNode runs.
 TOOLS: list[dict[str, Any]] = [openai_schema(t) for t in PLANNER_TOOLS]
@@ -92,12 +95,14 @@ def _extract_action(text: str) -> str:
     return text[start:end + 1] if 0 <= start < end else text
 
 
-def _templates_hash() -> str:
+def _templates_hash(candidates: bool = False) -> str:
     from mosaic.prompts import environment
 
     env = environment()
+    names = (SYSTEM_TEMPLATE, USER_TEMPLATE, "reports/failure_report.j2",
+             *((CANDIDATES_TEMPLATE,) if candidates else ()))
     text = "\n".join(env.loader.get_source(env, n)[0]  # type: ignore[union-attr]
-                     for n in (SYSTEM_TEMPLATE, USER_TEMPLATE, "reports/failure_report.j2"))
+                     for n in names)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -216,6 +221,11 @@ class LLMPlanner:
                       reports=[render_failure_report(r) for r in ctx.reports.values()],
                       reports_round=ctx.reports_round, limits=ctx.limits,
                       previous_action=previous, feedback=ctx.feedback, notes=ctx.notes)
+        if ctx.candidates > 1:
+            # The earlier candidates of this round, so the model proposes another trade-off.
+            user += "\n\n" + render(CANDIDATES_TEMPLATE, round=ctx.round,
+                                     candidate=ctx.candidate + 1, candidates=ctx.candidates,
+                                     earlier=ctx.earlier_candidates)
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
     # ---- the subgraph ---------------------------------------------------------------------------
@@ -304,7 +314,8 @@ class LLMPlanner:
     def propose(self, ctx: PlanContext) -> Proposal:
         from mosaic.llm import response_format
 
-        meta = {"planner": self.name, "model": self.endpoint.model, "prompt_hash": _templates_hash()}
+        meta = {"planner": self.name, "model": self.endpoint.model,
+                "prompt_hash": _templates_hash(candidates=ctx.candidates > 1)}
         run = PlannerRun(plan=ctx, constrain=response_format(self.endpoint, "data_action",
                                                              action_schema(ctx)))
         system, user = self.messages(ctx)
