@@ -146,13 +146,28 @@ def test_sft_then_dpo_stages_chosen_answers_then_the_pairs(tiny_model_dir):
 # ---- reference log-probs once -------------------------------------------------------------------
 
 
+def precompute_reference(monkeypatch, precompute: bool) -> None:
+    """Trainers built from here on compute the reference log-probs once before training
+    (True) or in every step (False), whatever the settings would choose."""
+    from mosaic.training import settings
+
+    real_settings = settings.trainer_settings
+
+    def with_precompute(*args, **kwargs):
+        args_, lora = real_settings(*args, **kwargs)
+        args_.precompute_ref_log_probs = precompute
+        return args_, lora
+
+    monkeypatch.setattr(settings, "trainer_settings", with_precompute)
+
+
 def _count_reference_forwards(monkeypatch, tiny_model_dir, tmp_path, *, precompute: bool,
                               epochs: float) -> tuple[int, int]:
     """(no-grad forwards of the model, optimiser steps) over a whole DPO training run. The
     policy's forwards carry gradients; only the reference's run without."""
     import torch
 
-    from mosaic.training import models, settings
+    from mosaic.training import models
 
     calls = {"n": 0}
     real_load = models.load_model
@@ -163,15 +178,8 @@ def _count_reference_forwards(monkeypatch, tiny_model_dir, tmp_path, *, precompu
             lambda *_: calls.__setitem__("n", calls["n"] + (not torch.is_grad_enabled())))
         return model
 
-    real_settings = settings.trainer_settings
-
-    def with_precompute(*args, **kwargs):
-        args_, lora = real_settings(*args, **kwargs)
-        args_.precompute_ref_log_probs = precompute
-        return args_, lora
-
     monkeypatch.setattr(models, "load_model", load_counting)
-    monkeypatch.setattr(settings, "trainer_settings", with_precompute)
+    precompute_reference(monkeypatch, precompute)
     training = FAST.model_copy(update={"epochs": epochs})
     res = train_adapter(_dpo_rows(12), base_model=tiny_model_dir, adapter_dir=tmp_path / "a",
                         training=training, max_length=96, method="dpo", progress=False)

@@ -6,7 +6,7 @@ the fallback to trl's layout where packing cannot apply."""
 from __future__ import annotations
 
 import pytest
-from test_dpo import _trajectory_pair
+from test_dpo import _trajectory_pair, precompute_reference
 from test_training import FAST, _dpo_rows
 
 from mosaic.training.packed_pairs import (CHOSEN_BRANCH, PAD, REJECTED_BRANCH, SHARED,
@@ -170,7 +170,6 @@ def test_the_packed_layout():
 
 
 def test_trls_layout_where_packing_cannot_apply(monkeypatch, tiny_model_dir, tmp_path):
-    from mosaic.training import settings
     from mosaic.training.models import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
@@ -179,14 +178,7 @@ def test_trls_layout_where_packing_cannot_apply(monkeypatch, tiny_model_dir, tmp
     off = build_trainer(PreparedData(_pairs(), 0, []), output_dir=tmp_path / "off",
                         training=FAST.model_copy(update={"dpo_packed": False}), **common)
     assert off.packed_attention is None  # the config's switch
-    real = settings.trainer_settings
-
-    def per_step_reference(*args, **kwargs):
-        args_, lora = real(*args, **kwargs)
-        args_.precompute_ref_log_probs = False
-        return args_, lora
-
-    monkeypatch.setattr(settings, "trainer_settings", per_step_reference)
+    precompute_reference(monkeypatch, False)
     common["training"] = FAST
     trainer = build_trainer(PreparedData(_pairs(), 0, []), output_dir=tmp_path / "a", **common)
     assert trainer.packed_attention is None
